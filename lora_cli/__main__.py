@@ -1,0 +1,3 @@
+from lora_cli.cli import main
+
+main()

@@ -1,0 +1,338 @@
+"""PEFT-format adapters (PEFT, ms-swift, LLaMA-Factory, axolotl, unsloth, transformers).
+
+They all write ``adapter_config.json`` beside ``adapter_model.safetensors`` or
+``adapter_model.bin``; they differ in key spellings (adapter names left in,
+``modules_to_save`` infixes, prefixes) and in config details (regex
+``target_modules``). This module turns any of them into one canonical ``Adapter``
+whose modules are discovered from the tensor keys, never from ``target_modules``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import FormatError, MergeError
+from lora_cli.io.layout import read_json
+from lora_cli.io.reader import TensorSource, open_source
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+PREFIX = "base_model.model."
+# Parts of a LoRA module, as PEFT saves them (after the module path).
+LORA_PARTS = (
+    "lora_A.weight",
+    "lora_B.weight",
+    "lora_B.bias",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "lora_diag",
+)
+TOKEN_DELTA = "token_adapter.trainable_tokens_delta"
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: its factors (source keys) and its effective rank/alpha."""
+
+    path: str
+    parts: dict[str, str] = field(default_factory=dict)  # part name → adapter tensor key
+    r: int = 0
+    alpha: float = 0.0
+    scale: float = 1.0
+
+    @property
+    def is_embedding(self) -> bool:
+        return "lora_embedding_A" in self.parts
+
+    @property
+    def has_dora(self) -> bool:
+        return "lora_magnitude_vector" in self.parts
+
+
+@dataclass
+class Adapter:
+    root: Path
+    weights_file: Path
+    config_path: Path
+    config: dict[str, Any]
+    source: TensorSource
+    modules: dict[str, LoraModule]
+    replacements: dict[str, str]  # base tensor name → adapter key (full tensors)
+    token_rows: dict[str, tuple[str, list[int]]]  # embedding module → (key, indices)
+    non_adapter: list[str]  # tensors that are not part of the adapter
+    key_renames: dict[str, str]  # original key → PEFT saved form, where they differ
+    producer: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", ""))
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def find_adapter_files(path: Path) -> tuple[Path, Path]:
+    """(config, weights) for an adapter folder or weights file; safetensors wins over .bin."""
+    path = Path(path)
+    if path.is_file():
+        config = path.parent / CONFIG_NAME
+        if not config.is_file():
+            raise FormatError(
+                f"{path}: no {CONFIG_NAME} beside the adapter weights",
+                "put the adapter's config next to it (r and lora_alpha cannot be recovered "
+                "from the weights)",
+            )
+        return config, path
+    if not path.is_dir():
+        raise FormatError(f"{path}: no such file or directory")
+    config = path / CONFIG_NAME
+    if not config.is_file():
+        subs = [p for p in path.iterdir() if (p / CONFIG_NAME).is_file()] if path.is_dir() else []
+        hint = (
+            f"adapters were found in subfolders: {', '.join(p.name for p in subs)}"
+            if subs
+            else "point at the folder holding adapter_config.json"
+        )
+        raise FormatError(f"{path}: not an adapter folder (no {CONFIG_NAME})", hint)
+    for name in WEIGHT_NAMES:
+        if (path / name).is_file():
+            return config, path / name
+    raise FormatError(
+        f"{path}: {CONFIG_NAME} found but no adapter_model.safetensors or adapter_model.bin",
+        "the adapter weights were not saved; check the trainer's output folder",
+    )
+
+
+def is_adapter(path: Path) -> bool:
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    return (folder / CONFIG_NAME).is_file() and (
+        path.is_dir() or path.name.startswith("adapter_model")
+    )
+
+
+def load_adapter(path: Path) -> Adapter:
+    """Read config and tensor listing (no tensor data) and classify every key."""
+    config_path, weights = find_adapter_files(path)
+    config = read_json(config_path, "adapter config")
+    if "peft_type" not in config:
+        raise FormatError(f"{config_path}: no 'peft_type'", "this is not a PEFT adapter config")
+    source = open_source(weights)
+    try:
+        adapter = _classify(config_path.parent, weights, config_path, config, source)
+    except BaseException:
+        source.close()
+        raise
+    return adapter
+
+
+def _normalize_key(key: str) -> str:
+    """PEFT's saved form: no adapter-name component, no ``modules_to_save.<name>`` infix."""
+    parts = key.split(".")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        out.append(p)
+        if p in ("lora_A", "lora_B") and i + 2 < len(parts) and parts[i + 2] in ("weight", "bias"):
+            i += 2  # skip adapter name
+            continue
+        if p in (
+            "lora_embedding_A",
+            "lora_embedding_B",
+            "lora_magnitude_vector",
+            "lora_diag",
+            "trainable_tokens_delta",
+        ) and i + 1 < len(parts):
+            # "<part>.<adapter>" or "<part>.<adapter>.weight": drop the rest
+            break
+        if p == "modules_to_save" and i + 1 < len(parts):
+            out.pop()
+            i += 2  # drop "modules_to_save.<adapter>"
+            continue
+        i += 1
+    return ".".join(out)
+
+
+def _split_lora(key: str) -> tuple[str, str] | None:
+    for part in LORA_PARTS:
+        if key.endswith("." + part):
+            return key[: -len(part) - 1], part
+    return None
+
+
+def _strip_base_layer(name: str) -> str:
+    name = name.replace(".token_adapter.base_layer.", ".")
+    while ".base_layer." in name:
+        name = name.replace(".base_layer.", ".")
+    return name
+
+
+def pattern_value(patterns: dict[str, Any] | None, name: str) -> Any:
+    """PEFT's ``get_pattern_key``: first key (dict order) matching a dotted suffix wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return None
+
+
+def module_scale(config: dict[str, Any], name: str) -> tuple[int, float, float]:
+    r = pattern_value(config.get("rank_pattern"), name)
+    alpha = pattern_value(config.get("alpha_pattern"), name)
+    r = int(r if r is not None else config.get("r", 8))
+    alpha = float(alpha if alpha is not None else config.get("lora_alpha", 8))
+    if r <= 0:
+        raise MergeError(f"adapter config gives rank {r} for {name}")
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return r, alpha, scale
+
+
+def detect_producer(root: Path, config: dict[str, Any]) -> str:
+    if any((root / n).is_file() for n in ("additional_config.json", "args.json", "sft_args.json")):
+        return "ms-swift"
+    if isinstance(config.get("target_modules"), str) and config["target_modules"] != "all-linear":
+        return "ms-swift (regex target_modules)"
+    if (root / "trainer_state.json").is_file() or (root / "training_args.bin").is_file():
+        return "PEFT (HF Trainer)"
+    if config.get("peft_version") is None and config.get("auto_mapping") is None:
+        return "PEFT-compatible"
+    return "PEFT"
+
+
+def _classify(
+    root: Path, weights: Path, config_path: Path, config: dict[str, Any], source: TensorSource
+) -> Adapter:
+    modules: dict[str, LoraModule] = {}
+    replacements: dict[str, str] = {}
+    token_rows: dict[str, tuple[str, list[int]]] = {}
+    non_adapter: list[str] = []
+    renames: dict[str, str] = {}
+    keys = source.names()
+    prefixed = any(k.startswith(PREFIX) for k in keys)
+    for key in keys:
+        norm = _normalize_key(key)
+        if norm.endswith(".original_module.weight") or ".original_module." in norm:
+            non_adapter.append(key)
+            continue
+        if norm != key:
+            renames[key] = norm
+        if prefixed and not norm.startswith(PREFIX) and "lora_" not in norm:
+            non_adapter.append(key)
+            continue
+        name = norm[len(PREFIX) :] if norm.startswith(PREFIX) else norm
+        split = _split_lora(name)
+        if split:
+            path, part = split
+            modules.setdefault(path, LoraModule(path)).parts[part] = key
+        elif name.endswith("." + TOKEN_DELTA):
+            module = name[: -len(TOKEN_DELTA) - 1]
+            token_rows[module] = (key, _token_indices(config, module))
+        else:
+            replacements[_strip_base_layer(name)] = key
+    for path, module in modules.items():
+        module.r, module.alpha, module.scale = module_scale(config, path)
+    adapter = Adapter(
+        root=root,
+        weights_file=weights,
+        config_path=config_path,
+        config=config,
+        source=source,
+        modules=modules,
+        replacements=replacements,
+        token_rows=token_rows,
+        non_adapter=non_adapter,
+        key_renames=renames,
+        producer=detect_producer(root, config),
+    )
+    adapter.warnings = adapter_warnings(adapter)
+    return adapter
+
+
+def _token_indices(config: dict[str, Any], module: str) -> list[int]:
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, list):
+        return [int(i) for i in spec]
+    if isinstance(spec, dict):
+        for name, idx in spec.items():
+            if module == name or module.endswith("." + name):
+                return [int(i) for i in idx]
+    raise FormatError(
+        f"adapter has trainable-token rows for {module!r} but trainable_token_indices in "
+        "adapter_config.json does not list its indices"
+    )
+
+
+def adapter_warnings(adapter: Adapter) -> list[str]:
+    """Problems worth telling a person about; merge turns the serious ones into errors."""
+    out = []
+    cfg = adapter.config
+    infos = adapter.source.infos
+    zero = [k for k, i in infos.items() if i.numel == 0]
+    if zero:
+        out.append(
+            f"{len(zero)} zero-size tensors (e.g. {zero[0]}): a DeepSpeed ZeRO-3 placeholder "
+            "save; re-export the adapter with gathered weights"
+        )
+    if not adapter.modules and not adapter.replacements and not adapter.token_rows:
+        out.append("the adapter holds no LoRA tensors (empty save)")
+    if adapter.non_adapter:
+        out.append(
+            f"{len(adapter.non_adapter)} non-adapter tensors (e.g. {adapter.non_adapter[0]})"
+        )
+    if adapter.source.skipped:
+        out.append(
+            f"{len(adapter.source.skipped)} non-tensor entries in {adapter.weights_file.name}"
+        )
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_CHANGING_INITS):
+        out.append(
+            f"init_lora_weights={cfg['init_lora_weights']!r} changes the base weights: convert "
+            "the adapter to plain LoRA (PEFT save_pretrained with "
+            "path_initial_model_for_weight_conversion) before merging"
+        )
+    for module in adapter.modules.values():
+        a = module.parts.get("lora_A.weight") or module.parts.get("lora_embedding_A")
+        rows = infos[a].shape[0] if a and infos[a].shape and infos[a].numel else module.r
+        if rows != module.r and not cfg.get("target_parameters"):
+            out.append(
+                f"{module.path}: lora_A has {infos[a].shape[0]} rows but the config rank "
+                f"is {module.r}"
+            )
+            break
+    return out
+
+
+def unmergeable_reasons(adapter: Adapter) -> list[str]:
+    """Config features that make a plain merge wrong; merge refuses them."""
+    cfg = adapter.config
+    reasons = []
+    if adapter.peft_type.upper() != "LORA":
+        reasons.append(f"peft_type {adapter.peft_type!r} is not LORA")
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_CHANGING_INITS):
+        reasons.append(
+            f"init_lora_weights={cfg['init_lora_weights']!r} mutates the base at load time; "
+            "convert it to plain LoRA first (PEFT: save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...))"
+        )
+    for key, what in (
+        ("alora_invocation_tokens", "aLoRA adapters cannot be merged (PEFT refuses too)"),
+        ("layer_replication", "layer_replication changes the model structure"),
+        ("megatron_config", "Megatron tensor-parallel adapters must be gathered to HF layout"),
+        ("arrow_config", "Arrow adapters cannot be merged"),
+        ("use_qalora", "QALoRA adapters cannot be merged"),
+        ("kasa_config", "KaSA adapters are not supported"),
+        ("use_bdlora", "BD-LoRA adapters are not supported"),
+    ):
+        if cfg.get(key):
+            reasons.append(what)
+    if any("lora_diag" in m.parts for m in adapter.modules.values()):
+        reasons.append("KaSA (lora_diag) adapters are not supported")
+    return reasons

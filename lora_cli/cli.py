@@ -1,0 +1,183 @@
+"""Command line: parse options, call a stage, render its result. Nothing else lives here.
+
+Stages (and torch) are imported inside each command so ``lora --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+from lora_cli import __version__
+
+app = typer.Typer(
+    name="lora",
+    help="Inspect, convert, merge and validate LoRA adapters, one tensor at a time.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+JSON_HELP = "Print one JSON document on stdout instead of tables."
+QUIET_HELP = "No progress bar and no summary (errors still go to stderr)."
+SHARD_HELP = "Largest output shard, e.g. 500MB, 5GB, 2GiB."
+
+
+@contextlib.contextmanager
+def _expected_failures() -> Iterator[None]:
+    """Turn expected failures into one line on stderr and an exit code; never a traceback."""
+    from lora_cli import errors, output
+
+    try:
+        yield
+    except errors.LoraError as exc:
+        output.error(exc.message, exc.hint)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        output.error("interrupted; nothing was written to the destination")
+        raise typer.Exit(errors.EXIT_INTERRUPTED) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """Inspect, convert, merge and validate LoRA adapters, one tensor at a time."""
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="Adapter folder, checkpoint folder or weights file."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Show what an adapter, checkpoint or weights file holds (headers only, no tensor data)."""
+    with _expected_failures():
+        from lora_cli import render
+        from lora_cli.stages.inspect import inspect_path
+
+        report = inspect_path(path)
+        render.inspect_report(report, json_out)
+
+
+@app.command()
+def convert(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="Adapter or checkpoint."),
+    output_path: Path | None = typer.Option(
+        None, "-o", "--output", help="Output path (default: beside the input)."
+    ),
+    dtype: str = typer.Option("keep", help="keep, fp32, fp16 or bf16 (checkpoints only)."),
+    max_shard_size: str = typer.Option("5GB", help=SHARD_HELP),
+    targets_as_list: bool = typer.Option(
+        False, "--targets-as-list", help="Rewrite a regex target_modules as the module list."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
+) -> None:
+    """Turn .bin/.pt weights into deduplicated safetensors without running pickle code."""
+    with _expected_failures():
+        from lora_cli import output, render
+        from lora_cli.stages.convert import convert as run_convert
+
+        with output.progress_bar("converting", not quiet and not json_out) as factory:
+            result = run_convert(
+                input_path,
+                output_path,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                targets_as_list=targets_as_list,
+                overwrite=overwrite,
+                progress_factory=factory,
+            )
+        render.convert_result(result, json_out, quiet)
+
+
+@app.command()
+def merge(
+    base: Path = typer.Argument(..., help="Base checkpoint: folder, index or weights file."),
+    adapter: Path = typer.Argument(..., help="Adapter folder or adapter weights file."),
+    output_path: Path | None = typer.Option(
+        None, "-o", "--output", help="Output folder (must not exist unless --overwrite)."
+    ),
+    dtype: str = typer.Option("keep", help="Output dtype: keep, fp32, fp16 or bf16."),
+    max_shard_size: str | None = typer.Option(
+        None, help=SHARD_HELP + " Default: the base's own shard files."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
+) -> None:
+    """Fold a LoRA adapter into the base weights, streaming tensor by tensor."""
+    with _expected_failures():
+        from lora_cli import output, render
+        from lora_cli.stages.merge import merge as run_merge
+
+        with output.progress_bar("merging", not quiet and not json_out) as factory:
+            result = run_merge(
+                base,
+                adapter,
+                output_path,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                device=device,
+                dry_run=dry_run,
+                overwrite=overwrite,
+                progress_factory=factory,
+            )
+        render.merge_result(result, json_out, quiet)
+
+
+@app.command()
+def validate(
+    path: Path = typer.Argument(..., help="Checkpoint, adapter or weights file to check."),
+    base: Path | None = typer.Option(
+        None, help="Base checkpoint PATH was merged from (with --adapter)."
+    ),
+    adapter: Path | None = typer.Option(None, help="Adapter PATH was merged with (with --base)."),
+    atol: float = typer.Option(0.0, help="Extra absolute tolerance for recomputed tensors."),
+    rtol: float = typer.Option(0.0, help="Extra relative tolerance for recomputed tensors."),
+    sample: int | None = typer.Option(
+        None, help="Recompute only N untouched tensors (plus every adapter-touched one)."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] for recomputation."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Check integrity and numbers; exit 0 valid, 1 findings, 2 could not run."""
+    with _expected_failures():
+        from lora_cli import render
+        from lora_cli.stages.validate import validate as run_validate
+
+        report = run_validate(
+            path,
+            base=base,
+            adapter=adapter,
+            atol=atol,
+            rtol=rtol,
+            sample=sample,
+            device=device,
+        )
+        code = render.validate_report(report, json_out)
+        raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `lora inspect --json x | head`
+        sys.stderr.close()
+        sys.exit(0)

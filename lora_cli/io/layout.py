@@ -1,0 +1,193 @@
+"""Checkpoint folder layout: shard plans, the index, side files and the checksum manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import FormatError, UsageError
+from lora_cli.io.dtypes import nbytes_of
+from lora_cli.io.writer import copy_file, write_small_file
+
+MANIFEST_NAME = "lora-checksums.sha256"
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".npz",
+    ".index.json",
+)
+# Trainer state that is never part of a servable model.
+SKIP_SIDE_FILES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json"}
+MAX_SIDE_FILE = 200 << 20
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB`` → 5·10⁹, ``2GiB`` → 2·2³⁰, like transformers' ``convert_file_size_to_int``."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS:
+        raise UsageError(f"cannot read size {text!r}", "use a number with a unit: 500MB, 5GB, 2GiB")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return size
+
+
+Spec = tuple[str, str, tuple[int, ...]]
+
+
+@dataclass
+class ShardPlan:
+    filename: str
+    specs: list[Spec] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=lambda: {"format": "pt"})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes_of(d, s) for _, d, s in self.specs)
+
+
+def plan_shards(specs: Iterable[Spec], max_shard_size: int, stem: str = "model") -> list[ShardPlan]:
+    """Greedy split in the given order, as transformers does: a tensor larger than the limit
+    gets a shard of its own. One shard is named ``{stem}.safetensors`` with no index."""
+    shards: list[ShardPlan] = []
+    current: list[Spec] = []
+    size = 0
+    for spec in specs:
+        n = nbytes_of(spec[1], spec[2])
+        if current and size + n > max_shard_size:
+            shards.append(ShardPlan("", current))
+            current, size = [], 0
+        current.append(spec)
+        size += n
+    if current or not shards:
+        shards.append(ShardPlan("", current))
+    total = len(shards)
+    for i, shard in enumerate(shards, 1):
+        shard.filename = (
+            f"{stem}.safetensors" if total == 1 else f"{stem}-{i:05d}-of-{total:05d}.safetensors"
+        )
+    return shards
+
+
+def write_index(folder: Path, shards: list[ShardPlan], stem: str = "model") -> Path | None:
+    """``{stem}.safetensors.index.json`` with a byte ``total_size``; none for a single file."""
+    if len(shards) <= 1:
+        return None
+    weight_map = {name: s.filename for s in shards for name, _, _ in s.specs}
+    total = sum(s.nbytes for s in shards)
+    doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    path = folder / f"{stem}.safetensors.index.json"
+    write_small_file(path, (json.dumps(doc, indent=2) + "\n").encode())
+    return path
+
+
+def side_files(folder: Path) -> list[Path]:
+    """Small non-weight files that belong with a model (config, tokenizer, templates)."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.iterdir()):
+        if (
+            p.is_file()
+            and not p.is_symlink()
+            and not p.name.startswith(".")
+            and not p.name.endswith(WEIGHT_SUFFIXES)
+            and p.name not in SKIP_SIDE_FILES
+            and p.name != MANIFEST_NAME
+            and p.stat().st_size <= MAX_SIDE_FILE
+        ):
+            out.append(p)
+    return out
+
+
+def copy_side_files(src: Path, dst: Path, skip: Iterable[str] = ()) -> list[str]:
+    skipped = set(skip)
+    copied = []
+    for p in side_files(src):
+        if p.name in skipped:
+            continue
+        copy_file(p, dst / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path`` or a one-line error naming it."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except ValueError as exc:
+        raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{path}: {what} must be a JSON object")
+    return doc
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    write_small_file(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> Path:
+    """sha256 of every file, in ``sha256sum`` format so ``sha256sum -c`` checks it too."""
+    lines = [
+        f"{sha256_file(p)}  {p.name}\n"
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME
+    ]
+    path = folder / MANIFEST_NAME
+    write_small_file(path, "".join(lines).encode())
+    return path
+
+
+def read_manifest(folder: Path) -> dict[str, str] | None:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    entries = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise FormatError(f"{path}: malformed line {line!r}")
+        entries[name] = digest
+    return entries

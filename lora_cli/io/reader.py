@@ -1,0 +1,300 @@
+"""One reader for every tensor source: safetensors files, shard folders, torch zip pickles.
+
+A ``TensorSource`` lists names, dtypes and shapes from headers alone and reads one
+tensor at a time, so memory stays at one tensor whatever the checkpoint size. Raw
+byte locations are exposed so untouched tensors can be copied without decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_cli.errors import FormatError
+from lora_cli.io.dtypes import itemsize_bits
+from lora_cli.io.safetensors_format import read_header
+
+if TYPE_CHECKING:
+    import torch
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".pt.index.json")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, known without reading its data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path
+    # Absolute offset of the tensor's bytes in ``file`` when they are stored contiguously
+    # in safetensors layout (little-endian, C order); None when they must be decoded.
+    raw_offset: int | None = None
+    # Alias detection for pickles: views of one storage share ``storage``.
+    storage: str | None = None
+    byte_span: tuple[int, int] | None = None
+    complete: bool = True
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class TensorSource:
+    """Tensors of a checkpoint or adapter, in file order."""
+
+    def __init__(
+        self,
+        root: Path,
+        fmt: str,
+        files: list[Path],
+        infos: dict[str, TensorInfo],
+        *,
+        index_path: Path | None = None,
+        index_map: dict[str, str] | None = None,
+        file_metadata: dict[Path, dict[str, str]] | None = None,
+        skipped: list[str] | None = None,
+        readers: dict[Path, Any] | None = None,
+    ) -> None:
+        self.root = root
+        self.format = fmt
+        self.files = files
+        self.infos = infos
+        self.index_path = index_path
+        self.index_map = index_map
+        self.file_metadata = file_metadata or {}
+        self.skipped = skipped or []
+        self._readers = readers or {}
+        self._fds: dict[Path, int] = {}
+
+    # -- listing -----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos[name]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def by_file(self) -> dict[Path, list[TensorInfo]]:
+        groups: dict[Path, list[TensorInfo]] = {f: [] for f in self.files}
+        for info in self.infos.values():
+            groups.setdefault(info.file, []).append(info)
+        return groups
+
+    # -- reading -----------------------------------------------------------------------
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise FormatError(f"{path}: cannot open ({exc.strerror})") from None
+        return self._fds[path]
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor as a contiguous CPU tensor that owns its memory."""
+        info = self.infos[name]
+        if info.raw_offset is None:
+            return self._readers[info.file].read(name)
+        import torch
+
+        from lora_cli.io.dtypes import to_torch
+
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            read_exact(self.fd(info.file), memoryview(buf.numpy()), info.raw_offset, info.file)
+        dtype = to_torch(info.dtype)
+        if itemsize_bits(info.dtype) < 8:  # packed sub-byte dtypes: torch shape halves
+            return buf.view(dtype)
+        return buf.view(dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for reader in self._readers.values():
+            reader.close()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """pread until ``view`` is full; a short file is a format error, not a hang."""
+    done = 0
+    total = len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise FormatError(f"{path}: file ends early (expected {total} bytes at {offset})")
+        done += n
+
+
+# -- opening ---------------------------------------------------------------------------
+def open_source(path: Path) -> TensorSource:
+    """Open any supported checkpoint or weights file by looking at what is there."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.name.endswith(INDEX_SUFFIXES):
+            return _open_index(path)
+        return _open_files(path.parent, [path])
+    indexes = sorted(p for p in path.iterdir() if p.name.endswith(INDEX_SUFFIXES))
+    st_indexes = [p for p in indexes if p.name.endswith(".safetensors.index.json")]
+    if st_indexes:
+        preferred = [p for p in st_indexes if p.name == "model.safetensors.index.json"]
+        if len(st_indexes) > 1 and not preferred:
+            raise FormatError(
+                f"{path}: several safetensors indexes ({', '.join(p.name for p in st_indexes)})",
+                "pass the index file you mean",
+            )
+        return _open_index((preferred or st_indexes)[0])
+    shards = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    if shards:
+        return _open_files(path, shards)
+    if indexes:
+        return _open_index(indexes[0])
+    pickles = sorted(
+        p
+        for p in path.iterdir()
+        if p.suffix in TORCH_SUFFIXES
+        and p.is_file()
+        and (p.name.startswith(("pytorch_model", "model", "adapter_model")))
+    )
+    if pickles:
+        return _open_files(path, pickles)
+    raise FormatError(
+        f"{path}: no weights found (no *.safetensors, index, or pytorch_model*.bin)",
+        "point at a checkpoint folder, an adapter folder or a weights file",
+    )
+
+
+def _open_index(index_path: Path) -> TensorSource:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FormatError(
+            f"{index_path}: not a valid index (needs a 'weight_map' of tensor name → file)"
+        ) from None
+    root = index_path.parent
+    files: list[Path] = []
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = root / shard
+        if "/" in shard or shard.startswith(".") or not shard_path.is_file():
+            raise FormatError(
+                f"{index_path}: names shard {shard!r}, which is missing",
+                "the download is incomplete; fetch every shard the index lists",
+            )
+        files.append(shard_path)
+    source = _open_files(root, files)
+    source.index_path = index_path
+    source.index_map = dict(weight_map)
+    for name, shard in weight_map.items():
+        info = source.infos.get(name)
+        if info is None or info.file.name != shard:
+            raise FormatError(
+                f"{index_path}: tensor {name!r} is listed in {shard} but that shard "
+                "does not hold it",
+                "the index and the shards disagree; re-download or rebuild the index",
+            )
+    return source
+
+
+def _open_files(root: Path, files: list[Path]) -> TensorSource:
+    infos: dict[str, TensorInfo] = {}
+    metadata: dict[Path, dict[str, str]] = {}
+    readers: dict[Path, Any] = {}
+    skipped: list[str] = []
+    kinds = set()
+    for f in files:
+        if _is_torch_file(f):
+            kinds.add("torch")
+            new = _torch_infos(f, readers, skipped)
+        else:
+            kinds.add("safetensors")
+            header = read_header(f)
+            metadata[f] = header.metadata
+            new = [
+                TensorInfo(
+                    name=e.name,
+                    dtype=e.dtype,
+                    shape=e.shape,
+                    nbytes=e.nbytes,
+                    file=f,
+                    raw_offset=header.data_start + e.start,
+                )
+                for e in header.entries.values()
+            ]
+        for info in new:
+            if info.name in infos:
+                raise FormatError(
+                    f"{f}: tensor {info.name!r} also appears in {infos[info.name].file.name}",
+                    "two shards hold the same tensor; the checkpoint is inconsistent",
+                )
+            infos[info.name] = info
+    fmt = kinds.pop() if len(kinds) == 1 else "mixed"
+    return TensorSource(
+        root, fmt, files, infos, file_metadata=metadata, skipped=skipped, readers=readers
+    )
+
+
+def _is_torch_file(path: Path) -> bool:
+    if path.suffix in TORCH_SUFFIXES:
+        return True
+    if path.suffix == ".safetensors":
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _torch_infos(path: Path, readers: dict[Path, Any], skipped: list[str]) -> list[TensorInfo]:
+    from lora_cli.io.torch_zip import TorchZipFile
+
+    z = TorchZipFile(path)
+    readers[path] = z
+    skipped.extend(z.skipped)
+    out = []
+    for rec in z.records.values():
+        raw = None
+        if rec.contiguous and not z.big_endian:
+            raw = rec.data_offset + rec.byte_span[0]
+        out.append(
+            TensorInfo(
+                name=rec.name,
+                dtype=rec.dtype,
+                shape=rec.shape,
+                nbytes=rec.nbytes,
+                file=path,
+                raw_offset=raw,
+                storage=f"{path}:{rec.storage_key}",
+                byte_span=rec.byte_span,
+                complete=rec.complete,
+            )
+        )
+    return out

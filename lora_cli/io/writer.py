@@ -1,0 +1,268 @@
+"""One writer: streaming safetensors shards inside an all-or-nothing output folder.
+
+The header of each shard is planned before any data exists (a merge never changes
+names, shapes or dtypes), so tensors are written straight to their final offsets,
+one at a time, and untouched tensors are copied file-to-file without decoding.
+Everything lands in a temporary sibling that is renamed into place only when
+complete and fsynced: an interrupted run leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lora_cli.errors import FormatError, LoraError, UsageError
+from lora_cli.io.safetensors_format import TensorEntry, plan_header
+
+if TYPE_CHECKING:
+    import torch
+
+TMP_MARK = ".lora-tmp-"
+COPY_CHUNK = 64 << 20
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path) -> None:
+    """Delete temporaries left by runs that were killed (SIGKILL skips our cleanup)."""
+    parent = final.parent
+    if not parent.is_dir():
+        return
+    prefix = f".{final.name}{TMP_MARK}"
+    for p in parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        pid_text = p.name[len(prefix) :].split(".")[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def check_destination(final: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse bad destinations before any work starts."""
+    final = final.absolute()
+    for inp in inputs:
+        inp = Path(inp).absolute()
+        root = inp if inp.is_dir() else inp.parent
+        if final == inp or (inp.is_dir() and root in final.parents):
+            raise UsageError(
+                f"output {final} is inside the input {inp}",
+                "choose an output path outside the inputs; inputs are never modified",
+            )
+    if final.exists() and not overwrite:
+        raise UsageError(f"output {final} already exists", "pass --overwrite to replace it")
+    parent = final.parent
+    if not parent.is_dir():
+        raise UsageError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {parent} (permission denied)")
+
+
+class OutputDir:
+    """A temporary sibling folder that becomes ``final`` only on success."""
+
+    def __init__(self, final: Path, overwrite: bool = False) -> None:
+        self.final = Path(final).absolute()
+        self.overwrite = overwrite
+        self.path = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}"
+
+    def __enter__(self) -> OutputDir:
+        remove_stale_temporaries(self.final)
+        try:
+            self.path.mkdir()
+        except OSError as exc:
+            raise _io_error(self.path, exc) from None
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        try:
+            _fsync_dir(self.path)
+            if self.final.exists():
+                if not self.overwrite:
+                    raise UsageError(f"output {self.final} appeared while running")
+                old = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}.old"
+                os.replace(self.final, old)
+                os.replace(self.path, self.final)
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            else:
+                os.replace(self.path, self.final)
+            _fsync_dir(self.final.parent)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header is planned up front.
+
+    Tensors may arrive in any order: each goes to its planned offset with pwrite.
+    ``close`` refuses to finish unless every tensor was written exactly once.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        specs: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = path
+        header, entries = plan_header(specs, metadata)
+        self.entries: dict[str, TensorEntry] = {e.name: e for e in entries}
+        self.data_start = len(header)
+        self.size = self.data_start + (entries[-1].end if entries else 0)
+        self._pending = set(self.entries)
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _pwrite_all(self.fd, memoryview(header), 0, path)
+            os.ftruncate(self.fd, self.size)
+        except OSError as exc:
+            raise _io_error(path, exc) from None
+
+    def _entry(self, name: str, nbytes: int) -> TensorEntry:
+        entry = self.entries.get(name)
+        if entry is None or name not in self._pending:
+            what = "is not planned for" if entry is None else "was already written to"
+            raise FormatError(f"{self.path}: tensor {name!r} {what} this shard")
+        if nbytes != entry.nbytes:
+            raise FormatError(
+                f"{self.path}: tensor {name!r} has {nbytes} bytes, planned {entry.nbytes}"
+            )
+        return entry
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a CPU tensor's bytes (must already have the planned dtype and shape)."""
+        data = tensor.contiguous().reshape(-1)
+        from lora_cli.io.dtypes import from_torch
+
+        entry = self._entry(name, data.numel() * data.element_size())
+        if from_torch(data.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
+            raise FormatError(
+                f"{self.path}: tensor {name!r} is {from_torch(data.dtype)} {tuple(tensor.shape)},"
+                f" planned {entry.dtype} {entry.shape}"
+            )
+        if entry.nbytes:
+            import torch
+
+            view = memoryview(data.view(torch.uint8).numpy())
+            try:
+                _pwrite_all(self.fd, view, self.data_start + entry.start, self.path)
+            except OSError as exc:
+                raise _io_error(self.path, exc) from None
+        self._pending.discard(name)
+
+    def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Copy bytes already in safetensors layout straight from another file."""
+        entry = self._entry(name, nbytes)
+        try:
+            copy_range(src_fd, src_offset, self.fd, self.data_start + entry.start, nbytes)
+        except OSError as exc:
+            raise _io_error(self.path, exc) from None
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        if self._pending:
+            missing = sorted(self._pending)
+            os.close(self.fd)
+            raise FormatError(
+                f"{self.path}: {len(missing)} planned tensors were never written "
+                f"(first: {missing[0]!r})"
+            )
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise _io_error(self.path, exc) from None
+        finally:
+            os.close(self.fd)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def write_small_file(path: Path, data: bytes) -> None:
+    """Write and fsync a small file (config, index, manifest)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite_all(fd, memoryview(data), 0, path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _io_error(path, exc) from None
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    try:
+        shutil.copyfile(src, dst)
+        fd = os.open(dst, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _io_error(dst, exc) from None
+
+
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int) -> None:
+    """Kernel-side copy when possible (copy_file_range), else a bounded buffer loop."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(
+                    src_fd, dst_fd, min(nbytes - done, 1 << 30), src_off + done, dst_off + done
+                )
+                if n == 0:
+                    raise FormatError("source file ended early while copying tensor bytes")
+                done += n
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    while done < nbytes:
+        chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), src_off + done)
+        if not chunk:
+            raise FormatError("source file ended early while copying tensor bytes")
+        _pwrite_all(dst_fd, memoryview(chunk), dst_off + done, None)
+        done += len(chunk)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int, path: Path | None) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _io_error(path: Path, exc: OSError) -> LoraError:
+    if exc.errno == errno.ENOSPC:
+        return LoraError(f"{path}: no space left on device", "free disk space and rerun")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LoraError(f"{path}: cannot write ({exc.strerror})", "choose a writable output")
+    return LoraError(f"{path}: {exc.strerror or exc}")

@@ -1,0 +1,415 @@
+"""The merge arithmetic: the one place that turns LoRA factors into merged tensors.
+
+Everything here works on torch tensors that are already on the compute device
+(CPU or CUDA; nothing is moved elsewhere) and returns results in the base
+tensor's dtype on the base tensor's device. It reproduces PEFT 0.21.2
+``merge_and_unload()`` including its rounding order per layer type (see
+docs/peft-lora-semantics.md §3):
+
+* the delta is ``(B32 @ A32) * float(s)``, matmul first, then scale; adapter
+  factors are upcast to fp32 from whatever dtype they were stored in, which is
+  what PEFT's default ``autocast_adapter_dtype=True`` does on load;
+* Linear / GPT-2 ``Conv1D`` / ConvNd: ``round(W32 + Δ)`` (one rounding);
+* Embedding and ``target_parameters``: ``W + round(Δ)`` (two roundings);
+* DoRA: ``round(m / ‖W32 + Δ‖ ⊙ (W32 + Δ))`` (one rounding);
+* ``lora_bias``: ``round(b32 + s·b_B)``;
+* trainable tokens: the rows are replaced, not added to.
+
+Several adapters are applied one after the other by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from lora_cli.errors import MergeError
+
+Kind = Literal["linear", "embedding", "conv"]
+ExpertLayout = Literal["out_in", "in_out"]
+
+KINDS: tuple[str, ...] = ("linear", "embedding", "conv")
+EXPERT_LAYOUTS: tuple[str, ...] = ("out_in", "in_out")
+
+# Dtypes a merged floating point tensor may have; PEFT casts the delta to these
+# (ALLOWED_COMPUTE_DTYPES) and the in-place add rounds into them.
+_MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+def scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's per-module scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
+    if r <= 0:
+        raise MergeError(f"LoRA rank must be positive, got r={r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _shape(x: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(d) for d in (x.shape if isinstance(x, torch.Tensor) else x))
+
+
+def check_shapes(
+    kind: Kind,
+    base_shape: Sequence[int],
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    *,
+    fan_in_fan_out: bool = False,
+) -> int:
+    """Check that A and B fit a base weight of ``base_shape``; return the rank.
+
+    Works on shapes only, so a planner can call it with header information.
+    ``kind`` is ``"linear"`` (A ``(r,in)``, B ``(out,r)``, W ``(out,in)`` or
+    ``(in,out)`` with ``fan_in_fan_out``), ``"embedding"`` (A ``(r,num)``,
+    B ``(dim,r)``, W ``(num,dim)``) or ``"conv"`` (A ``(r,in,*k)``,
+    B ``(out,r,1,...)``, W ``(out,in,*k)``). Raises ``MergeError`` otherwise,
+    including for grouped convolutions, which PEFT cannot merge.
+    """
+    w, a, b = _shape(base_shape), _shape(a_shape), _shape(b_shape)
+    where = f"base {list(w)}, A {list(a)}, B {list(b)}"
+    if kind not in KINDS:
+        raise MergeError(f"unknown layer kind {kind!r}", hint=f"expected one of {KINDS}")
+    if fan_in_fan_out and kind != "linear":
+        raise MergeError(f"fan_in_fan_out only applies to linear layers, not {kind}")
+    if kind in ("linear", "embedding"):
+        if len(w) != 2 or len(a) != 2 or len(b) != 2:
+            raise MergeError(f"{kind} LoRA needs 2-D base, A and B ({where})")
+        r = a[0]
+        if b[1] != r:
+            raise MergeError(
+                f"LoRA rank mismatch: A has {a[0]} rows, B has {b[1]} columns ({where})"
+            )
+        if kind == "linear":
+            expected = (a[1], b[0]) if fan_in_fan_out else (b[0], a[1])
+        else:
+            expected = (a[1], b[0])
+        if w != expected:
+            hint = None
+            if kind == "linear" and w == expected[::-1]:
+                hint = "the base looks transposed: check fan_in_fan_out (GPT-2 style Conv1D)"
+            raise MergeError(f"LoRA factors do not fit the {kind} base weight ({where})", hint=hint)
+    else:
+        if len(w) < 3 or len(a) != len(w) or len(b) != len(w):
+            raise MergeError(f"conv LoRA needs A and B with the base's rank ({where})")
+        r = a[0]
+        if b[1] != r or any(d != 1 for d in b[2:]):
+            raise MergeError(f"conv LoRA B must be (out, r, 1, ...) ({where})")
+        if b[0] != w[0] or a[2:] != w[2:]:
+            raise MergeError(f"LoRA factors do not fit the conv base weight ({where})")
+        if a[1] != w[1]:
+            raise MergeError(
+                f"conv base has {w[1]} input channels per group but A has {a[1]} ({where})",
+                hint="grouped convolutions (groups > 1) cannot be merged",
+            )
+    if r <= 0:
+        raise MergeError(f"LoRA rank must be positive ({where})")
+    return r
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` as fp32 on ``device`` (no copy when it already is)."""
+    return t.to(device=device, dtype=torch.float32)
+
+
+def _check_float(w: torch.Tensor) -> None:
+    if w.dtype not in _MERGE_DTYPES:
+        raise MergeError(
+            f"cannot merge into a {w.dtype} tensor",
+            hint="only fp16, bf16, fp32 and fp64 base weights can be merged (dequantize first)",
+        )
+
+
+def _work_copy(w: torch.Tensor) -> torch.Tensor:
+    """A fresh fp32 (fp64 for fp64 bases) copy of ``w`` that may be modified in place.
+
+    ``W32 + Δ`` computed on it and rounded once equals PEFT's in-place
+    ``W.data += Δ`` (torch adds a bf16 and an fp32 tensor in fp32).
+    """
+    _check_float(w)
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    # contiguous like PEFT's parameters: the DoRA norm's reduction order depends on the layout
+    return w.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+# --------------------------------------------------------------------------- delta
+
+
+def lora_delta(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    *,
+    kind: Kind,
+    base_shape: Sequence[int],
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """The fp32 delta ``(B32 @ A32) * s`` in the base tensor's layout, on A's device.
+
+    Linear: ``(out,in)``, transposed to ``(in,out)`` with ``fan_in_fan_out``;
+    embedding: ``(B @ A)ᵀ``; conv: ``(B.reshape(out,r) @ A.reshape(r,-1))``
+    reshaped to the kernel shape (also right for 1×1×k Conv3d kernels). The
+    result may be a transposed (non-contiguous) view.
+    """
+    check_shapes(kind, base_shape, A.shape, B.shape, fan_in_fan_out=fan_in_fan_out)
+    device = A.device
+    a32, b32 = _f32(A, device), _f32(B, device)
+    if kind == "conv":
+        r = a32.shape[0]
+        delta = b32.reshape(b32.shape[0], r) @ a32.reshape(r, -1)
+        delta = delta.reshape(_shape(base_shape))
+    else:
+        delta = b32 @ a32
+    delta.mul_(scale)  # scale after the matmul, in fp32: same bits as PEFT's `* scaling`
+    if kind == "embedding" or fan_in_fan_out:
+        delta = delta.T
+    return delta
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_weight(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    *,
+    kind: Kind,
+    fan_in_fan_out: bool = False,
+    magnitude: torch.Tensor | None = None,
+    dora_norm_base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Merge one LoRA (or DoRA, when ``magnitude`` is given) into ``W``; returns a new tensor.
+
+    Rounding as PEFT 0.21.2: linear and conv ``round(W32 + Δ)``; embedding
+    ``W + round(Δ)``; DoRA ``round(f ⊙ (W32 + Δ))`` with ``f = m / ‖W32 + Δ‖``
+    (norm per output row for linear, per column of the stored ``(in,out)``
+    tensor with ``fan_in_fan_out``, per embedding column for embedding, per
+    output channel for conv).
+
+    ``dora_norm_base``: the weight the DoRA norm is taken from; defaults to
+    ``W``. It matters only when ``W`` already holds earlier adapters of a
+    sequence: PEFT 0.21 then takes the norm from the weight with those
+    adapters unmerged, ``W_un = W₁ - round(Δ₁)``, and merges them again
+    before applying the factor, so to match it pass ``dora_norm_base=W_un``
+    and ``W = round(W_un + Δ₁)`` (which is not always ``W₁`` in bf16).
+    """
+    _check_float(W)
+    delta = lora_delta(A, B, scale, kind=kind, base_shape=W.shape, fan_in_fan_out=fan_in_fan_out)
+    delta = delta.to(W.device)
+
+    if magnitude is None:
+        if dora_norm_base is not None:
+            raise MergeError("dora_norm_base given without a DoRA magnitude vector")
+        if kind == "embedding":
+            # PEFT casts the embedding delta to the base dtype before adding it.
+            return W + delta.to(W.dtype)
+        merged = _work_copy(W)
+        merged += delta
+        del delta
+        return merged.to(W.dtype)
+
+    out_dim = W.shape[1] if kind == "embedding" or fan_in_fan_out else W.shape[0]
+    if magnitude.numel() != out_dim:
+        raise MergeError(
+            f"DoRA magnitude has {magnitude.numel()} elements, expected {out_dim} "
+            f"for a {kind} base of shape {list(W.shape)}"
+        )
+    if dora_norm_base is not None and dora_norm_base.shape != W.shape:
+        raise MergeError(
+            f"dora_norm_base shape {list(dora_norm_base.shape)} differs from the base "
+            f"{list(W.shape)}"
+        )
+
+    merged = _work_copy(W)
+    merged += delta
+    if dora_norm_base is None:
+        norm_src = merged
+    else:
+        norm_src = _work_copy(dora_norm_base)
+        norm_src += delta
+    del delta
+    norm = _dora_norm(norm_src, kind=kind, fan_in_fan_out=fan_in_fan_out)
+    del norm_src
+    factor = _f32(magnitude, W.device).reshape(-1) / norm
+    if kind == "conv":
+        factor = factor.view((-1,) + (1,) * (W.dim() - 1))
+    elif kind == "embedding" or fan_in_fan_out:
+        factor = factor.view(1, -1)
+    else:
+        factor = factor.view(-1, 1)
+    merged.mul_(factor)
+    return merged.to(W.dtype)
+
+
+def _dora_norm(s: torch.Tensor, *, kind: Kind, fan_in_fan_out: bool) -> torch.Tensor:
+    """L2 norm of ``s = W + Δ`` per output unit (1-D), computed the way PEFT does."""
+    if kind == "conv":
+        return s.norm(p=2, dim=tuple(range(1, s.dim()))).reshape(-1)
+    if kind == "embedding" or fan_in_fan_out:
+        # PEFT takes the norm over dim 1 of the transposed sum ``Wᵀ + Δᵀ``, which
+        # keeps Wᵀ's strides: the reduction runs over the stored tensor's dim 0,
+        # and the reduction order (hence the bits) depends on that.
+        return torch.linalg.norm(s, dim=0)
+    return torch.linalg.norm(s, dim=1)
+
+
+def merge_bias(b: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``lora_bias``: ``round(b32 + s · b_B32)`` (one rounding); returns a new tensor."""
+    _check_float(b)
+    if b.shape != lora_b_bias.shape or b.dim() != 1:
+        raise MergeError(
+            f"lora_B bias shape {list(lora_b_bias.shape)} does not fit the base bias "
+            f"{list(b.shape)}"
+        )
+    merged = _work_copy(b)
+    merged += _f32(lora_b_bias, b.device) * scale
+    return merged.to(b.dtype)
+
+
+def replace_rows(W: torch.Tensor, indices: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
+    """Trainable tokens: ``W'[indices[i]] = rows[i]`` cast to W's dtype; returns a new tensor."""
+    idx = [int(i) for i in indices]
+    if W.dim() != 2 or rows.dim() != 2:
+        raise MergeError("trainable tokens need a 2-D weight and a 2-D delta")
+    if rows.shape != (len(idx), W.shape[1]):
+        raise MergeError(
+            f"trainable token delta {list(rows.shape)} does not fit {len(idx)} indices "
+            f"into a weight of shape {list(W.shape)}"
+        )
+    if len(set(idx)) != len(idx):
+        raise MergeError("trainable token indices contain duplicates")
+    bad = [i for i in idx if not 0 <= i < W.shape[0]]
+    if bad:
+        raise MergeError(f"trainable token indices {bad} out of range for {W.shape[0]} rows")
+    index = torch.tensor(idx, dtype=torch.long, device=W.device)
+    return W.index_copy(0, index, rows.to(device=W.device, dtype=W.dtype))
+
+
+# --------------------------------------------------------------------------- target_parameters
+
+
+def expert_layout(
+    param_shape: Sequence[int],
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    *,
+    layout: ExpertLayout | None = None,
+) -> tuple[int, int, str]:
+    """For a ``target_parameters`` tensor: ``(num_experts, rank per expert, layout)``.
+
+    ``layout`` is ``"out_in"`` for ``(E,out,in)`` (Mixtral, Qwen-MoE on
+    transformers v5) or ``"in_out"`` for ``(E,in,out)`` (GPT-OSS). It is read
+    from the shapes; when ``in == out`` the shapes cannot tell, and the caller
+    must pass it. A 2-D parameter is ``(out,in)`` with one expert.
+    """
+    p, a, b = _shape(param_shape), _shape(a_shape), _shape(b_shape)
+    where = f"parameter {list(p)}, A {list(a)}, B {list(b)}"
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        raise MergeError(f"target_parameters LoRA needs A (r·E, in) and B (out, r·E) ({where})")
+    if layout is not None and layout not in EXPERT_LAYOUTS:
+        raise MergeError(
+            f"unknown expert layout {layout!r}", hint=f"expected one of {EXPERT_LAYOUTS}"
+        )
+    n_in, n_out = a[1], b[0]
+    want = {"out_in": (n_out, n_in), "in_out": (n_in, n_out)}
+    if len(p) == 2:
+        experts = 1
+        fits = ["out_in"] if p == want["out_in"] else []
+    elif len(p) == 3:
+        experts = p[0]
+        fits = [name for name, dims in want.items() if p[1:] == dims]
+    else:
+        raise MergeError(f"target_parameters supports 2-D and 3-D parameters ({where})")
+    if not fits:
+        raise MergeError(f"LoRA factors do not fit the parameter ({where})")
+    if layout is None:
+        if len(fits) > 1:
+            raise MergeError(
+                f"cannot tell whether the expert tensor is (E,out,in) or (E,in,out) ({where})",
+                hint="in == out: pass the layout from the architecture",
+            )
+        layout = fits[0]
+    elif layout not in fits:
+        raise MergeError(f"layout {layout!r} does not fit the shapes ({where})")
+    if experts <= 0 or a[0] % experts:
+        raise MergeError(f"A has {a[0]} rows, not a multiple of {experts} experts ({where})")
+    return experts, a[0] // experts, layout
+
+
+def expert_delta(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    *,
+    param_shape: Sequence[int],
+    layout: ExpertLayout | None = None,
+) -> torch.Tensor:
+    """The fp32 ``target_parameters`` delta in the parameter's layout, on A's device.
+
+    ``A_e = A.reshape(E, r, in)[e]`` (expert-major) and
+    ``B_e = B.reshape(out, r, E)[:, :, e]`` (expert-minor);
+    ``Δ[e] = s · B_e @ A_e``, transposed per expert for ``(E,in,out)``.
+    """
+    experts, r, layout = expert_layout(param_shape, A.shape, B.shape, layout=layout)
+    device = A.device
+    a32, b32 = _f32(A, device), _f32(B, device)
+    if len(param_shape) == 2:
+        delta = b32 @ a32
+    else:
+        a3 = a32.reshape(experts, r, a32.shape[-1])
+        b3 = b32.reshape(b32.shape[0], r, experts)
+        out = "eoi" if layout == "out_in" else "eio"
+        delta = torch.einsum(f"ore,eri->{out}", b3, a3)
+    delta.mul_(scale)
+    return delta
+
+
+def add_rounded(P: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``P + round(Δ)``: the delta is cast to P's dtype first (two roundings); new tensor."""
+    _check_float(P)
+    if P.shape != delta.shape:
+        raise MergeError(f"delta shape {list(delta.shape)} does not fit {list(P.shape)}")
+    return P + delta.to(device=P.device, dtype=P.dtype)
+
+
+def merge_expert_param(
+    P: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    *,
+    layout: ExpertLayout | None = None,
+) -> torch.Tensor:
+    """Merge a ``target_parameters`` LoRA into the parameter: ``P + round(Δ)``; new tensor."""
+    _check_float(P)
+    delta = expert_delta(A, B, scale, param_shape=P.shape, layout=layout)
+    return add_rounded(P, delta)
+
+
+def split_fused_gate_up(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a fused ``gate_up_proj`` delta ``(E, 2I, H)`` into ``(gate, up)``, each ``(E, I, H)``.
+
+    Rows ``[:I]`` are the gate projection (``w1`` / ``gate_proj``), rows
+    ``[I:]`` the up projection (``w3`` / ``up_proj``). The results are views;
+    merge them per expert with ``add_rounded(w1[e], gate[e])`` so that the
+    rounding is the same as on the fused tensor.
+    """
+    if delta.dim() != 3 or delta.shape[1] % 2:
+        raise MergeError(
+            f"a fused gate_up delta must be (E, 2I, H), got {list(delta.shape)}",
+            hint="the (E, out, in) layout is expected; (E, in, out) fused tensors are not split",
+        )
+    half = delta.shape[1] // 2
+    return delta[:, :half], delta[:, half:]

@@ -1,0 +1,211 @@
+"""Execute a merge plan: stream base tensors, apply the math on the device, write shards.
+
+Host memory stays at about one tensor (plus its fp32 working copy): untouched
+tensors go file-to-file through the kernel, touched ones are read, merged and
+written one at a time while the next one is read ahead on a second thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_cli.io.dtypes import to_torch
+from lora_cli.io.layout import (
+    MANIFEST_NAME,
+    copy_side_files,
+    write_index,
+    write_json,
+    write_manifest,
+)
+from lora_cli.io.writer import OutputDir, ShardWriter
+from lora_cli.merge import math as lora_math
+from lora_cli.merge.plan import MergePlan, TensorAction, shard_plans
+
+if TYPE_CHECKING:
+    import torch
+
+Progress = Callable[[int, str], None]
+
+
+def resolve_device(spec: str) -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; explicit CUDA must exist."""
+    import torch
+
+    from lora_cli.errors import UsageError
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: no CUDA device is available", "use --device cpu")
+        index = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} GPUs visible")
+        return f"cuda:{index}"
+    raise UsageError(f"unknown device {spec!r}", "use auto, cpu or cuda[:N]")
+
+
+def compute_tensor(plan: MergePlan, action: TensorAction, device: str) -> torch.Tensor:
+    """The output value of one planned tensor, as a CPU tensor of the planned dtype.
+
+    Shared by ``merge`` and ``validate`` so that both run the same arithmetic.
+    """
+    src = plan.adapter.source
+    value = src.read(action.replacement) if action.replacement else plan.base.read(action.base)
+    base_dtype = to_torch(plan.base.info(action.base).dtype) if action.base else value.dtype
+    out_dtype = to_torch(action.dtype)
+    # An explicit --dtype behaves like loading the base in that dtype before merging.
+    value = value.to(device=device, dtype=out_dtype if out_dtype != base_dtype else base_dtype)
+    if value.dtype != out_dtype:
+        value = value.to(out_dtype)
+
+    def factor(key: str) -> torch.Tensor:
+        return src.read(key).to(device)
+
+    for op in action.loras:
+        m = op.module
+        if op.kind == "embedding":
+            a, b = factor(m.parts["lora_embedding_A"]), factor(m.parts["lora_embedding_B"])
+        else:
+            a, b = factor(m.parts["lora_A.weight"]), factor(m.parts["lora_B.weight"])
+        mag = m.parts.get("lora_magnitude_vector")
+        value = lora_math.merge_weight(
+            value,
+            a,
+            b,
+            m.scale,
+            kind=op.kind,
+            fan_in_fan_out=op.fan_in_fan_out,
+            magnitude=factor(mag) if mag else None,
+        )
+    if action.bias is not None:
+        m = action.bias
+        value = lora_math.merge_bias(value, factor(m.parts["lora_B.bias"]), m.scale)
+    if action.rows is not None:
+        key, indices = action.rows
+        value = lora_math.replace_rows(value, indices, factor(key))
+    return value.to("cpu")
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    files: list[str]
+    counts: dict[str, int]
+    rule: str
+    device: str
+    seconds: float
+    bytes_written: int
+    untied: bool
+    config_updates: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.bytes_written / self.seconds if self.seconds > 0 else 0.0
+
+
+def _computed(
+    plan: MergePlan, actions: list[TensorAction], device: str, pool: ThreadPoolExecutor
+) -> Iterator[tuple[TensorAction, torch.Tensor | None]]:
+    """Yield actions in order with merged values, computing the next one ahead of time."""
+    pending: Future | None = None
+    todo = [a for a in actions if a.kind != "copy" or _needs_decode(plan, a)]
+    futures: dict[str, Future] = {}
+    queue = iter(todo)
+
+    def submit_next() -> None:
+        nxt = next(queue, None)
+        if nxt is not None:
+            futures[nxt.name] = pool.submit(compute_tensor, plan, nxt, device)
+
+    submit_next()
+    for act in actions:
+        if act.name in futures:
+            pending = futures.pop(act.name)
+            submit_next()
+            yield act, pending.result()
+        else:
+            yield act, None
+
+
+def _needs_decode(plan: MergePlan, act: TensorAction) -> bool:
+    info = plan.base.info(act.base) if act.base else None
+    return info is None or info.raw_offset is None or info.dtype != act.dtype
+
+
+def run_merge(
+    plan: MergePlan,
+    output: Path,
+    *,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    start = time.perf_counter()
+    written = 0
+    files: list[str] = []
+    with OutputDir(output, overwrite) as out, ThreadPoolExecutor(1) as pool:
+        for shard, spec in zip(plan.shards, shard_plans(plan), strict=True):
+            meta = dict(shard.metadata)
+            if plan.untied:
+                meta.pop("lm_head.weight", None)
+            writer = ShardWriter(out.path / shard.filename, spec.specs, meta)
+            try:
+                order = sorted(shard.actions, key=lambda a: writer.entries[a.name].start)
+                for act, value in _computed(plan, order, device, pool):
+                    if value is None:
+                        info = plan.base.info(act.base)
+                        fd = plan.base.fd(info.file)
+                        writer.copy_from(act.name, fd, info.raw_offset, info.nbytes)
+                        nbytes = info.nbytes
+                    else:
+                        writer.write(act.name, value)
+                        nbytes = writer.entries[act.name].nbytes
+                        del value
+                    written += nbytes
+                    if progress:
+                        progress(nbytes, act.name)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            files.append(shard.filename)
+        specs = shard_plans(plan)
+        if len(specs) > 1 or plan.base.index_path is not None:
+            index = write_index(out.path, specs) if len(specs) > 1 else None
+            if index:
+                files.append(index.name)
+        skip = {"config.json"} if plan.config is not None else set()
+        files += copy_side_files(plan.base.root, out.path, skip=skip | {MANIFEST_NAME})
+        if plan.config is not None:
+            config = dict(plan.config)
+            config.update(plan.config_updates)
+            if "tie_word_embeddings" in plan.config_updates and isinstance(
+                config.get("text_config"), dict
+            ):
+                config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
+            write_json(out.path / "config.json", config)
+            files.append("config.json")
+        write_manifest(out.path)
+        files.append(MANIFEST_NAME)
+    return MergeResult(
+        output=Path(output),
+        files=sorted(set(files)),
+        counts=plan.counts(),
+        rule=plan.rule,
+        device=device,
+        seconds=time.perf_counter() - start,
+        bytes_written=written,
+        untied=plan.untied,
+        config_updates=plan.config_updates,
+        warnings=plan.warnings,
+    )

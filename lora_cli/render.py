@@ -1,0 +1,173 @@
+"""How each stage's result looks to a person (tables) or a machine (one JSON document)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lora_cli import output
+from lora_cli.output import human_bytes
+
+
+def inspect_report(report: Any, json_out: bool) -> None:
+    if json_out:
+        output.print_json(report.to_json())
+        return
+    output.key_values(
+        f"{report.path} — {report.kind} ({report.format})",
+        [
+            ("tensors", report.tensors),
+            ("parameters", f"{report.parameters:,}"),
+            ("size", human_bytes(report.bytes)),
+            ("dtypes", ", ".join(f"{k}×{v}" for k, v in report.dtypes.items()) or "-"),
+            ("files", ", ".join(f["name"] for f in report.files)),
+        ],
+    )
+    if report.adapter:
+        a = report.adapter
+        targets = a["target_modules"]
+        pairs = [
+            ("weights file", a["weights_file"]),
+            ("producer", a["producer"]),
+            ("peft_type", a["peft_type"]),
+            ("base model", a["base_model_name_or_path"] or "-"),
+            ("r / alpha", f"{a['r']} / {a['lora_alpha']}"),
+            ("rslora / dora", f"{a['use_rslora']} / {a['use_dora']}"),
+            ("fan_in_fan_out", a["fan_in_fan_out"]),
+            ("bias / lora_bias", f"{a['bias']} / {a['lora_bias']}"),
+            ("init_lora_weights", a["init_lora_weights"]),
+            ("target_modules", f"{targets!r} ({a['target_modules_kind']})"),
+        ]
+        if a["target_modules_kind"] == "regex":
+            pairs.append(
+                ("regex matches", f"{len(a['regex_matches'])} of {len(a['modules'])} modules")
+            )
+        if a["modules_to_save"]:
+            pairs.append(("modules_to_save", ", ".join(a["modules_to_save"])))
+        if a["trainable_tokens"]:
+            pairs.append(("trainable tokens", a["trainable_tokens"]))
+        output.key_values("adapter", pairs)
+        output.table(
+            "LoRA modules",
+            ["module", "kind", "r", "alpha", "scale", "dora"],
+            [
+                [m["name"], m["kind"], m["r"], m["alpha"], f"{m['scale']:.4g}", m["dora"]]
+                for m in a["modules"]
+            ],
+        )
+        if a["replacements"]:
+            output.table("full replacement tensors", ["tensor"], [[r] for r in a["replacements"]])
+    if report.checkpoint:
+        c = report.checkpoint
+        output.key_values(
+            "checkpoint",
+            [
+                ("architectures", c["architectures"] or "- (no config.json)"),
+                ("model_type", c["model_type"] or "-"),
+                ("torch_dtype", c["torch_dtype"] or "-"),
+                ("tie_word_embeddings", c["tie_word_embeddings"]),
+                ("lm_head.weight stored", c["has_lm_head"]),
+                ("index", c["index"] or "-"),
+                ("shared tensors", "; ".join(", ".join(g) for g in c["shared_tensors"]) or "-"),
+            ],
+        )
+    for w in report.warnings:
+        output.warn(w)
+
+
+def convert_result(result: Any, json_out: bool, quiet: bool) -> None:
+    if json_out:
+        output.print_json(result.to_json())
+        return
+    for note in result.notes:
+        output.info(f"note: {note}")
+    if result.dropped:
+        output.warn(
+            f"dropped {len(result.dropped)} non-adapter or non-tensor entries: "
+            + ", ".join(result.dropped[:5])
+            + (" …" if len(result.dropped) > 5 else "")
+        )
+    if quiet:
+        return
+    output.out().print(
+        f"converted {result.tensors} tensors ({human_bytes(result.bytes)}) → {result.output} "
+        f"in {result.seconds:.2f}s; every tensor re-read and verified bit-exact"
+    )
+
+
+def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
+    from lora_cli.stages.merge import DryRun
+
+    if isinstance(result, DryRun):
+        doc = result.to_json()
+        if json_out:
+            output.print_json({"schema": "lora-merge-plan/1", **doc})
+            return
+        c = doc["counts"]
+        output.key_values(
+            "merge plan (dry run: nothing written)",
+            [
+                ("name resolution", doc["rule"]),
+                ("to merge", c["merge"]),
+                ("to replace", c["replace"]),
+                ("token rows", c["rows"]),
+                ("to copy", c["copy"]),
+                ("untie embeddings", doc["untie_embeddings"]),
+                ("config updates", doc["config_updates"] or "-"),
+                ("output shards", ", ".join(doc["shards"])),
+            ],
+        )
+        for kind in ("merge", "replace", "rows"):
+            for name in doc["tensors"][kind]:
+                output.out().print(f"  {kind:7s} {name}")
+        for w in doc["warnings"]:
+            output.warn(w)
+        return
+    doc = merge_json(result)
+    if json_out:
+        output.print_json(doc)
+        return
+    for w in result.warnings:
+        output.warn(w)
+    if result.untied:
+        output.info(
+            "note: the adapter changes only one of the tied embeddings; wrote both and set "
+            "tie_word_embeddings=false"
+        )
+    if quiet:
+        return
+    c = result.counts
+    output.out().print(
+        f"merged {c['merge']} tensors, replaced {c['replace']}, token rows {c['rows']}, "
+        f"copied {c['copy']} → {result.output}\n"
+        f"name resolution: {result.rule}; device {result.device}; "
+        f"{result.seconds:.2f}s, {human_bytes(result.throughput)}/s"
+    )
+
+
+def merge_json(result: Any) -> dict[str, Any]:
+    return {
+        "schema": "lora-merge/1",
+        "output": str(result.output),
+        "files": result.files,
+        "counts": result.counts,
+        "rule": result.rule,
+        "device": result.device,
+        "seconds": round(result.seconds, 3),
+        "bytes": result.bytes_written,
+        "bytes_per_second": round(result.throughput),
+        "untie_embeddings": result.untied,
+        "config_updates": result.config_updates,
+        "warnings": result.warnings,
+    }
+
+
+def validate_report(report: Any, json_out: bool) -> int:
+    if json_out:
+        output.print_json(report.to_json())
+        return report.exit_code
+    for f in report.findings:
+        output.out().print(f"FINDING {f.line()}")
+    for w in report.notes:
+        output.info(f"note: {w}")
+    output.out().print(report.summary_line())
+    return report.exit_code

@@ -1,0 +1,343 @@
+"""``lora convert``: pickled weights → deduplicated safetensors, verified bit for bit.
+
+Adapters become ``adapter_model.safetensors`` in PEFT's saved key form, with
+non-adapter entries dropped and reported; full checkpoints become sharded
+``model*.safetensors`` with an index. The pickle is parsed by our restricted
+reader, so a malicious file is refused without running any of its code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cli.adapters.peft import Adapter, is_adapter, load_adapter
+from lora_cli.errors import FormatError, UsageError
+from lora_cli.io.dedup import deduplicate
+from lora_cli.io.dtypes import FLOAT_DTYPES, parse_dtype_option, to_torch
+from lora_cli.io.layout import (
+    ShardPlan,
+    copy_side_files,
+    parse_size,
+    plan_shards,
+    read_json,
+    write_index,
+    write_json,
+    write_manifest,
+)
+from lora_cli.io.reader import TensorSource, open_source
+from lora_cli.io.writer import (
+    TMP_MARK,
+    OutputDir,
+    ShardWriter,
+    check_destination,
+    remove_stale_temporaries,
+)
+from lora_cli.stages.inspect import regex_matches
+
+Progress = Callable[[int, str], None]
+
+
+@dataclass
+class ConvertResult:
+    input: Path
+    output: Path
+    kind: str  # adapter | checkpoint
+    files: list[str]
+    tensors: int
+    bytes: int
+    seconds: float
+    dropped: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    renamed: int = 0
+    notes: list[str] = field(default_factory=list)
+    verified: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": "lora-convert/1",
+            "input": str(self.input),
+            "output": str(self.output),
+            "kind": self.kind,
+            "files": self.files,
+            "tensors": self.tensors,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "dropped": self.dropped,
+            "aliases": self.aliases,
+            "renamed_keys": self.renamed,
+            "notes": self.notes,
+            "verified": self.verified,
+        }
+
+
+def convert(
+    input_path: Path,
+    output: Path | None,
+    *,
+    dtype: str = "keep",
+    max_shard_size: str = "5GB",
+    targets_as_list: bool = False,
+    overwrite: bool = False,
+    progress_factory: Any = None,
+) -> ConvertResult:
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise FormatError(f"{input_path}: no such file or directory")
+    if is_adapter(input_path):
+        if parse_dtype_option(dtype) is not None:
+            raise UsageError("--dtype applies to full checkpoints, not adapters")
+        return _convert_adapter(input_path, output, targets_as_list, overwrite, progress_factory)
+    if targets_as_list:
+        raise UsageError("--targets-as-list applies to adapters only")
+    return _convert_checkpoint(
+        input_path,
+        output,
+        parse_dtype_option(dtype),
+        parse_size(max_shard_size),
+        overwrite,
+        progress_factory,
+    )
+
+
+# -- adapters ----------------------------------------------------------------------------
+def _adapter_source_file(path: Path) -> Path:
+    """For a folder, the pickle is what needs converting even if a safetensors exists."""
+    if path.is_file():
+        return path
+    for name in ("adapter_model.bin", "adapter_model.pt", "adapter_model.safetensors"):
+        if (path / name).is_file():
+            return path / name
+    raise FormatError(f"{path}: no adapter_model.bin or adapter_model.safetensors")
+
+
+def _convert_adapter(
+    path: Path, output: Path | None, targets_as_list: bool, overwrite: bool, factory: Any
+) -> ConvertResult:
+    start = time.perf_counter()
+    adapter = load_adapter(_adapter_source_file(path))
+    try:
+        keep = _adapter_keys(adapter)
+        names = {k: adapter.key_renames.get(k, k) for k in keep}
+        config = dict(adapter.config)
+        notes: list[str] = []
+        if targets_as_list:
+            config, note = _targets_as_list(adapter, config)
+            notes.append(note)
+        dedup = deduplicate([adapter.source.info(k) for k in keep], tie_word_embeddings=None)
+        notes += dedup.notes
+        specs = [
+            (names[k], adapter.source.info(k).dtype, adapter.source.info(k).shape)
+            for k in dedup.keep
+        ]
+        meta = {"format": "pt", **{names[a]: names[k] for a, k in dedup.aliases.items()}}
+        plan = ShardPlan("adapter_model.safetensors", specs, meta)
+        dropped = list(adapter.non_adapter) + list(adapter.source.skipped)
+        source_of = {names[k]: k for k in dedup.keep}
+        total = sum(adapter.source.info(k).nbytes for k in dedup.keep)
+        progress = factory(total) if factory else None
+
+        if output is None:
+            if targets_as_list:
+                raise UsageError(
+                    "--targets-as-list rewrites adapter_config.json, and inputs are never modified",
+                    "pass -o OUTPUT to write the converted adapter to a new folder",
+                )
+            folder = adapter.root
+            final = folder / "adapter_model.safetensors"
+            if adapter.weights_file == final:
+                raise UsageError(
+                    f"{final} is already safetensors", "pass -o OUTPUT to write a normalized copy"
+                )
+            if final.exists() and not overwrite:
+                raise UsageError(f"{final} already exists", "pass --overwrite to replace it")
+            remove_stale_temporaries(final)
+            tmp = folder / f".{final.name}{TMP_MARK}{os.getpid()}"
+            try:
+                _write_shard(tmp, plan, adapter.source, source_of, None, progress)
+                _verify(tmp.parent, [plan], adapter.source, source_of, None, tmp_name=tmp.name)
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            files = [final.name]
+            out_path = final
+        else:
+            check_destination(output, overwrite, [path])
+            with OutputDir(output, overwrite) as out:
+                _write_shard(
+                    out.path / plan.filename, plan, adapter.source, source_of, None, progress
+                )
+                _verify(out.path, [plan], adapter.source, source_of, None)
+                write_json(out.path / "adapter_config.json", config)
+                copy_side_files(adapter.root, out.path, skip={"adapter_config.json"})
+                write_manifest(out.path)
+                files = sorted(p.name for p in out.path.iterdir())
+            out_path = Path(output)
+        return ConvertResult(
+            input=path,
+            output=out_path,
+            kind="adapter",
+            files=files,
+            tensors=len(specs),
+            bytes=total,
+            seconds=time.perf_counter() - start,
+            dropped=dropped,
+            aliases={names[a]: names[k] for a, k in dedup.aliases.items()},
+            renamed=sum(1 for k in dedup.keep if names[k] != k),
+            notes=notes,
+            verified=True,
+        )
+    finally:
+        adapter.close()
+
+
+def _adapter_keys(adapter: Adapter) -> list[str]:
+    """LoRA factors, DoRA magnitudes, replacements and token deltas, in file order."""
+    wanted = {k for m in adapter.modules.values() for k in m.parts.values()}
+    wanted |= set(adapter.replacements.values())
+    wanted |= {k for k, _ in adapter.token_rows.values()}
+    return [k for k in adapter.source.names() if k in wanted]
+
+
+def _targets_as_list(adapter: Adapter, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    targets = config.get("target_modules")
+    modules = sorted(adapter.modules)
+    if not isinstance(targets, str):
+        return config, "target_modules is already a list; left as is"
+    matched, _ = regex_matches(targets, modules) if targets != "all-linear" else (modules, [])
+    config = dict(config)
+    config["target_modules"] = modules
+    return config, (
+        f"target_modules regex replaced by the {len(modules)} module names present "
+        f"({len(matched)} matched the regex)"
+    )
+
+
+# -- full checkpoints ---------------------------------------------------------------------
+def _default_checkpoint_output(path: Path) -> Path:
+    if path.is_dir():
+        return path.parent / f"{path.name}-safetensors"
+    return path.parent / f"{path.stem}-safetensors"
+
+
+def _convert_checkpoint(
+    path: Path,
+    output: Path | None,
+    out_dtype: str | None,
+    max_shard: int,
+    overwrite: bool,
+    factory: Any,
+) -> ConvertResult:
+    start = time.perf_counter()
+    output = output or _default_checkpoint_output(path)
+    check_destination(output, overwrite, [path])
+    with open_source(path) as source:
+        root = source.root
+        config_path = root / "config.json"
+        config = read_json(config_path, "model config") if config_path.is_file() else None
+        tie = None if config is None else bool(config.get("tie_word_embeddings", True))
+        infos = list(source.infos.values())
+        dedup = deduplicate(infos, tie)
+        specs = []
+        for name in dedup.keep:
+            info = source.info(name)
+            dt = out_dtype if out_dtype and info.dtype in FLOAT_DTYPES else info.dtype
+            specs.append((name, dt, info.shape))
+        shards = plan_shards(specs, max_shard)
+        for shard in shards:
+            names = {n for n, _, _ in shard.specs}
+            shard.metadata.update({a: k for a, k in dedup.aliases.items() if k in names})
+        source_of = {n: n for n in dedup.keep}
+        total = sum(source.info(n).nbytes for n in dedup.keep)
+        progress = factory(total) if factory else None
+        with OutputDir(output, overwrite) as out:
+            for shard in shards:
+                _write_shard(
+                    out.path / shard.filename, shard, source, source_of, out_dtype, progress
+                )
+            _verify(out.path, shards, source, source_of, out_dtype)
+            write_index(out.path, shards)
+            if config is not None and out_dtype:
+                config = dict(config)
+                key = (
+                    "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
+                )
+                config[key] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
+            copy_side_files(root, out.path, skip={"config.json"} if config else set())
+            if config is not None:
+                write_json(out.path / "config.json", config)
+            write_manifest(out.path)
+            files = sorted(p.name for p in out.path.iterdir())
+        return ConvertResult(
+            input=path,
+            output=Path(output),
+            kind="checkpoint",
+            files=files,
+            tensors=len(specs),
+            bytes=sum(s.nbytes for s in shards),
+            seconds=time.perf_counter() - start,
+            dropped=list(source.skipped),
+            aliases=dedup.aliases,
+            notes=dedup.notes,
+            verified=True,
+        )
+
+
+# -- shared streaming ---------------------------------------------------------------------
+def _write_shard(
+    path: Path,
+    plan: ShardPlan,
+    source: TensorSource,
+    source_of: dict[str, str],
+    out_dtype: str | None,
+    progress: Progress | None,
+) -> None:
+    writer = ShardWriter(path, plan.specs, plan.metadata)
+    try:
+        for name in sorted(writer.entries, key=lambda n: writer.entries[n].start):
+            info = source.info(source_of[name])
+            entry = writer.entries[name]
+            if info.raw_offset is not None and info.dtype == entry.dtype:
+                writer.copy_from(name, source.fd(info.file), info.raw_offset, info.nbytes)
+            else:
+                writer.write(name, source.read(info.name).to(to_torch(entry.dtype)))
+            if progress:
+                progress(info.nbytes, name)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _verify(
+    folder: Path,
+    plans: list[ShardPlan],
+    source: TensorSource,
+    source_of: dict[str, str],
+    out_dtype: str | None,
+    tmp_name: str | None = None,
+) -> None:
+    """Re-read every written tensor and compare it bit for bit with its source."""
+    import torch
+
+    for plan in plans:
+        written = open_source(folder / (tmp_name or plan.filename))
+        try:
+            for name, dtype, _ in plan.specs:
+                expected = source.read(source_of[name]).to(to_torch(dtype))
+                got = written.read(name)
+                if got.shape != expected.shape or not torch.equal(
+                    got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)
+                ):
+                    raise FormatError(
+                        f"{folder / plan.filename}: tensor {name!r} does not match its source "
+                        "after writing",
+                        "the disk or the source file changed during conversion; rerun",
+                    )
+        finally:
+            written.close()

@@ -1,0 +1,220 @@
+"""``lora inspect``: what a path holds, from headers and configs only (no tensor data)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cli.adapters.peft import Adapter, is_adapter, load_adapter
+from lora_cli.io.reader import TensorSource, open_source
+from lora_cli.merge.plan import OUTPUT_EMBEDDING, load_base_config
+
+SCHEMA = "lora-inspect/1"
+
+
+@dataclass
+class InspectReport:
+    path: Path
+    kind: str  # adapter | checkpoint | file
+    format: str
+    files: list[dict[str, Any]]
+    tensors: int
+    parameters: int
+    bytes: int
+    dtypes: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+    adapter: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "path": str(self.path),
+            "kind": self.kind,
+            "format": self.format,
+            "files": self.files,
+            "tensors": self.tensors,
+            "parameters": self.parameters,
+            "bytes": self.bytes,
+            "dtypes": self.dtypes,
+            "warnings": self.warnings,
+            "adapter": self.adapter,
+            "checkpoint": self.checkpoint,
+        }
+        return doc
+
+
+def inspect_path(path: Path) -> InspectReport:
+    path = Path(path)
+    if is_adapter(path):
+        adapter = load_adapter(path)
+        try:
+            report = _summary(path, "adapter", adapter.source)
+            report.adapter = adapter_details(adapter)
+            report.warnings = list(adapter.warnings) + _all_zero_b(adapter)
+        finally:
+            adapter.close()
+        return report
+    with open_source(path) as source:
+        kind = "file" if path.is_file() else "checkpoint"
+        report = _summary(path, kind, source)
+        report.checkpoint = _checkpoint_details(source)
+        if source.skipped:
+            report.warnings.append(
+                f"{len(source.skipped)} non-tensor entries ignored (e.g. {source.skipped[0]})"
+            )
+        if _looks_like_peft_state_dict(source):
+            report.warnings.append(
+                "holds LoRA tensors (lora_A/lora_B) but no adapter_config.json beside it"
+            )
+    return report
+
+
+def _summary(path: Path, kind: str, source: TensorSource) -> InspectReport:
+    per_file: dict[Path, list[int]] = {f: [0, 0] for f in source.files}
+    dtypes: Counter[str] = Counter()
+    params = 0
+    for info in source.infos.values():
+        per_file[info.file][0] += 1
+        per_file[info.file][1] += info.nbytes
+        dtypes[info.dtype] += 1
+        params += info.numel
+    return InspectReport(
+        path=path,
+        kind=kind,
+        format=source.format,
+        files=[
+            {"name": f.name, "bytes": f.stat().st_size, "tensors": n}
+            for f, (n, _) in per_file.items()
+        ],
+        tensors=len(source.infos),
+        parameters=params,
+        bytes=source.total_bytes,
+        dtypes=dict(sorted(dtypes.items())),
+    )
+
+
+def _target_kind(targets: Any) -> str:
+    if isinstance(targets, str):
+        return "all-linear" if targets.lower() == "all-linear" else "regex"
+    return "list" if targets else "none"
+
+
+def adapter_details(adapter: Adapter) -> dict[str, Any]:
+    cfg = adapter.config
+    src = adapter.source
+    targets = cfg.get("target_modules")
+    modules = []
+    for m in sorted(adapter.modules.values(), key=lambda m: m.path):
+        a_key = m.parts.get("lora_A.weight") or m.parts.get("lora_embedding_A")
+        modules.append(
+            {
+                "name": m.path,
+                "kind": "embedding" if m.is_embedding else "lora",
+                "r": m.r,
+                "alpha": m.alpha,
+                "scale": m.scale,
+                "rank_in_file": src.info(a_key).shape[0]
+                if a_key and src.info(a_key).shape
+                else None,
+                "dora": m.has_dora,
+                "lora_bias": "lora_B.bias" in m.parts,
+            }
+        )
+    details: dict[str, Any] = {
+        "weights_file": adapter.weights_file.name,
+        "producer": adapter.producer,
+        "peft_type": cfg.get("peft_type"),
+        "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "use_dora": bool(cfg.get("use_dora", False)),
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out", False)),
+        "bias": cfg.get("bias", "none"),
+        "lora_bias": bool(cfg.get("lora_bias", False)),
+        "init_lora_weights": cfg.get("init_lora_weights", True),
+        "target_modules": targets,
+        "target_modules_kind": _target_kind(targets),
+        "rank_pattern": cfg.get("rank_pattern") or {},
+        "alpha_pattern": cfg.get("alpha_pattern") or {},
+        "modules_to_save": cfg.get("modules_to_save") or [],
+        "trainable_token_indices": cfg.get("trainable_token_indices"),
+        "modules": modules,
+        "replacements": sorted(adapter.replacements),
+        "trainable_tokens": {m: idx for m, (_, idx) in adapter.token_rows.items()},
+        "non_adapter_tensors": adapter.non_adapter,
+        "skipped_entries": adapter.source.skipped,
+    }
+    if details["target_modules_kind"] == "regex":
+        matched, unmatched = regex_matches(targets, list(adapter.modules))
+        details["regex_matches"] = matched
+        details["regex_unmatched"] = unmatched
+    return details
+
+
+def regex_matches(pattern: str, modules: list[str]) -> tuple[list[str], list[str]]:
+    """Which adapter modules PEFT's ``re.fullmatch`` of a string target_modules selects."""
+    try:
+        rx = re.compile(pattern)
+    except re.error:
+        return [], sorted(modules)
+    matched = sorted(m for m in modules if rx.fullmatch(m))
+    return matched, sorted(set(modules) - set(matched))
+
+
+def _all_zero_b(adapter: Adapter) -> list[str]:
+    """All-zero lora_B means an untrained adapter (PEFT's default init) that merges to nothing."""
+    keys = [
+        m.parts.get("lora_B.weight") or m.parts.get("lora_embedding_B")
+        for m in adapter.modules.values()
+    ]
+    keys = [k for k in keys if k and adapter.source.info(k).numel]
+    if not keys:
+        return []
+    zero = 0
+    for k in keys:
+        t = adapter.source.read(k)
+        if not bool(t.float().abs().sum()):
+            zero += 1
+    if zero == len(keys):
+        return ["every lora_B is all zeros: the adapter is untrained and merges to the base"]
+    if zero:
+        return [f"{zero} of {len(keys)} lora_B tensors are all zeros (untrained modules)"]
+    return []
+
+
+def _checkpoint_details(source: TensorSource) -> dict[str, Any]:
+    config = load_base_config(source)
+    shared: dict[str, list[str]] = {}
+    for info in source.infos.values():
+        if info.storage:
+            shared.setdefault(info.storage, []).append(info.name)
+    groups = [sorted(g) for g in shared.values() if len(g) > 1]
+    for meta in source.file_metadata.values():
+        for alias, kept in meta.items():
+            if alias != "format" and kept in source.infos and alias not in source.infos:
+                groups.append(sorted([alias, kept]))
+    tie = None
+    if config is not None:
+        tie = config.get(
+            "tie_word_embeddings",
+            (config.get("text_config") or {}).get("tie_word_embeddings", True),
+        )
+    return {
+        "config": config is not None,
+        "architectures": (config or {}).get("architectures"),
+        "model_type": (config or {}).get("model_type"),
+        "torch_dtype": (config or {}).get("torch_dtype") or (config or {}).get("dtype"),
+        "tie_word_embeddings": tie,
+        "has_lm_head": OUTPUT_EMBEDDING in source,
+        "index": source.index_path.name if source.index_path else None,
+        "shared_tensors": groups,
+    }
+
+
+def _looks_like_peft_state_dict(source: TensorSource) -> bool:
+    return any(".lora_A." in n or ".lora_B." in n for n in source.names())

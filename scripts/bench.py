@@ -1,0 +1,1076 @@
+#!/usr/bin/env python
+"""Benchmark `lora merge` against `cp -r` (the I/O floor) and the PEFT `merge_and_unload` path.
+
+Why this exists: the claim we want to check (docs/peers-and-performance.md §0, §4, §8) is that a
+streaming LoRA merge is disk-bound, i.e. close to the cost of copying the checkpoint, and that it
+needs O(largest tensor) memory where the usual PEFT path needs the whole model. So every run
+measures the same three things side by side, in the same process tree and the same session:
+
+* ``cp -r BASE OUT``                                   -- what pure I/O costs on this machine;
+* ``lora merge BASE ADAPTER -o OUT --quiet``           -- the thing under test;
+* PEFT ``from_pretrained`` + ``merge_and_unload`` + ``save_pretrained`` in a subprocess.
+
+Inputs are synthetic Llama-shaped bf16 checkpoints written shard by shard with
+``safetensors.torch.save_file`` (no model is ever instantiated), plus PEFT-format adapters. They are
+cached in ``--workdir`` and reused while their spec matches. Contenders alternate within each
+repetition (order rotated every repetition) and the median is reported. Peak memory is the peak
+summed VmRSS of the child's process tree, sampled from /proc every ~20 ms (psutil is not assumed).
+
+This is a benchmark, not a test: it prints numbers, it only fails loudly on broken inputs. A failing
+contender is reported (with its stderr tail) and the others carry on.
+
+Usage::
+
+    .venv/bin/python scripts/bench.py --quick            # tiny smoke run (seconds)
+    .venv/bin/python scripts/bench.py                    # small (~1.6 GiB) and large (~6 GiB)
+    .venv/bin/python scripts/bench.py --sizes small --repeats 5 --adapters qv
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Bump when the generator's output changes, so stale caches are rebuilt instead of reused.
+GENERATOR_VERSION = 1
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+POLL_INTERVAL_S = 0.02
+LORA_RANK = 16
+LORA_ALPHA = 32
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ADAPTER_TARGETS: dict[str, tuple[str, ...]] = {
+    "all-linear": ATTN_MODULES + MLP_MODULES,
+    "qv": ("q_proj", "v_proj"),
+}
+CONTENDERS = ("cp", "lora", "peft")
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """Shape of one synthetic Llama checkpoint; the numbers are chosen to hit a target size."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    max_shard_bytes: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+# small ~1.64 GiB (TinyLlama-like, 17 layers), large ~6.1 GiB (Llama-2-7B widths with GQA, 17
+# layers), quick ~8 MiB split into several shards so multi-shard handling is exercised in seconds.
+SIZES: dict[str, SizeSpec] = {
+    "quick": SizeSpec("quick", 256, 704, 4, 4, 2, 2048, 3_000_000),
+    "small": SizeSpec("small", 2048, 5632, 17, 32, 4, 32000, 1_000_000_000),
+    "large": SizeSpec("large", 4096, 11008, 17, 32, 8, 32000, 2_000_000_000),
+}
+
+
+def tensor_shapes(spec: SizeSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """Llama tensor names and shapes in the order transformers writes them (embed, layers, head)."""
+    h, i, q, kv = spec.hidden, spec.intermediate, spec.heads, spec.kv_heads
+    d = spec.head_dim
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (spec.vocab, h))]
+    for n in range(spec.layers):
+        p = f"model.layers.{n}"
+        out += [
+            (f"{p}.input_layernorm.weight", (h,)),
+            (f"{p}.self_attn.q_proj.weight", (q * d, h)),
+            (f"{p}.self_attn.k_proj.weight", (kv * d, h)),
+            (f"{p}.self_attn.v_proj.weight", (kv * d, h)),
+            (f"{p}.self_attn.o_proj.weight", (h, q * d)),
+            (f"{p}.post_attention_layernorm.weight", (h,)),
+            (f"{p}.mlp.gate_proj.weight", (i, h)),
+            (f"{p}.mlp.up_proj.weight", (i, h)),
+            (f"{p}.mlp.down_proj.weight", (h, i)),
+        ]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (spec.vocab, h))]
+    return out
+
+
+def plan_shards(spec: SizeSpec) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Greedy packing into shards of at most max_shard_bytes, like transformers' splitter."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    used = 0
+    for name, shape in tensor_shapes(spec):
+        nbytes = math.prod(shape) * 2
+        if shards[-1] and used + nbytes > spec.max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, shape))
+        used += nbytes
+    return shards
+
+
+def llama_config(spec: SizeSpec) -> dict[str, Any]:
+    """A real LlamaForCausalLM config.json so transformers (the PEFT contender) can load it."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+        "dtype": "bfloat16",
+    }
+
+
+class RandomPool:
+    """Fill tensors from one pre-drawn random block: randn for GBs is too slow on 2 cores.
+
+    Each tensor starts at a different offset in an odd-length pool, so tensors differ from each
+    other and from their neighbours; the content only needs to be non-trivial, not i.i.d.
+    """
+
+    def __init__(self, n: int = (1 << 24) + 4099, seed: int = 0) -> None:
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        self.pool = torch.randn(n, generator=gen, dtype=torch.float32).mul_(0.02)
+        self.pool = self.pool.to(torch.bfloat16)
+        self.n = n
+        self.counter = 0
+
+    def take(self, shape: tuple[int, ...]) -> Any:
+        import torch
+
+        numel = math.prod(shape)
+        out = torch.empty(numel, dtype=torch.bfloat16)
+        self.counter += 1
+        off = (self.counter * 2_654_435_761) % self.n
+        pos = 0
+        while pos < numel:
+            take = min(self.n - off, numel - pos)
+            out[pos : pos + take].copy_(self.pool[off : off + take])
+            pos += take
+            off = 0
+        return out.view(shape)
+
+
+def _spec_matches(spec_file: Path, expected: dict[str, Any]) -> bool:
+    try:
+        return json.loads(spec_file.read_text()) == expected
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_base(workdir: Path, spec: SizeSpec) -> tuple[Path, bool, float]:
+    """Generate (or reuse) the base checkpoint; returns (path, reused, seconds spent generating).
+
+    Written into a temp dir and renamed, and the spec stamp (a sibling file, so the checkpoint dir
+    looks exactly like a real one) is written last: an interrupted run never leaves a cache that
+    looks valid.
+    """
+    from safetensors.torch import save_file
+
+    base = workdir / f"base-{spec.name}"
+    stamp = workdir / f"base-{spec.name}.spec.json"
+    expected = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec)}
+    shards = plan_shards(spec)
+    n = len(shards)
+    names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    if _spec_matches(stamp, expected) and all((base / nm).is_file() for nm in names):
+        return base, True, 0.0
+
+    t0 = time.perf_counter()
+    stamp.unlink(missing_ok=True)
+    shutil.rmtree(base, ignore_errors=True)
+    tmp = workdir / f"base-{spec.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pool = RandomPool()
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, shard in zip(names, shards, strict=True):
+        tensors: dict[str, Any] = {}
+        for tname, shape in shard:
+            t = pool.take(shape)
+            if len(shape) == 1:  # RMSNorm weights live near 1.0 in real checkpoints
+                t.add_(1.0)
+            tensors[tname] = t
+            weight_map[tname] = fname
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        del tensors
+        size_gib = (tmp / fname).stat().st_size / GIB
+        print(f"  wrote {fname} ({size_gib:.2f} GiB)", file=sys.stderr, flush=True)
+    (tmp / "config.json").write_text(json.dumps(llama_config(spec), indent=2) + "\n")
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    gen_cfg = {"bos_token_id": 1, "eos_token_id": 2, "_from_model_config": True}
+    (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+    tmp.rename(base)
+    stamp.write_text(json.dumps(expected))
+    return base, False, time.perf_counter() - t0
+
+
+def module_shape(spec: SizeSpec, module: str) -> tuple[int, int]:
+    """(out_features, in_features) of one Llama linear module."""
+    h, i, d = spec.hidden, spec.intermediate, spec.head_dim
+    return {
+        "q_proj": (spec.heads * d, h),
+        "k_proj": (spec.kv_heads * d, h),
+        "v_proj": (spec.kv_heads * d, h),
+        "o_proj": (h, spec.heads * d),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }[module]
+
+
+def module_prefix(module: str) -> str:
+    return "self_attn" if module in ATTN_MODULES else "mlp"
+
+
+def ensure_adapter(workdir: Path, spec: SizeSpec, kind: str, base: Path) -> tuple[Path, bool]:
+    """Generate (or reuse) a PEFT-format LoRA adapter (fp32 factors, non-zero B) for `base`."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = workdir / f"adapter-{spec.name}-{kind}"
+    stamp = workdir / f"adapter-{spec.name}-{kind}.spec.json"
+    targets = list(ADAPTER_TARGETS[kind])
+    expected = {
+        "generator_version": GENERATOR_VERSION,
+        "spec": asdict(spec),
+        "kind": kind,
+        "r": LORA_RANK,
+        "alpha": LORA_ALPHA,
+        "base": str(base),
+    }
+    if _spec_matches(stamp, expected) and (path / "adapter_model.safetensors").is_file():
+        return path, True
+    stamp.unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(1234 + len(kind))
+    tensors: dict[str, Any] = {}
+    for layer in range(spec.layers):
+        for mod in targets:
+            out_f, in_f = module_shape(spec, mod)
+            key = f"base_model.model.model.layers.{layer}.{module_prefix(mod)}.{mod}"
+            a = torch.randn(LORA_RANK, in_f, generator=gen) / math.sqrt(in_f)
+            b = torch.randn(out_f, LORA_RANK, generator=gen) * 0.01
+            tensors[f"{key}.lora_A.weight"] = a
+            tensors[f"{key}.lora_B.weight"] = b
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "r": LORA_RANK,
+        "lora_alpha": LORA_ALPHA,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    stamp.write_text(json.dumps(expected))
+    return path, False
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring a child process tree
+# --------------------------------------------------------------------------------------------
+
+
+def _children_via_stat() -> dict[int, list[int]]:
+    """ppid -> pids, scanning /proc: /proc/PID/task/TID/children is not built into every kernel."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        # comm may contain spaces and parentheses: the ppid is the 2nd field after the last ')'.
+        rest = raw.rpartition(b")")[2].split()
+        if len(rest) >= 2:
+            tree.setdefault(int(rest[1]), []).append(int(entry.name))
+    return tree
+
+
+def _vm_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of one process in KiB; (0, 0) if it is gone or a zombie."""
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith(b"VmHWM:"):
+                    hwm = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return rss, hwm
+
+
+class TreeRssPoller(threading.Thread):
+    """Samples the summed VmRSS of a process and all its descendants until stopped.
+
+    Sums the tree because a contender may fork workers (cp does not, python may). It also keeps
+    each process's last-seen VmHWM (the kernel's own high-water mark, reset at exec): their sum is
+    an upper bound of the tree peak that a 20 ms poll cannot miss, except for growth after the
+    last sample. wait4/RUSAGE_CHILDREN ru_maxrss are no substitute: on Linux a child's maxrss
+    starts at the *parent's* RSS at fork (it is carried across exec), and RUSAGE_CHILDREN is a
+    high-water mark over every child this bench ever reaped.
+    """
+
+    def __init__(self, root: int, interval: float = POLL_INTERVAL_S) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.interval = interval
+        self.peak_kib = 0
+        self.hwm_kib: dict[int, int] = {}
+        self.samples = 0
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        tree = _children_via_stat()
+        todo, total = [self.root], 0
+        while todo:
+            pid = todo.pop()
+            rss, hwm = _vm_kib(pid)
+            total += rss
+            if hwm:
+                self.hwm_kib[pid] = max(hwm, self.hwm_kib.get(pid, 0))
+            todo.extend(tree.get(pid, ()))
+        self.peak_kib = max(self.peak_kib, total)
+        self.samples += 1
+
+    def run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop_event.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+@dataclass
+class RunResult:
+    """One timed execution of one contender."""
+
+    ok: bool
+    wall_s: float
+    peak_rss_mib: float  # polled peak of the tree's summed VmRSS: what we report
+    hwm_sum_mib: float  # sum of per-process VmHWM (upper bound; cross-check)
+    wait4_maxrss_mib: float  # child's ru_maxrss, floored by this bench's RSS at fork
+    rusage_children_maxrss_mib: float  # cumulative over all children so far
+    returncode: int | None
+    rss_samples: int
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    error: str = ""
+
+
+def _tail(data: bytes, n: int = 2000) -> str:
+    return data[-n:].decode("utf-8", errors="replace").strip()
+
+
+def run_measured(
+    cmd: list[str], timeout: float, env: dict[str, str], timed_sync: bool = False
+) -> RunResult:
+    """Run `cmd` as a child, timing wall clock and polling its process tree's RSS.
+
+    os.wait4 is used instead of Popen.wait so the child's own rusage comes back with its exit.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,  # own process group, so a timeout kills the whole tree
+            )
+        except OSError as exc:
+            return RunResult(False, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0, error=f"cannot start: {exc}")
+        poller = TreeRssPoller(proc.pid)
+        poller.start()
+        timed_out = threading.Event()
+
+        def _kill() -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, _kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if timed_sync:
+            os.sync()
+        wall = time.perf_counter() - t0
+        timer.cancel()
+        poller.stop()
+        rc = os.waitstatus_to_exitcode(status)
+        proc.returncode = rc  # reaped by wait4; stop Popen from waiting again
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    error = f"timed out after {timeout:.0f} s" if timed_out.is_set() else ""
+    if rc != 0 and not error:
+        error = f"exit code {rc}"
+    return RunResult(
+        ok=rc == 0 and not timed_out.is_set(),
+        wall_s=wall,
+        peak_rss_mib=poller.peak_kib / 1024,
+        hwm_sum_mib=sum(poller.hwm_kib.values()) / 1024,
+        wait4_maxrss_mib=usage.ru_maxrss / 1024,
+        rusage_children_maxrss_mib=children / 1024,
+        returncode=rc,
+        rss_samples=poller.samples,
+        stdout_tail=_tail(stdout),
+        stderr_tail=_tail(stderr),
+        error=error,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The PEFT contender (runs in a child: `bench.py --internal peft JSON`)
+# --------------------------------------------------------------------------------------------
+
+
+def peft_child(base: str, adapter: str, out: str) -> int:
+    """The typical "load whole model, merge, save" path (§4.1), with per-phase timings on stdout."""
+    t0 = time.perf_counter()
+    import torch
+    import transformers
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    t_import = time.perf_counter()
+    major = int(transformers.__version__.split(".")[0])
+    dtype_kw = "dtype" if major >= 5 else "torch_dtype"  # v5 renamed torch_dtype -> dtype
+    model = AutoModelForCausalLM.from_pretrained(base, **{dtype_kw: torch.bfloat16})
+    t_load = time.perf_counter()
+    model = PeftModel.from_pretrained(model, adapter)
+    t_peft = time.perf_counter()
+    merged = model.merge_and_unload()
+    t_merge = time.perf_counter()
+    merged.save_pretrained(out)
+    t_save = time.perf_counter()
+    phases = {
+        "import_s": t_import - t0,
+        "load_base_s": t_load - t_import,
+        "load_adapter_s": t_peft - t_load,
+        "merge_s": t_merge - t_peft,
+        "save_s": t_save - t_merge,
+    }
+    print("PEFT_PHASES " + json.dumps(phases), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Output checks (outside the timed window)
+# --------------------------------------------------------------------------------------------
+
+
+def _header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        hdr = json.loads(f.read(n))
+    hdr.pop("__metadata__", None)
+    return hdr
+
+
+def _tensor_table(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    table: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        for k, v in _header(p).items():
+            table[k] = (v["dtype"], tuple(v["shape"]))
+    return table
+
+
+def _load(folder: Path, name: str) -> Any:
+    from safetensors import safe_open
+
+    for p in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(p), framework="pt") as f:
+            if name in f.keys():  # noqa: SIM118 - safe_open handles are not containers
+                return f.get_tensor(name)
+    raise KeyError(name)
+
+
+def check_output(
+    contender: str, base: Path, adapter: Path | None, out: Path, spec: SizeSpec, kind: str | None
+) -> dict[str, Any]:
+    """Cheap sanity checks so a fast-but-wrong result (e.g. a silent no-op merge) is visible.
+
+    Structure: same tensor names/dtypes/shapes as the base (and same shard file names for cp and
+    lora, whose contract is to mirror BASE). Content, for merges: the first and last targeted
+    weights must equal bf16(W + alpha/r * B @ A) computed in fp32 (within 2 bf16 ulps), and
+    one untouched weight must be bit-identical to the base.
+    """
+    import torch
+
+    res: dict[str, Any] = {}
+    if not out.is_dir():
+        return {"ok": False, "problem": "output folder missing"}
+    base_table, out_table = _tensor_table(base), _tensor_table(out)
+    res["tensors_match"] = base_table == out_table
+    if not res["tensors_match"]:
+        missing = sorted(set(base_table) - set(out_table))[:3]
+        res["problem"] = f"tensor set differs (e.g. missing {missing})"
+    if contender in ("cp", "lora"):
+        names = sorted(p.name for p in base.glob("*.safetensors"))
+        res["shard_names_match"] = names == sorted(p.name for p in out.glob("*.safetensors"))
+    else:
+        res["output_shards"] = len(list(out.glob("*.safetensors")))
+    if contender != "cp" and adapter is not None and kind is not None and res["tensors_match"]:
+        from safetensors.torch import load_file
+
+        ab = load_file(str(adapter / "adapter_model.safetensors"))
+        targets = ADAPTER_TARGETS[kind]
+        probes = [(0, targets[0]), (spec.layers - 1, targets[-1])]
+        diffs: list[float] = []
+        ulps: list[float] = []
+        for layer, mod in probes:
+            name = f"model.layers.{layer}.{module_prefix(mod)}.{mod}.weight"
+            akey = f"base_model.model.{name[: -len('.weight')]}"
+            a, b = ab[f"{akey}.lora_A.weight"].float(), ab[f"{akey}.lora_B.weight"].float()
+            w = _load(base, name)
+            ref = (w.float() + (LORA_ALPHA / LORA_RANK) * (b @ a)).to(w.dtype).float()
+            got = _load(out, name)
+            diff = (got.float() - ref).abs()
+            # bf16 keeps 8 significant bits: one ulp of x is 2**(exponent(x) - 8).
+            ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref).exponent - 8)
+            diffs.append(float(diff.max()))
+            ulps.append(float((diff / ulp).max()))
+            if torch.equal(got, w):
+                res["problem"] = f"{name} unchanged: merge was a no-op?"
+        res["merged_max_abs_diff_vs_fp32_ref"] = max(diffs)
+        res["merged_max_ulps_vs_fp32_ref"] = max(ulps)
+        untouched = (
+            "model.embed_tokens.weight"
+            if kind == "all-linear"
+            else "model.layers.0.self_attn.k_proj.weight"
+        )
+        res["untouched_bit_identical"] = torch.equal(_load(base, untouched), _load(out, untouched))
+        # One rounding of the fp32 sum gives 0 ulps; rounding the delta first may give 1. More
+        # than 2 means a different formula (wrong scale, bf16 accumulation, ...).
+        if res["merged_max_ulps_vs_fp32_ref"] > 2:
+            res.setdefault("problem", "merged values differ from bf16(W + alpha/r * B @ A)")
+    res["ok"] = (
+        res["tensors_match"]
+        and res.get("shard_names_match", True)
+        and res.get("untouched_bit_identical", True)
+        and "problem" not in res
+    )
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Environment and reporting
+# --------------------------------------------------------------------------------------------
+
+
+def _first_line(path: str, prefix: str) -> str:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def environment(workdir: Path) -> dict[str, Any]:
+    """What a reader needs to compare two runs of this bench (and to distrust one).
+
+    Library versions and torch threads come from a helper child, since this process never
+    imports torch (see run_helper).
+    """
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": _first_line("/proc/cpuinfo", "model name"),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "ram_total": _first_line("/proc/meminfo", "MemTotal"),
+        "workdir_free_gib": round(shutil.disk_usage(workdir).free / GIB, 1),
+        "thread_env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+        },
+    }
+    return env
+
+
+def library_versions() -> dict[str, Any]:
+    """Helper task: versions and torch's default thread count (what every contender gets)."""
+    import torch
+
+    out: dict[str, Any] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    for mod in ("safetensors", "transformers", "peft", "lora_cli"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as exc:  # noqa: BLE001 - an env report must not crash the bench
+            out[mod] = f"unavailable ({type(exc).__name__})"
+    return out
+
+
+def prepare(workdir: Path, spec: SizeSpec, kinds: list[str]) -> dict[str, Any]:
+    """Helper task: make sure the base checkpoint and the adapters for one size exist."""
+    base, reused, gen_s = ensure_base(workdir, spec)
+    adapters = {k: str(ensure_adapter(workdir, spec, k, base)[0]) for k in kinds}
+    return {"base": str(base), "reused": reused, "generate_s": gen_s, "adapters": adapters}
+
+
+def internal_task(task: str, payload: str) -> int:
+    """Entry point of helper children: run one task, print its JSON result as the last line."""
+    p = json.loads(payload)
+    if task == "peft":
+        return peft_child(p["base"], p["adapter"], p["out"])
+    if task == "env":
+        result = library_versions()
+    elif task == "prepare":
+        result = prepare(Path(p["workdir"]), SIZES[p["size"]], p["adapters"])
+    elif task == "check":
+        adapter = Path(p["adapter"]) if p["adapter"] else None
+        result = check_output(
+            p["contender"], Path(p["base"]), adapter, Path(p["out"]), SIZES[p["size"]], p["kind"]
+        )
+    else:
+        raise SystemExit(f"unknown internal task {task!r}")
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def helper_cmd(task: str, payload: dict[str, Any]) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--internal", task, json.dumps(payload)]
+
+
+def run_helper(task: str, payload: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """Run torch-using work (generation, checks, version probe) in a child process.
+
+    Why: on Linux a child's ru_maxrss starts at its parent's RSS at fork time, so a parent that
+    had imported torch (~450 MiB) would floor every contender's wait4 cross-check; and buffers
+    from generating GBs of weights would otherwise stay in this process's heap for the whole run.
+    Progress goes to our stderr; the result is the last stdout line.
+    """
+    proc = subprocess.run(
+        helper_cmd(task, payload), stdout=subprocess.PIPE, env=env, stdin=subprocess.DEVNULL
+    )
+    lines = proc.stdout.decode("utf-8", errors="replace").strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("RESULT "):
+        raise RuntimeError(f"helper {task!r} failed (exit {proc.returncode}): {lines[-5:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@dataclass
+class Case:
+    """All repetitions of one (size, adapter, contender) cell of the table."""
+
+    size: str
+    adapter: str  # "-" for cp, which does not depend on the adapter
+    contender: str
+    base_bytes: int
+    runs: list[RunResult] = field(default_factory=list)
+    check: dict[str, Any] | None = None
+    peft_phases: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> RunResult | None:
+        return next((r for r in self.runs if not r.ok), None)
+
+    def median_s(self) -> float | None:
+        ok = [r.wall_s for r in self.runs if r.ok]
+        return statistics.median(ok) if ok and not self.failed else None
+
+    def peak_rss_mib(self) -> float | None:
+        # Max over repetitions: peak memory decides whether a merge fits, so be conservative.
+        ok = [r.peak_rss_mib for r in self.runs if r.ok]
+        return max(ok) if ok and not self.failed else None
+
+    def summary(self) -> dict[str, Any]:
+        med = self.median_s()
+        ok_runs = [r.wall_s for r in self.runs if r.ok]
+        return {
+            "size": self.size,
+            "adapter": self.adapter,
+            "contender": self.contender,
+            "ok": self.failed is None and bool(self.runs),
+            "median_s": med,
+            "min_s": min(ok_runs) if ok_runs else None,
+            "max_s": max(ok_runs) if ok_runs else None,
+            "peak_rss_mib": self.peak_rss_mib(),
+            "hwm_sum_mib": max((r.hwm_sum_mib for r in self.runs if r.ok), default=None),
+            "throughput_gb_s": self.base_bytes / med / 1e9 if med else None,
+            "base_bytes": self.base_bytes,
+            "check": self.check,
+            "peft_phases_median": _median_phases(self.peft_phases),
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+
+def _median_phases(phases: list[dict[str, float]]) -> dict[str, float] | None:
+    if not phases:
+        return None
+    return {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, Any]) -> str:
+    """Plain-text table (pastes cleanly into issues and reports) plus ratio lines and failures."""
+    head = (
+        f"{'size':<6} {'adapter':<10} {'contender':<9} {'median s':>9} {'min..max s':>15} "
+        f"{'peak RSS MiB':>12} {'HWM-sum MiB':>11} {'GB/s':>6}  check"
+    )
+    lines = [head, "-" * len(head)]
+    for c in cases:
+        s = c.summary()
+        if c.failed:
+            lines.append(f"{c.size:<6} {c.adapter:<10} {c.contender:<9} FAILED: {c.failed.error}")
+            continue
+        rng = f"{_fmt(s['min_s'], '.2f')}..{_fmt(s['max_s'], '.2f')}"
+        chk = "-" if c.check is None else ("ok" if c.check.get("ok") else "BAD")
+        if c.check and "merged_max_ulps_vs_fp32_ref" in c.check:
+            chk += f" ({c.check['merged_max_ulps_vs_fp32_ref']:.0f} ulp)"
+        lines.append(
+            f"{c.size:<6} {c.adapter:<10} {c.contender:<9} {_fmt(s['median_s'], '9.2f')} "
+            f"{rng:>15} {_fmt(s['peak_rss_mib'], '12.0f')} {_fmt(s['hwm_sum_mib'], '11.0f')} "
+            f"{_fmt(s['throughput_gb_s'], '6.3f')}  {chk}"
+        )
+    lines.append("")
+    lines.append("ratios (median wall time; RSS = polled process-tree peak):")
+    for r in ratios:
+        lines.append(
+            f"  {r['size']:<6} {r['adapter']:<10} lora/cp {_fmt(r['lora_over_cp'], '.2f')}x   "
+            f"PEFT/lora {_fmt(r['peft_over_lora'], '.2f')}x time, "
+            f"{_fmt(r['peft_over_lora_rss'], '.2f')}x peak RSS"
+        )
+    if help_s.get("ok"):
+        lines.append(f"\n`lora --help`: median {help_s['median_s']:.3f} s over 5 runs")
+    else:
+        lines.append(f"\n`lora --help`: FAILED: {help_s.get('error', '')}")
+    for c in cases:
+        if c.failed:
+            lines.append(f"\n--- {c.size} {c.adapter} {c.contender} failed ({c.failed.error}):")
+            lines.append(c.failed.stderr_tail or c.failed.stdout_tail or "(no output)")
+        if c.check and not c.check.get("ok"):
+            lines.append(f"\n--- {c.size} {c.adapter} {c.contender} output check: {c.check}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def checked_output(
+    case: Case, base: Path, adapter: Path | None, out: Path, env: dict[str, str]
+) -> dict[str, Any]:
+    """check_output in a helper child; a crashing check is reported, never fatal."""
+    payload = {
+        "contender": case.contender,
+        "base": str(base),
+        "adapter": str(adapter) if adapter else None,
+        "out": str(out),
+        "size": case.size,
+        "kind": None if case.contender == "cp" else case.adapter,
+    }
+    try:
+        return run_helper("check", payload, env)
+    except RuntimeError as exc:
+        return {"ok": False, "problem": str(exc)}
+
+
+def time_help(lora: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Startup cost of the CLI (one discarded warm-up, then the median of 5)."""
+    samples: list[float] = []
+    for i in range(6):
+        t0 = time.perf_counter()
+        p = subprocess.run(
+            [str(lora), "--help"], capture_output=True, env=env, stdin=subprocess.DEVNULL
+        )
+        dt = time.perf_counter() - t0
+        if p.returncode != 0:
+            return {"ok": False, "error": f"exit {p.returncode}: {_tail(p.stderr, 600)}"}
+        if i:
+            samples.append(dt)
+    return {"ok": True, "median_s": statistics.median(samples), "samples": samples}
+
+
+def warm_cache(paths: list[Path]) -> float:
+    """Read every input once with `cat` so each contender starts from the same warm page cache."""
+    files = [str(p) for d in paths for p in sorted(d.iterdir()) if p.is_file()]
+    t0 = time.perf_counter()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.name.endswith(".safetensors"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", default="small,large", help="comma list of: quick, small, large")
+    ap.add_argument("--repeats", type=int, default=3, help="repetitions per case (median shown)")
+    ap.add_argument("--adapters", default="all-linear,qv", help="comma list of: all-linear, qv")
+    ap.add_argument("--peft-large", action="store_true", help="also run PEFT at the large size")
+    ap.add_argument("--workdir", type=Path, default=REPO_ROOT / "bench-output")
+    ap.add_argument("--json", type=Path, default=None, help="default: WORKDIR/results.json")
+    ap.add_argument("--keep", action="store_true", help="keep the last repetition's outputs")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke size only (a few MB)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per contender run")
+    ap.add_argument(
+        "--timed-sync",
+        action="store_true",
+        help="include sync(2) in each timed run, charging write-back to the contender",
+    )
+    ap.add_argument("--internal", nargs=2, metavar=("TASK", "JSON"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes = "quick"
+    args.size_list = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    args.adapter_list = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    for s in args.size_list:
+        if s not in SIZES:
+            ap.error(f"unknown size {s!r} (choose from {', '.join(SIZES)})")
+    for a in args.adapter_list:
+        if a not in ADAPTER_TARGETS:
+            ap.error(f"unknown adapter {a!r} (choose from {', '.join(ADAPTER_TARGETS)})")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.internal:
+        return internal_task(*args.internal)
+
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    json_path: Path = (args.json or workdir / "results.json").resolve()
+    lora = Path(sys.executable).parent / "lora"
+    child_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    env = environment(workdir)
+    env.update(run_helper("env", {}, child_env))
+    print(
+        f"bench: {env['cpu_model']}, {env['cpu_affinity']} cores, RAM {env['ram_total']}, "
+        f"torch {env['torch']} ({env['torch_threads']} threads), python {env['python']}"
+    )
+    print(f"workdir {workdir}")
+    help_s = time_help(lora, child_env)
+    print("lora --help: " + (f"{help_s['median_s']:.3f} s" if help_s["ok"] else help_s["error"]))
+
+    cases: list[Case] = []
+    ratios: list[dict[str, Any]] = []
+    sizes_info: dict[str, Any] = {}
+    for size in args.size_list:
+        spec = SIZES[size]
+        print(f"\n== size {size}: preparing inputs", flush=True)
+        # The base (if not cached yet) plus one output at a time, plus slack.
+        est = sum(math.prod(shape) * 2 for _, shape in tensor_shapes(spec))
+        have = workdir / f"base-{size}"
+        need = est * (1 if have.is_dir() else 2) + 256 * MIB
+        free = shutil.disk_usage(workdir).free
+        if free < need:
+            print(f"  not enough free disk ({free / GIB:.1f} GiB free, need ~{need / GIB:.1f})")
+            continue
+        prep = run_helper(
+            "prepare",
+            {"workdir": str(workdir), "size": size, "adapters": args.adapter_list},
+            child_env,
+        )
+        base, reused, gen_s = Path(prep["base"]), prep["reused"], prep["generate_s"]
+        adapters = {k: Path(v) for k, v in prep["adapters"].items()}
+        base_bytes = dir_bytes(base)
+        warm_s = warm_cache([base, *adapters.values()])
+        sizes_info[size] = {
+            "spec": asdict(spec),
+            "base": str(base),
+            "base_bytes": base_bytes,
+            "base_gib": base_bytes / GIB,
+            "shards": len(list(base.glob("*.safetensors"))),
+            "reused_cached_inputs": reused,
+            "generate_s": gen_s,
+            "warm_cat_s": warm_s,
+        }
+        print(
+            f"  base {base_bytes / GIB:.2f} GiB in {sizes_info[size]['shards']} shards "
+            f"({'reused cache' if reused else f'generated in {gen_s:.1f} s'}); "
+            f"page cache warmed by cat in {warm_s:.1f} s"
+        )
+
+        run_peft = size != "large" or args.peft_large
+        size_cases: dict[tuple[str, str], Case] = {("-", "cp"): Case(size, "-", "cp", base_bytes)}
+        for kind in args.adapter_list:
+            size_cases[(kind, "lora")] = Case(size, kind, "lora", base_bytes)
+            if run_peft:
+                size_cases[(kind, "peft")] = Case(size, kind, "peft", base_bytes)
+        order = list(size_cases)
+        for rep in range(args.repeats):
+            # Rotate the order every repetition so no contender always runs first/after another.
+            shift = rep % len(order)
+            for key in order[shift:] + order[:shift]:
+                case = size_cases[key]
+                if case.failed:
+                    continue  # a broken contender is reported once, not re-run
+                adapter = adapters.get(case.adapter)
+                out = workdir / f"out-{size}-{case.adapter}-{case.contender}"
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # start from no dirty pages left behind by the previous run
+                if case.contender == "cp":
+                    cmd = ["cp", "-r", str(base), str(out)]
+                elif case.contender == "lora":
+                    cmd = [str(lora), "merge", str(base), str(adapter), "-o", str(out), "--quiet"]
+                else:
+                    payload = {"base": str(base), "adapter": str(adapter), "out": str(out)}
+                    cmd = helper_cmd("peft", payload)
+                r = run_measured(cmd, args.timeout, child_env, args.timed_sync)
+                case.runs.append(r)
+                tag = f"  rep {rep + 1}/{args.repeats} {case.adapter:<10} {case.contender:<5}"
+                if r.ok:
+                    print(f"{tag} {r.wall_s:8.2f} s  peak {r.peak_rss_mib:8.0f} MiB", flush=True)
+                    for line in r.stdout_tail.splitlines():
+                        if line.startswith("PEFT_PHASES "):
+                            case.peft_phases.append(json.loads(line.split(" ", 1)[1]))
+                    if case.check is None:
+                        case.check = checked_output(case, base, adapter, out, child_env)
+                else:
+                    print(f"{tag} FAILED ({r.error}); stderr tail:", flush=True)
+                    tail = (r.stderr_tail or r.stdout_tail or "(no output)")[-1200:]
+                    print("    " + tail.replace("\n", "\n    "), flush=True)
+                if not (args.keep and rep == args.repeats - 1):
+                    shutil.rmtree(out, ignore_errors=True)
+        cases.extend(size_cases.values())
+        cp_med = size_cases[("-", "cp")].median_s()
+        cp_rss = size_cases[("-", "cp")].peak_rss_mib()
+        for kind in args.adapter_list:
+            lc = size_cases[(kind, "lora")]
+            pc = size_cases.get((kind, "peft"))
+            ratios.append(
+                {
+                    "size": size,
+                    "adapter": kind,
+                    "lora_over_cp": _ratio(lc.median_s(), cp_med),
+                    "lora_over_cp_rss": _ratio(lc.peak_rss_mib(), cp_rss),
+                    "peft_over_lora": _ratio(pc.median_s(), lc.median_s()) if pc else None,
+                    "peft_over_lora_rss": (
+                        _ratio(pc.peak_rss_mib(), lc.peak_rss_mib()) if pc else None
+                    ),
+                }
+            )
+
+    notes = [
+        "Page cache: NOT dropped (no privileges). Each size's inputs are read once with `cat` "
+        "first, so every contender starts from a warm cache; outputs are deleted and sync(2) is "
+        "called between runs (outside the timed window).",
+        "Wall time ends when the child exits"
+        + (
+            " and sync(2) returns."
+            if args.timed_sync
+            else "; dirty pages may still be in flight "
+            "(use --timed-sync to charge write-back to the contender)."
+        ),
+        "Wall time includes interpreter start-up for lora and PEFT (see the `lora --help` time).",
+        "Peak RSS = max over repetitions of the polled (~20 ms) sum of VmRSS over the child's "
+        "process tree; wait4 ru_maxrss per run is kept in the JSON as a cross-check.",
+        "Contender order is rotated every repetition; PEFT runs only at quick/small sizes "
+        "unless --peft-large.",
+    ]
+    report = render(cases, ratios, help_s)
+    print("\n" + report)
+    print("\nnotes:\n  - " + "\n  - ".join(notes))
+    result = {
+        "schema": 1,
+        "env": env,
+        "settings": {
+            "sizes": args.size_list,
+            "adapters": args.adapter_list,
+            "repeats": args.repeats,
+            "peft_large": args.peft_large,
+            "timed_sync": args.timed_sync,
+            "lora_rank": LORA_RANK,
+            "lora_alpha": LORA_ALPHA,
+            "poll_interval_s": POLL_INTERVAL_S,
+        },
+        "notes": notes,
+        "lora_help": help_s,
+        "sizes": sizes_info,
+        "cases": [c.summary() for c in cases],
+        "ratios": ratios,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Fixture factories: tiny transformers models and PEFT adapters built at test time.
+
+Adapters always have non-zero B (``init_lora_weights=False``) so a merge that
+does nothing, or the wrong thing, fails the comparison with PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY = {
+    "llama": dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
+    "llama-tied": dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64),
+}
+
+
+def tiny_model(kind: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY[kind])
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # biases start at zero; make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def save_model(model, path: Path, *, safe: bool = True, max_shard_size: str | None = None) -> Path:
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if safe:
+        model.save_pretrained(path, **kwargs)
+    else:  # transformers v5 cannot write .bin any more; torch.save is what old tools did
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+        model.config.save_pretrained(path)
+    return path
+
+
+def peft_adapter(model, path: Path, *, safe: bool = True, perturb_magnitude: bool = True, **lora):
+    """Wrap a deep copy of ``model`` with PEFT (non-zero B), save it, return the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    lora.setdefault("init_lora_weights", False)
+    lora.setdefault("r", 4)
+    lora.setdefault("lora_alpha", 8)
+    torch.manual_seed(1234)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**lora))
+    if perturb_magnitude:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.1 * torch.rand_like(p))
+    peft_model.save_pretrained(path, safe_serialization=safe)
+    return peft_model.eval()
+
+
+def peft_merged_state(base_dir: Path, adapter_dir: Path, dtype=torch.bfloat16) -> dict:
+    """What PEFT itself produces: from_pretrained + merge_and_unload (the oracle)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units of last place between two float tensors of one dtype."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    if a.numel() == 0:
+        return 0
+    int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    ai = a.contiguous().view(int_type).to(torch.int64)
+    bi = b.contiguous().view(int_type).to(torch.int64)
+    # map sign-magnitude to a monotonic integer line
+    bits = a.element_size() * 8
+    ai = torch.where(ai < 0, -(ai & ((1 << (bits - 1)) - 1)), ai)
+    bi = torch.where(bi < 0, -(bi & ((1 << (bits - 1)) - 1)), bi)
+    return int((ai - bi).abs().max())
+
+
+@pytest.fixture
+def run_cli():
+    """Run the Typer app in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from lora_cli.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str):
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return run

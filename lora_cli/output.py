@@ -29,9 +29,9 @@ def print_json(doc: Any) -> None:
 
 
 def error(message: str, hint: str | None = None) -> None:
-    _err.print(f"[bold red]error:[/] {_escape(message)}")
-    if hint:
-        _err.print(f"  [dim]hint:[/] {_escape(hint)}")
+    """One line: what failed (file, tensor) and what to do about it."""
+    text = f"{message} — {hint}" if hint else message
+    _err.print(f"[bold red]error:[/] {_escape(text)}", overflow="ignore", crop=False)
 
 
 def warn(message: str) -> None:

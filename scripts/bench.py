@@ -21,7 +21,7 @@ contender is reported (with its stderr tail) and the others carry on.
 
 Usage::
 
-    .venv/bin/python scripts/bench.py --quick            # tiny smoke run (seconds)
+    .venv/bin/python scripts/bench.py --quick            # tiny smoke run (~1 minute)
     .venv/bin/python scripts/bench.py                    # small (~1.6 GiB) and large (~6 GiB)
     .venv/bin/python scripts/bench.py --sizes small --repeats 5 --adapters qv
 """
@@ -62,7 +62,6 @@ ADAPTER_TARGETS: dict[str, tuple[str, ...]] = {
     "all-linear": ATTN_MODULES + MLP_MODULES,
     "qv": ("q_proj", "v_proj"),
 }
-CONTENDERS = ("cp", "lora", "peft")
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +454,17 @@ def run_measured(
 
         timer = threading.Timer(timeout, _kill)
         timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            # Ctrl-C reaches only our process group (the child has its own session): take the
+            # child's tree down with us instead of leaving it running.
+            timer.cancel()
+            _kill()
+            poller.stop()
+            os.waitpid(proc.pid, 0)
+            proc.returncode = -signal.SIGKILL
+            raise
         if timed_sync:
             os.sync()
         wall = time.perf_counter() - t0
@@ -778,6 +787,10 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _x(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
 def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, Any]) -> str:
     """Plain-text table (pastes cleanly into issues and reports) plus ratio lines and failures."""
     head = (
@@ -803,9 +816,8 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
     lines.append("ratios (median wall time; RSS = polled process-tree peak):")
     for r in ratios:
         lines.append(
-            f"  {r['size']:<6} {r['adapter']:<10} lora/cp {_fmt(r['lora_over_cp'], '.2f')}x   "
-            f"PEFT/lora {_fmt(r['peft_over_lora'], '.2f')}x time, "
-            f"{_fmt(r['peft_over_lora_rss'], '.2f')}x peak RSS"
+            f"  {r['size']:<6} {r['adapter']:<10} lora/cp {_x(r['lora_over_cp'])}   "
+            f"PEFT/lora {_x(r['peft_over_lora'])} time, {_x(r['peft_over_lora_rss'])} peak RSS"
         )
     if help_s.get("ok"):
         lines.append(f"\n`lora --help`: median {help_s['median_s']:.3f} s over 5 runs")
@@ -906,6 +918,141 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def contender_cmd(case: Case, base: Path, adapter: Path | None, out: Path, lora: Path) -> list[str]:
+    """The exact command line each contender runs (the PEFT one re-enters this script)."""
+    if case.contender == "cp":
+        return ["cp", "-r", str(base), str(out)]
+    if case.contender == "lora":
+        return [str(lora), "merge", str(base), str(adapter), "-o", str(out), "--quiet"]
+    return helper_cmd("peft", {"base": str(base), "adapter": str(adapter), "out": str(out)})
+
+
+def run_repetitions(
+    cases: dict[tuple[str, str], Case],
+    base: Path,
+    adapters: dict[str, Path],
+    workdir: Path,
+    lora: Path,
+    args: argparse.Namespace,
+    child_env: dict[str, str],
+) -> None:
+    """Run every case `--repeats` times, interleaved, filling each Case's runs and check."""
+    order = list(cases)
+    for rep in range(args.repeats):
+        # Rotate the order every repetition so no contender always runs first/after another.
+        shift = rep % len(order)
+        for key in order[shift:] + order[:shift]:
+            case = cases[key]
+            if case.failed:
+                continue  # a broken contender is reported once, not re-run
+            adapter = adapters.get(case.adapter)
+            out = workdir / f"out-{case.size}-{case.adapter}-{case.contender}"
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # start from no dirty pages left behind by the previous run
+            cmd = contender_cmd(case, base, adapter, out, lora)
+            r = run_measured(cmd, args.timeout, child_env, args.timed_sync)
+            case.runs.append(r)
+            tag = f"  rep {rep + 1}/{args.repeats} {case.adapter:<10} {case.contender:<5}"
+            if r.ok:
+                print(f"{tag} {r.wall_s:8.2f} s  peak {r.peak_rss_mib:8.0f} MiB", flush=True)
+                for line in r.stdout_tail.splitlines():
+                    if line.startswith("PEFT_PHASES "):
+                        case.peft_phases.append(json.loads(line.split(" ", 1)[1]))
+                if case.check is None:
+                    case.check = checked_output(case, base, adapter, out, child_env)
+            else:
+                print(f"{tag} FAILED ({r.error}); output tail:", flush=True)
+                tail = (r.stderr_tail or r.stdout_tail or "(no output)")[-1200:]
+                print("    " + tail.replace("\n", "\n    "), flush=True)
+            if not (args.keep and rep == args.repeats - 1):
+                shutil.rmtree(out, ignore_errors=True)
+
+
+def size_ratios(
+    cases: dict[tuple[str, str], Case], size: str, kinds: list[str]
+) -> list[dict[str, Any]]:
+    """lora/cp and PEFT/lora per adapter; None where a side failed or did not run."""
+    cp = cases[("-", "cp")]
+    out: list[dict[str, Any]] = []
+    for kind in kinds:
+        lc = cases[(kind, "lora")]
+        pc = cases.get((kind, "peft"))
+        out.append(
+            {
+                "size": size,
+                "adapter": kind,
+                "lora_over_cp": _ratio(lc.median_s(), cp.median_s()),
+                "lora_over_cp_rss": _ratio(lc.peak_rss_mib(), cp.peak_rss_mib()),
+                "peft_over_lora": _ratio(pc.median_s(), lc.median_s()) if pc else None,
+                "peft_over_lora_rss": _ratio(pc.peak_rss_mib(), lc.peak_rss_mib()) if pc else None,
+            }
+        )
+    return out
+
+
+def bench_size(
+    size: str, args: argparse.Namespace, workdir: Path, lora: Path, child_env: dict[str, str]
+) -> tuple[list[Case], list[dict[str, Any]], dict[str, Any] | None]:
+    """Prepare inputs for one size, warm the cache, run all its cases; (cases, ratios, info)."""
+    spec = SIZES[size]
+    print(f"\n== size {size}: preparing inputs", flush=True)
+    # The base (if not cached yet) plus one output at a time, plus slack.
+    est = sum(math.prod(shape) * 2 for _, shape in tensor_shapes(spec))
+    need = est * (1 if (workdir / f"base-{size}").is_dir() else 2) + 256 * MIB
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        print(f"  skipped: not enough free disk ({free / GIB:.1f} GiB, need ~{need / GIB:.1f})")
+        return [], [], None
+    payload = {"workdir": str(workdir), "size": size, "adapters": args.adapter_list}
+    prep = run_helper("prepare", payload, child_env)
+    base = Path(prep["base"])
+    adapters = {k: Path(v) for k, v in prep["adapters"].items()}
+    base_bytes = dir_bytes(base)
+    warm_s = warm_cache([base, *adapters.values()])
+    info = {
+        "spec": asdict(spec),
+        "base": str(base),
+        "base_bytes": base_bytes,
+        "base_gib": base_bytes / GIB,
+        "shards": len(list(base.glob("*.safetensors"))),
+        "reused_cached_inputs": prep["reused"],
+        "generate_s": prep["generate_s"],
+        "warm_cat_s": warm_s,
+    }
+    how = "reused cache" if prep["reused"] else f"generated in {prep['generate_s']:.1f} s"
+    print(
+        f"  base {base_bytes / GIB:.2f} GiB in {info['shards']} shards ({how}); "
+        f"page cache warmed by cat in {warm_s:.1f} s",
+        flush=True,
+    )
+    run_peft = size != "large" or args.peft_large
+    cases: dict[tuple[str, str], Case] = {("-", "cp"): Case(size, "-", "cp", base_bytes)}
+    for kind in args.adapter_list:
+        cases[(kind, "lora")] = Case(size, kind, "lora", base_bytes)
+        if run_peft:
+            cases[(kind, "peft")] = Case(size, kind, "peft", base_bytes)
+    run_repetitions(cases, base, adapters, workdir, lora, args, child_env)
+    return list(cases.values()), size_ratios(cases, size, args.adapter_list), info
+
+
+def loadavg() -> str:
+    """1/5/15-minute load: on a shared 2-core box, other people's jobs show up in our timings."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def time_torch_import(env: dict[str, str]) -> float:
+    """Median seconds for `python -c 'import torch'`: the start-up floor of any torch-based CLI."""
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], env=env, check=False)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.internal:
@@ -920,112 +1067,28 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(workdir)
     env.update(run_helper("env", {}, child_env))
+    env["loadavg_start"] = loadavg()
+    env["torch_import_s"] = time_torch_import(child_env)
     print(
         f"bench: {env['cpu_model']}, {env['cpu_affinity']} cores, RAM {env['ram_total']}, "
-        f"torch {env['torch']} ({env['torch_threads']} threads), python {env['python']}"
+        f"torch {env['torch']} ({env['torch_threads']} threads), python {env['python']}, "
+        f"load {env['loadavg_start']}"
     )
     print(f"workdir {workdir}")
     help_s = time_help(lora, child_env)
     print("lora --help: " + (f"{help_s['median_s']:.3f} s" if help_s["ok"] else help_s["error"]))
+    print(f"python -c 'import torch': {env['torch_import_s']:.2f} s")
 
     cases: list[Case] = []
     ratios: list[dict[str, Any]] = []
     sizes_info: dict[str, Any] = {}
     for size in args.size_list:
-        spec = SIZES[size]
-        print(f"\n== size {size}: preparing inputs", flush=True)
-        # The base (if not cached yet) plus one output at a time, plus slack.
-        est = sum(math.prod(shape) * 2 for _, shape in tensor_shapes(spec))
-        have = workdir / f"base-{size}"
-        need = est * (1 if have.is_dir() else 2) + 256 * MIB
-        free = shutil.disk_usage(workdir).free
-        if free < need:
-            print(f"  not enough free disk ({free / GIB:.1f} GiB free, need ~{need / GIB:.1f})")
-            continue
-        prep = run_helper(
-            "prepare",
-            {"workdir": str(workdir), "size": size, "adapters": args.adapter_list},
-            child_env,
-        )
-        base, reused, gen_s = Path(prep["base"]), prep["reused"], prep["generate_s"]
-        adapters = {k: Path(v) for k, v in prep["adapters"].items()}
-        base_bytes = dir_bytes(base)
-        warm_s = warm_cache([base, *adapters.values()])
-        sizes_info[size] = {
-            "spec": asdict(spec),
-            "base": str(base),
-            "base_bytes": base_bytes,
-            "base_gib": base_bytes / GIB,
-            "shards": len(list(base.glob("*.safetensors"))),
-            "reused_cached_inputs": reused,
-            "generate_s": gen_s,
-            "warm_cat_s": warm_s,
-        }
-        print(
-            f"  base {base_bytes / GIB:.2f} GiB in {sizes_info[size]['shards']} shards "
-            f"({'reused cache' if reused else f'generated in {gen_s:.1f} s'}); "
-            f"page cache warmed by cat in {warm_s:.1f} s"
-        )
-
-        run_peft = size != "large" or args.peft_large
-        size_cases: dict[tuple[str, str], Case] = {("-", "cp"): Case(size, "-", "cp", base_bytes)}
-        for kind in args.adapter_list:
-            size_cases[(kind, "lora")] = Case(size, kind, "lora", base_bytes)
-            if run_peft:
-                size_cases[(kind, "peft")] = Case(size, kind, "peft", base_bytes)
-        order = list(size_cases)
-        for rep in range(args.repeats):
-            # Rotate the order every repetition so no contender always runs first/after another.
-            shift = rep % len(order)
-            for key in order[shift:] + order[:shift]:
-                case = size_cases[key]
-                if case.failed:
-                    continue  # a broken contender is reported once, not re-run
-                adapter = adapters.get(case.adapter)
-                out = workdir / f"out-{size}-{case.adapter}-{case.contender}"
-                shutil.rmtree(out, ignore_errors=True)
-                os.sync()  # start from no dirty pages left behind by the previous run
-                if case.contender == "cp":
-                    cmd = ["cp", "-r", str(base), str(out)]
-                elif case.contender == "lora":
-                    cmd = [str(lora), "merge", str(base), str(adapter), "-o", str(out), "--quiet"]
-                else:
-                    payload = {"base": str(base), "adapter": str(adapter), "out": str(out)}
-                    cmd = helper_cmd("peft", payload)
-                r = run_measured(cmd, args.timeout, child_env, args.timed_sync)
-                case.runs.append(r)
-                tag = f"  rep {rep + 1}/{args.repeats} {case.adapter:<10} {case.contender:<5}"
-                if r.ok:
-                    print(f"{tag} {r.wall_s:8.2f} s  peak {r.peak_rss_mib:8.0f} MiB", flush=True)
-                    for line in r.stdout_tail.splitlines():
-                        if line.startswith("PEFT_PHASES "):
-                            case.peft_phases.append(json.loads(line.split(" ", 1)[1]))
-                    if case.check is None:
-                        case.check = checked_output(case, base, adapter, out, child_env)
-                else:
-                    print(f"{tag} FAILED ({r.error}); stderr tail:", flush=True)
-                    tail = (r.stderr_tail or r.stdout_tail or "(no output)")[-1200:]
-                    print("    " + tail.replace("\n", "\n    "), flush=True)
-                if not (args.keep and rep == args.repeats - 1):
-                    shutil.rmtree(out, ignore_errors=True)
-        cases.extend(size_cases.values())
-        cp_med = size_cases[("-", "cp")].median_s()
-        cp_rss = size_cases[("-", "cp")].peak_rss_mib()
-        for kind in args.adapter_list:
-            lc = size_cases[(kind, "lora")]
-            pc = size_cases.get((kind, "peft"))
-            ratios.append(
-                {
-                    "size": size,
-                    "adapter": kind,
-                    "lora_over_cp": _ratio(lc.median_s(), cp_med),
-                    "lora_over_cp_rss": _ratio(lc.peak_rss_mib(), cp_rss),
-                    "peft_over_lora": _ratio(pc.median_s(), lc.median_s()) if pc else None,
-                    "peft_over_lora_rss": (
-                        _ratio(pc.peak_rss_mib(), lc.peak_rss_mib()) if pc else None
-                    ),
-                }
-            )
+        size_cases, size_r, info = bench_size(size, args, workdir, lora, child_env)
+        cases += size_cases
+        ratios += size_r
+        if info is not None:
+            sizes_info[size] = info
+    env["loadavg_end"] = loadavg()
 
     notes = [
         "Page cache: NOT dropped (no privileges). Each size's inputs are read once with `cat` "
@@ -1038,11 +1101,15 @@ def main(argv: list[str] | None = None) -> int:
             else "; dirty pages may still be in flight "
             "(use --timed-sync to charge write-back to the contender)."
         ),
-        "Wall time includes interpreter start-up for lora and PEFT (see the `lora --help` time).",
+        "Wall time includes interpreter start-up for lora and PEFT (`lora --help` and "
+        f"`import torch` = {env['torch_import_s']:.2f} s are the floors).",
         "Peak RSS = max over repetitions of the polled (~20 ms) sum of VmRSS over the child's "
-        "process tree; wait4 ru_maxrss per run is kept in the JSON as a cross-check.",
+        "process tree; HWM-sum = sum of per-process kernel VmHWM (upper bound, cross-check); "
+        "per-run wait4 ru_maxrss is in the JSON too.",
         "Contender order is rotated every repetition; PEFT runs only at quick/small sizes "
         "unless --peft-large.",
+        f"Load average {env['loadavg_start']} at start, {env['loadavg_end']} at end: anything "
+        "well above 0 means other work shared the cores and the timings are noisy.",
     ]
     report = render(cases, ratios, help_s)
     print("\n" + report)

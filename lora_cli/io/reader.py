@@ -201,7 +201,7 @@ def _open_index(index_path: Path) -> TensorSource:
         ) from None
     root = index_path.parent
     files: list[Path] = []
-    for shard in dict.fromkeys(weight_map.values()):
+    for shard in sorted(set(weight_map.values())):
         shard_path = root / shard
         if "/" in shard or shard.startswith(".") or not shard_path.is_file():
             raise FormatError(

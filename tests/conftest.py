@@ -54,10 +54,10 @@ TINY = {
 }
 
 
-def tiny_model(kind: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+def tiny_model(kind: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(TINY[kind])
+    cfg = {**TINY[kind], **overrides}
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)

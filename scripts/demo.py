@@ -88,9 +88,7 @@ def main() -> None:
         theirs = peft_model(ids).logits
     diff = (ours.float() - theirs.float()).abs().max().item()
     scale = theirs.float().abs().max().item()
-    print(
-        f"\nmerged model vs unmerged PEFT model: max |Δlogit| = {diff:.4f} (logits up to {scale:.2f})"
-    )
+    print(f"\nmerged vs unmerged PEFT model: max |Δlogit| = {diff:.4f} (logits up to {scale:.2f})")
     if diff > 0.05 * max(scale, 1.0):
         sys.exit("demo failed: merged logits do not match the unmerged adapter")
     print("demo OK")

@@ -398,6 +398,39 @@ def merge_expert_param(
     return add_rounded(P, delta)
 
 
+def merge_expert_slice(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    *,
+    experts: int,
+    expert: int,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Merge one expert's share of a fused ``(E,out,in)`` delta into a per-expert tensor.
+
+    transformers v5 fuses MoE experts in memory but writes them per expert on disk
+    (``experts.{e}.w1/w3/w2``); the adapter targets the fused parameter. This computes
+    only expert ``e``'s ``(out, in)`` block (rows ``rows`` of it, for the gate or up
+    half of ``gate_up_proj``) so memory stays at one per-expert tensor, then adds it
+    with the same two roundings as ``merge_expert_param``: ``W + round(Δ[e][rows])``.
+    """
+    _check_float(W)
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] % experts:
+        raise MergeError(
+            f"target_parameters LoRA A {list(A.shape)} / B {list(B.shape)} does not split "
+            f"into {experts} experts"
+        )
+    r = A.shape[0] // experts
+    a_e = _f32(A, W.device).reshape(experts, r, A.shape[1])[expert]
+    b3 = _f32(B, W.device).reshape(B.shape[0], r, experts)
+    b_e = b3[rows[0] : rows[1], :, expert] if rows else b3[:, :, expert]
+    delta = torch.einsum("or,ri->oi", b_e, a_e)
+    delta.mul_(scale)
+    return add_rounded(W, delta)
+
+
 def split_fused_gate_up(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a fused ``gate_up_proj`` delta ``(E, 2I, H)`` into ``(gate, up)``, each ``(E, I, H)``.
 

@@ -16,6 +16,7 @@ from lora_cli.errors import MergeError
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import ShardPlan, plan_shards, read_json
 from lora_cli.io.reader import TensorInfo, TensorSource
+from lora_cli.merge.experts import ExpertOp, plan_parameters
 
 # transformers models whose projections are GPT-2 ``Conv1D`` (weight stored (in, out)).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
@@ -79,10 +80,11 @@ class TensorAction:
     loras: list[LoraOp] = field(default_factory=list)
     bias: LoraModule | None = None  # lora_B.bias added to this bias
     rows: tuple[str, list[int]] | None = None
+    experts: list[ExpertOp] = field(default_factory=list)  # target_parameters deltas
 
     @property
     def kind(self) -> str:
-        if self.loras or self.bias:
+        if self.loras or self.bias or self.experts:
             return "merge"
         if self.replacement:
             return "replace"
@@ -144,9 +146,11 @@ def _tie_setting(config: dict[str, Any] | None) -> bool:
     return True  # transformers' PretrainedConfig default
 
 
-def _targets(adapter: Adapter) -> list[_Target]:
+def _targets(adapter: Adapter, skip: set[str]) -> list[_Target]:
     out = []
     for module in adapter.modules.values():
+        if module.path in skip:
+            continue
         for part, key in module.parts.items():
             if part == "lora_B.bias":
                 out.append(_Target(module.path + ".bias", key, "bias"))
@@ -194,8 +198,12 @@ def build_plan(
     embed = _input_embedding(base) if tied else None
     tied_head = tied and embed is not None
 
-    targets = _targets(adapter)
-    if not targets:
+    model_type = (config or {}).get("model_type")
+    expert_ops, expert_modules, expert_problems = plan_parameters(adapter, base, model_type)
+    if expert_problems:
+        raise MergeError(_problem_message(adapter, expert_problems, base))
+    targets = _targets(adapter, expert_modules)
+    if not targets and not expert_ops:
         raise MergeError(
             f"{adapter.weights_file}: the adapter holds no LoRA or replacement tensors",
             "an empty adapter (often a DeepSpeed ZeRO-3 save without gathering) merges to "
@@ -231,8 +239,11 @@ def build_plan(
         act = action_for(target)
         act.replacement = key
         act.shape = adapter.source.info(key).shape
-    model_type = (config or {}).get("model_type")
+    for name, ops in expert_ops.items():
+        action_for(name).experts.extend(ops)
     for module in adapter.modules.values():
+        if module.path in expert_modules:
+            continue
         if "lora_A.weight" in module.parts or "lora_embedding_A" in module.parts:
             act = action_for(mapping[module.path + ".weight"])
             act.loras.append(_lora_op(module, act, adapter, model_type))

@@ -86,6 +86,14 @@ def compute_tensor(plan: MergePlan, action: TensorAction, device: str) -> torch.
             fan_in_fan_out=op.fan_in_fan_out,
             magnitude=factor(mag) if mag else None,
         )
+    for ex in action.experts:
+        a, b = factor(ex.module.parts["lora_A.weight"]), factor(ex.module.parts["lora_B.weight"])
+        if ex.expert is None:
+            value = lora_math.merge_expert_param(value, a, b, ex.scale, layout=ex.layout)
+        else:
+            value = lora_math.merge_expert_slice(
+                value, a, b, ex.scale, experts=ex.experts, expert=ex.expert, rows=ex.rows
+            )
     if action.bias is not None:
         m = action.bias
         value = lora_math.merge_bias(value, factor(m.parts["lora_B.bias"]), m.scale)

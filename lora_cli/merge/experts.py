@@ -1,0 +1,166 @@
+"""``target_parameters`` LoRAs (MoE expert tensors): which base tensors they land in.
+
+PEFT wraps ``nn.Parameter``s such as ``experts.gate_up_proj`` (E, 2I, H) and
+``experts.down_proj`` (E, H, I). The saved keys name the owning module, not the
+parameter (``…experts.lora_A.weight`` is the last-registered parameter,
+``…experts.base_layer.lora_A.weight`` the one before), so the parameter is told
+apart by shapes, with registration order as the fallback. transformers v5 fuses
+experts only in memory and writes them per expert on disk
+(``experts.{e}.w1/w3/w2`` or ``experts.{e}.gate_proj/up_proj/down_proj``), so a
+fused delta is split per expert (and gate/up halves) into those tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lora_cli.adapters.peft import Adapter, LoraModule, module_scale
+from lora_cli.io.reader import TensorSource
+
+# Per-expert on-disk names: (fused parameter → [(leaf, row half)]) per naming scheme.
+SPLIT_SCHEMES = [
+    {"gate_up_proj": [("gate_proj", 0), ("up_proj", 1)], "down_proj": [("down_proj", None)]},
+    {"gate_up_proj": [("w1", 0), ("w3", 1)], "down_proj": [("w2", None)]},
+]
+REGISTRATION_ORDER = ["gate_up_proj", "down_proj"]  # transformers v5 MoE experts
+
+
+@dataclass
+class ExpertOp:
+    """One adapter module's contribution to one base tensor."""
+
+    module: LoraModule
+    scale: float
+    experts: int
+    expert: int | None = None  # None: the whole fused tensor
+    rows: tuple[int, int] | None = None
+    layout: str | None = None
+
+
+@dataclass
+class _Param:
+    leaf: str
+    shape: tuple[int, ...]  # the (possibly virtual) fused shape
+    pieces: list[tuple[str, int | None, tuple[int, int] | None]]  # (tensor, expert, rows)
+
+
+def owner_of(path: str) -> tuple[str, int]:
+    depth = 0
+    while path.endswith(".base_layer"):
+        path, depth = path[: -len(".base_layer")], depth + 1
+    return path, depth
+
+
+def _disk_experts(owner: str, leaf: str, base: TensorSource) -> _Param | None:
+    prefixes = [owner, owner.replace(".mlp.experts", ".block_sparse_moe.experts")]
+    for prefix in prefixes:
+        for scheme in SPLIT_SCHEMES:
+            parts = scheme.get(leaf)
+            if not parts or f"{prefix}.0.{parts[0][0]}.weight" not in base:
+                continue
+            experts = 0
+            while all(f"{prefix}.{experts}.{p}.weight" in base for p, _ in parts):
+                experts += 1
+            first = base.info(f"{prefix}.0.{parts[0][0]}.weight").shape
+            if len(first) != 2:
+                continue
+            rows = first[0]
+            pieces = [
+                (
+                    f"{prefix}.{e}.{p}.weight",
+                    e,
+                    (half * rows, (half + 1) * rows) if half is not None else None,
+                )
+                for e in range(experts)
+                for p, half in parts
+            ]
+            return _Param(leaf, (experts, rows * len(parts), first[1]), pieces)
+    return None
+
+
+def _find_param(owner: str, leaf: str, base: TensorSource) -> _Param | None:
+    name = f"{owner}.{leaf}"
+    if name in base:
+        return _Param(leaf, base.info(name).shape, [(name, None, None)])
+    return _disk_experts(owner, leaf, base)
+
+
+def _fits(param: _Param, a: tuple[int, ...], b: tuple[int, ...]) -> str | None:
+    shape = param.shape
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        return None
+    experts = shape[0] if len(shape) == 3 else 1
+    if a[0] % experts:
+        return None
+    dims = shape[1:] if len(shape) == 3 else shape
+    if dims == (b[0], a[1]):
+        return "out_in"
+    if dims == (a[1], b[0]) and len(param.pieces) == 1:
+        return "in_out"
+    return None
+
+
+def plan_parameters(
+    adapter: Adapter, base: TensorSource, model_type: Any
+) -> tuple[dict[str, list[ExpertOp]], set[str], list[str]]:
+    """Ops per base tensor, the adapter modules consumed, and problems found."""
+    entries = adapter.config.get("target_parameters") or []
+    if not entries:
+        return {}, set(), []
+    groups: dict[str, list[tuple[int, LoraModule]]] = {}
+    for path, module in adapter.modules.items():
+        owner, depth = owner_of(path)
+        if "lora_A.weight" in module.parts and (depth or f"{owner}.weight" not in base):
+            groups.setdefault(owner, []).append((depth, module))
+    ops: dict[str, list[ExpertOp]] = {}
+    used: set[str] = set()
+    problems: list[str] = []
+    for owner, modules in groups.items():
+        leaves = []
+        for entry in entries:
+            leaf = entry.rsplit(".", 1)[-1]
+            if f"{owner}.{leaf}" == entry or f"{owner}.{leaf}".endswith("." + entry):
+                leaves.append(leaf)
+        params = [p for p in (_find_param(owner, leaf, base) for leaf in leaves) if p]
+        params.sort(
+            key=lambda p: REGISTRATION_ORDER.index(p.leaf) if p.leaf in REGISTRATION_ORDER else 99
+        )
+        for depth, module in modules:
+            a = adapter.source.info(module.parts["lora_A.weight"]).shape
+            b = (
+                adapter.source.info(module.parts.get("lora_B.weight", "")).shape
+                if "lora_B.weight" in module.parts
+                else ()
+            )
+            fitting = [p for p in params if _fits(p, a, b)]
+            if len(fitting) > 1 and len(params) > depth:
+                by_order = params[len(params) - 1 - depth]
+                fitting = [by_order] if by_order in fitting else fitting
+            if len(fitting) != 1:
+                problems.append(
+                    f"{module.parts['lora_A.weight']}: no target parameter of {owner} fits "
+                    f"A {list(a)} / B {list(b)}"
+                )
+                continue
+            param = fitting[0]
+            layout = _fits(param, a, b)
+            if (
+                model_type == "gpt_oss"
+                and len(param.pieces) == 1
+                and param.shape[1] == param.shape[2]
+            ):
+                layout = "in_out"
+            r, _, scale = module_scale(adapter.config, f"{owner}.{param.leaf}")
+            experts = param.shape[0] if len(param.shape) == 3 else 1
+            if a[0] != r * experts:
+                problems.append(
+                    f"{module.parts['lora_A.weight']}: {a[0]} rows but rank {r} × {experts} experts"
+                )
+                continue
+            used.add(module.path)
+            for tensor, expert, rows in param.pieces:
+                ops.setdefault(tensor, []).append(
+                    ExpertOp(module, scale, experts, expert, rows, layout)
+                )
+    return ops, used, problems

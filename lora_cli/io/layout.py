@@ -168,10 +168,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path) -> Path:
-    """sha256 of every file, in ``sha256sum`` format so ``sha256sum -c`` checks it too."""
+def write_manifest(folder: Path, known: dict[str, str] | None = None) -> Path:
+    """sha256 of every file, in ``sha256sum`` format so ``sha256sum -c`` checks it too.
+
+    ``known`` holds digests already computed (merge hashes each shard on a spare
+    thread as soon as it is complete, overlapping the hashing with the next shard).
+    """
+    known = known or {}
     lines = [
-        f"{sha256_file(p)}  {p.name}\n"
+        f"{known.get(p.name) or sha256_file(p)}  {p.name}\n"
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST_NAME
     ]

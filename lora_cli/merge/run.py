@@ -18,6 +18,7 @@ from lora_cli.io.dtypes import to_torch
 from lora_cli.io.layout import (
     MANIFEST_NAME,
     copy_side_files,
+    sha256_file,
     write_index,
     write_json,
     write_manifest,
@@ -161,7 +162,12 @@ def run_merge(
     start = time.perf_counter()
     written = 0
     files: list[str] = []
-    with OutputDir(output, overwrite) as out, ThreadPoolExecutor(1) as pool:
+    digests: dict[str, Future] = {}
+    with (
+        OutputDir(output, overwrite) as out,
+        ThreadPoolExecutor(1) as pool,
+        ThreadPoolExecutor(1) as hasher,
+    ):
         for shard, spec in zip(plan.shards, shard_plans(plan), strict=True):
             meta = dict(shard.metadata)
             if plan.untied:
@@ -187,6 +193,7 @@ def run_merge(
                 writer.abort()
                 raise
             files.append(shard.filename)
+            digests[shard.filename] = hasher.submit(sha256_file, writer.path)
         specs = shard_plans(plan)
         if len(specs) > 1 or plan.base.index_path is not None:
             index = write_index(out.path, specs) if len(specs) > 1 else None
@@ -203,7 +210,7 @@ def run_merge(
                 config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
             write_json(out.path / "config.json", config)
             files.append("config.json")
-        write_manifest(out.path)
+        write_manifest(out.path, {name: f.result() for name, f in digests.items()})
         files.append(MANIFEST_NAME)
     return MergeResult(
         output=Path(output),

@@ -105,8 +105,11 @@ class TensorSource:
                 raise FormatError(f"{path}: cannot open ({exc.strerror})") from None
         return self._fds[path]
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor as a contiguous CPU tensor that owns its memory."""
+    def read(self, name: str, *, pin: bool = False) -> torch.Tensor:
+        """The tensor as a contiguous CPU tensor that owns its memory.
+
+        ``pin``: read into page-locked memory so a CUDA copy can run asynchronously.
+        """
         info = self.infos[name]
         if info.raw_offset is None:
             return self._readers[info.file].read(name)
@@ -114,7 +117,7 @@ class TensorSource:
 
         from lora_cli.io.dtypes import to_torch
 
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
         if info.nbytes:
             read_exact(self.fd(info.file), memoryview(buf.numpy()), info.raw_offset, info.file)
         dtype = to_torch(info.dtype)

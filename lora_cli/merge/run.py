@@ -41,13 +41,18 @@ def resolve_device(spec: str) -> str:
 
     spec = spec.strip().lower()
     if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cpu":
         return "cpu"
     if spec.startswith("cuda"):
+        # fp32 matmuls must stay fp32 (TF32 would cost ~3 decimal digits of the delta)
+        torch.backends.cuda.matmul.allow_tf32 = False
         if not torch.cuda.is_available():
             raise UsageError(f"--device {spec}: no CUDA device is available", "use --device cpu")
-        index = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        suffix = spec.split(":", 1)[1] if ":" in spec else "0"
+        if not suffix.isdigit():
+            raise UsageError(f"unknown device {spec!r}", "use auto, cpu or cuda[:N]")
+        index = int(suffix)
         if index >= torch.cuda.device_count():
             raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} GPUs visible")
         return f"cuda:{index}"
@@ -60,13 +65,14 @@ def compute_tensor(plan: MergePlan, action: TensorAction, device: str) -> torch.
     Shared by ``merge`` and ``validate`` so that both run the same arithmetic.
     """
     src = plan.adapter.source
-    value = src.read(action.replacement) if action.replacement else plan.base.read(action.base)
-    base_dtype = to_torch(plan.base.info(action.base).dtype) if action.base else value.dtype
-    out_dtype = to_torch(action.dtype)
-    # An explicit --dtype behaves like loading the base in that dtype before merging.
-    value = value.to(device=device, dtype=out_dtype if out_dtype != base_dtype else base_dtype)
-    if value.dtype != out_dtype:
-        value = value.to(out_dtype)
+    cuda = device.startswith("cuda")
+    if action.replacement:
+        value = src.read(action.replacement, pin=cuda)
+    else:
+        value = plan.base.read(action.base, pin=cuda)
+    # The planned dtype is the base's, or --dtype's: like loading the base (and a
+    # replacement into it) in that dtype before merging.
+    value = value.to(device=device, dtype=to_torch(action.dtype), non_blocking=cuda)
 
     def factor(key: str) -> torch.Tensor:
         return src.read(key).to(device)

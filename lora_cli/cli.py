@@ -60,7 +60,9 @@ def _root(
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="Adapter folder, checkpoint folder or weights file."),
+    path: Path = typer.Argument(
+        ..., metavar="PATH", help="Adapter folder, checkpoint folder or weights file."
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show what an adapter, checkpoint or weights file holds (headers only, no tensor data)."""
@@ -107,8 +109,12 @@ def convert(
 
 @app.command()
 def merge(
-    base: Path = typer.Argument(..., help="Base checkpoint: folder, index or weights file."),
-    adapter: Path = typer.Argument(..., help="Adapter folder or adapter weights file."),
+    base: Path = typer.Argument(
+        ..., metavar="BASE", help="Base checkpoint: folder, index or weights file."
+    ),
+    adapter: Path = typer.Argument(
+        ..., metavar="ADAPTER", help="Adapter folder or adapter weights file."
+    ),
     output_path: Path | None = typer.Option(
         None, "-o", "--output", help="Output folder (must not exist unless --overwrite)."
     ),
@@ -144,7 +150,9 @@ def merge(
 
 @app.command()
 def validate(
-    path: Path = typer.Argument(..., help="Checkpoint, adapter or weights file to check."),
+    path: Path = typer.Argument(
+        ..., metavar="PATH", help="Checkpoint, adapter or weights file to check."
+    ),
     base: Path | None = typer.Option(
         None, help="Base checkpoint PATH was merged from (with --adapter)."
     ),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import FormatError, UsageError
-from lora_cli.io.dtypes import nbytes_of
+from lora_cli.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
 from lora_cli.io.writer import copy_file, write_small_file
 
 MANIFEST_NAME = "lora-checksums.sha256"
@@ -52,8 +52,12 @@ _UNITS = {
 
 def parse_size(text: str | int) -> int:
     """``5GB`` → 5·10⁹, ``2GiB`` → 2·2³⁰, like transformers' ``convert_file_size_to_int``."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise UsageError(f"size {text} must be positive")
         return text
+    if not isinstance(text, str):
+        raise UsageError(f"cannot read size {text!r}", "use a number with a unit: 500MB, 5GB, 2GiB")
     m = _SIZE_RE.match(text)
     unit = m.group(2).upper() if m else None
     if not m or unit not in _UNITS:
@@ -113,6 +117,21 @@ def write_index(folder: Path, shards: list[ShardPlan], stem: str = "model") -> P
     return path
 
 
+def _followable(link: Path, folder: Path) -> bool:
+    """A symlinked side file is copied only when it points inside the input folder or, in
+    the Hugging Face cache layout (``snapshots/<rev>/f -> ../../blobs/<hash>``), into the
+    repo's ``blobs``; a link to anything else (``~/.ssh/...``) is never copied out."""
+    try:
+        target = link.resolve(strict=True)
+        real_folder = folder.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    allowed = [real_folder]
+    if real_folder.parent.name == "snapshots":
+        allowed.append(real_folder.parent.parent / "blobs")
+    return any(root in target.parents for root in allowed)
+
+
 def side_files(folder: Path) -> list[Path]:
     """Small non-weight files that belong with a model (config, tokenizer, templates)."""
     if not folder.is_dir():
@@ -121,7 +140,7 @@ def side_files(folder: Path) -> list[Path]:
     for p in sorted(folder.iterdir()):
         if (
             p.is_file()
-            and not p.is_symlink()
+            and (not p.is_symlink() or _followable(p, folder))
             and not p.name.startswith(".")
             and not p.name.endswith(WEIGHT_SUFFIXES)
             and p.name not in SKIP_SIDE_FILES
@@ -143,6 +162,14 @@ def copy_side_files(src: Path, dst: Path, skip: Iterable[str] = ()) -> list[str]
     return copied
 
 
+def config_dtype_update(config: dict[str, Any] | None, dtype: str) -> dict[str, Any]:
+    """The config.json keys that record the weights' dtype (``dtype`` in transformers v5,
+    ``torch_dtype`` before), set to ``dtype`` (a safetensors name)."""
+    value = SAFETENSORS_DTYPES[dtype][1]
+    keys = [k for k in ("dtype", "torch_dtype") if k in (config or {})] or ["torch_dtype"]
+    return {k: value for k in keys}
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``path`` or a one-line error naming it."""
     try:
@@ -154,6 +181,19 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: {what} must be a JSON object")
     return doc
+
+
+def tie_setting(config: dict[str, Any] | None) -> bool | None:
+    """``tie_word_embeddings`` as transformers reads it (top level, else ``text_config``,
+    else the PretrainedConfig default True); None without a config."""
+    if config is None:
+        return None
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    text = config.get("text_config")
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        return bool(text["tie_word_embeddings"])
+    return True
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:

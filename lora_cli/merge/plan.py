@@ -14,7 +14,7 @@ from typing import Any
 from lora_cli.adapters.peft import Adapter, LoraModule, unmergeable_reasons
 from lora_cli.errors import MergeError
 from lora_cli.io.dtypes import FLOAT_DTYPES
-from lora_cli.io.layout import ShardPlan, plan_shards, read_json
+from lora_cli.io.layout import ShardPlan, config_dtype_update, plan_shards, read_json
 from lora_cli.io.reader import TensorInfo, TensorSource
 from lora_cli.merge.experts import ExpertOp, plan_parameters
 
@@ -264,7 +264,7 @@ def build_plan(
         elif OUTPUT_EMBEDDING in actions:
             del actions[OUTPUT_EMBEDDING]
     if out_dtype:
-        config_updates["torch_dtype"] = _torch_dtype_name(out_dtype)
+        config_updates.update(config_dtype_update(config, out_dtype))
     for act in actions.values():
         resized = act.replacement and act.base and act.shape != base.info(act.base).shape
         if resized and (
@@ -284,10 +284,6 @@ def build_plan(
         untied=untied,
         warnings=warnings,
     )
-
-
-def _torch_dtype_name(dtype: str) -> str:
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(dtype, dtype.lower())
 
 
 def _check_adapter_tensors(adapter: Adapter) -> None:

@@ -21,10 +21,12 @@ from lora_cli.io.dedup import deduplicate
 from lora_cli.io.dtypes import FLOAT_DTYPES, parse_dtype_option, to_torch
 from lora_cli.io.layout import (
     ShardPlan,
+    config_dtype_update,
     copy_side_files,
     parse_size,
     plan_shards,
     read_json,
+    tie_setting,
     write_index,
     write_json,
     write_manifest,
@@ -130,13 +132,16 @@ def _convert_adapter(
             notes.append(note)
         dedup = deduplicate([adapter.source.info(k) for k in keep], tie_word_embeddings=None)
         notes += dedup.notes
+        leftover, more_notes = _unclassified(adapter, keep)
+        notes += more_notes
         specs = [
             (names[k], adapter.source.info(k).dtype, adapter.source.info(k).shape)
             for k in dedup.keep
         ]
-        meta = {"format": "pt", **{names[a]: names[k] for a, k in dedup.aliases.items()}}
+        aliases = {names[a]: names[k] for a, k in dedup.aliases.items() if names[a] != names[k]}
+        meta = {"format": "pt", **aliases}
         plan = ShardPlan("adapter_model.safetensors", specs, meta)
-        dropped = list(adapter.non_adapter) + list(adapter.source.skipped)
+        dropped = list(adapter.non_adapter) + leftover + list(adapter.source.skipped)
         source_of = {names[k]: k for k in dedup.keep}
         total = sum(adapter.source.info(k).nbytes for k in dedup.keep)
         progress = factory(total) if factory else None
@@ -187,13 +192,49 @@ def _convert_adapter(
             bytes=total,
             seconds=time.perf_counter() - start,
             dropped=dropped,
-            aliases={names[a]: names[k] for a, k in dedup.aliases.items()},
+            aliases=aliases,
             renamed=sum(1 for k in dedup.keep if names[k] != k),
             notes=notes,
             verified=True,
         )
     finally:
         adapter.close()
+
+
+def _unclassified(adapter: Adapter, keep: list[str]) -> tuple[list[str], list[str]]:
+    """Keys neither kept nor reported as non-adapter: (shadowed copies, notes).
+
+    Two different tensors that become one PEFT key (``lora_A.default.weight`` and
+    ``lora_A.other.weight``: two adapters in one file) cannot both be kept, so that is
+    refused rather than one silently picked. Identical views of one tensor under two
+    spellings are stored once; anything else left over is returned to be reported.
+    """
+    src = adapter.source
+    reported = set(adapter.non_adapter)
+    by_name: dict[str, list[str]] = {}
+    for key in src.names():
+        if key not in reported:
+            by_name.setdefault(adapter.key_renames.get(key, key), []).append(key)
+    kept = set(keep)
+    leftover: list[str] = []
+    notes: list[str] = []
+    for name, keys in by_name.items():
+        if len(keys) > 1:
+            views = {
+                (i.storage, i.byte_span, i.dtype, i.shape) if i.storage else i.name
+                for i in map(src.info, keys)
+            }
+            if len(views) > 1:
+                raise FormatError(
+                    f"{adapter.weights_file}: tensors {keys[0]!r} and {keys[1]!r} both become "
+                    f"{name!r} in PEFT's saved form",
+                    "the file holds more than one adapter (or two different copies of a "
+                    "tensor); save each adapter on its own with PEFT's save_pretrained",
+                )
+            notes.append(f"{', '.join(keys)} are one tensor: stored once as {name}")
+            continue
+        leftover += [k for k in keys if k not in kept]
+    return leftover, notes
 
 
 def _adapter_keys(adapter: Adapter) -> list[str]:
@@ -220,8 +261,11 @@ def _targets_as_list(adapter: Adapter, config: dict[str, Any]) -> tuple[dict[str
 
 # -- full checkpoints ---------------------------------------------------------------------
 def _default_checkpoint_output(path: Path) -> Path:
+    path = path.absolute()
     if path.is_dir():
         return path.parent / f"{path.name}-safetensors"
+    if path.name.endswith(".index.json"):  # the index stands for its whole folder
+        return path.parent.parent / f"{path.parent.name}-safetensors"
     return path.parent / f"{path.stem}-safetensors"
 
 
@@ -240,7 +284,7 @@ def _convert_checkpoint(
         root = source.root
         config_path = root / "config.json"
         config = read_json(config_path, "model config") if config_path.is_file() else None
-        tie = None if config is None else bool(config.get("tie_word_embeddings", True))
+        tie = tie_setting(config)
         infos = list(source.infos.values())
         dedup = deduplicate(infos, tie)
         specs = []
@@ -249,9 +293,17 @@ def _convert_checkpoint(
             dt = out_dtype if out_dtype and info.dtype in FLOAT_DTYPES else info.dtype
             specs.append((name, dt, info.shape))
         shards = plan_shards(specs, max_shard)
+        # aliases found now, plus those an earlier conversion recorded in the source files
+        aliases = {
+            a: k
+            for meta in source.file_metadata.values()
+            for a, k in meta.items()
+            if a != "format" and a not in source.infos and k in source.infos
+        }
+        aliases.update(dedup.aliases)
         for shard in shards:
             names = {n for n, _, _ in shard.specs}
-            shard.metadata.update({a: k for a, k in dedup.aliases.items() if k in names})
+            shard.metadata.update({a: k for a, k in aliases.items() if k in names})
         source_of = {n: n for n in dedup.keep}
         total = sum(source.info(n).nbytes for n in dedup.keep)
         progress = factory(total) if factory else None
@@ -263,11 +315,7 @@ def _convert_checkpoint(
             _verify(out.path, shards, source, source_of, out_dtype)
             write_index(out.path, shards)
             if config is not None and out_dtype:
-                config = dict(config)
-                key = (
-                    "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
-                )
-                config[key] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
+                config = {**config, **config_dtype_update(config, out_dtype)}
             copy_side_files(root, out.path, skip={"config.json"} if config else set())
             if config is not None:
                 write_json(out.path / "config.json", config)
@@ -282,7 +330,7 @@ def _convert_checkpoint(
             bytes=sum(s.nbytes for s in shards),
             seconds=time.perf_counter() - start,
             dropped=list(source.skipped),
-            aliases=dedup.aliases,
+            aliases=aliases,
             notes=dedup.notes,
             verified=True,
         )

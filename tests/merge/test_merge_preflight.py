@@ -197,7 +197,9 @@ def test_dtype_and_max_shard_size_replan_the_layout(tmp_path: Path) -> None:
     tensors = {k: v for p in shards for k, v in load_file(p).items()}
     assert set(index["weight_map"]) == set(tensors)
     assert all(t.dtype == torch.float32 for t in tensors.values())
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    assert config.get("torch_dtype", "float32") == "float32"
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # loads as is

@@ -55,13 +55,20 @@ def remove_stale_temporaries(final: Path) -> None:
 
 def check_destination(final: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse bad destinations before any work starts."""
-    final = final.absolute()
+    final = Path(final).absolute()
+    real_final = final.resolve()
     for inp in inputs:
         inp = Path(inp).absolute()
-        root = inp if inp.is_dir() else inp.parent
-        if final == inp or (inp.is_dir() and root in final.parents):
+        real = inp.resolve()
+        if real_final == real or (real.is_dir() and real in real_final.parents):
             raise UsageError(
                 f"output {final} is inside the input {inp}",
+                "choose an output path outside the inputs; inputs are never modified",
+            )
+        if real_final in real.parents:
+            # replacing (--overwrite) or writing into a folder that holds the input
+            raise UsageError(
+                f"output {final} contains the input {inp}",
                 "choose an output path outside the inputs; inputs are never modified",
             )
     if final.exists() and not overwrite:
@@ -129,14 +136,18 @@ class ShardWriter:
         self.data_start = len(header)
         self.size = self.data_start + (entries[-1].end if entries else 0)
         self._pending = set(self.entries)
+        self.fd = -1
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             _pwrite_all(self.fd, memoryview(header), 0, path)
             os.ftruncate(self.fd, self.size)
         except OSError as exc:
+            self.abort()
             raise _io_error(path, exc) from None
 
     def _entry(self, name: str, nbytes: int) -> TensorEntry:
+        if self.fd < 0:
+            raise FormatError(f"{self.path}: tensor {name!r} written after the shard was closed")
         entry = self.entries.get(name)
         if entry is None or name not in self._pending:
             what = "is not planned for" if entry is None else "was already written to"
@@ -177,24 +188,52 @@ class ShardWriter:
             raise _io_error(self.path, exc) from None
         self._pending.discard(name)
 
-    def close(self) -> None:
+    def close(self, *, sync: bool = True) -> None:
+        """Check completeness and close; ``sync=False`` leaves the fsync to the caller
+        (merge overlaps it with the next shard: see ``fsync_and_hash``)."""
+        if self.fd < 0:
+            raise FormatError(f"{self.path}: shard closed twice")
         if self._pending:
             missing = sorted(self._pending)
-            os.close(self.fd)
+            self.abort()
             raise FormatError(
                 f"{self.path}: {len(missing)} planned tensors were never written "
                 f"(first: {missing[0]!r})"
             )
+        fd, self.fd = self.fd, -1
         try:
-            os.fsync(self.fd)
+            if sync:
+                os.fsync(fd)
         except OSError as exc:
             raise _io_error(self.path, exc) from None
         finally:
-            os.close(self.fd)
+            os.close(fd)
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        """Close without checks; safe to call after ``close`` (the fd is never closed twice,
+        so a number reused by another thread's open is left alone)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def fsync_and_hash(path: Path) -> str:
+    """Flush a finished file to disk and return its sha256 (read back from the page cache)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            while chunk := os.read(fd, 16 << 20):
+                h.update(chunk)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _io_error(path, exc) from None
+    return h.hexdigest()
 
 
 def write_small_file(path: Path, data: bytes) -> None:

@@ -21,6 +21,7 @@ Several adapters are applied one after the other by the caller.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Literal
 
@@ -189,8 +190,12 @@ def merge_weight(
     fan_in_fan_out: bool = False,
     magnitude: torch.Tensor | None = None,
     dora_norm_base: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Merge one LoRA (or DoRA, when ``magnitude`` is given) into ``W``; returns a new tensor.
+
+    ``inplace=True`` lets the CPU linear path write the result over ``W`` (the
+    runner owns that buffer); other paths still return a new tensor.
 
     Rounding as PEFT 0.21.2: linear and conv ``round(W32 + Δ)``; embedding
     ``W + round(Δ)``; DoRA ``round(f ⊙ (W32 + Δ))`` with ``f = m / ‖W32 + Δ‖``
@@ -209,7 +214,7 @@ def merge_weight(
     plain = magnitude is None and dora_norm_base is None
     if plain and kind == "linear" and not fan_in_fan_out and W.device.type == "cpu":
         check_shapes(kind, W.shape, A.shape, B.shape)
-        return _merge_linear_blocked(W, A, B, scale)
+        return _merge_linear_blocked(W, A, B, scale, inplace=inplace)
     delta = lora_delta(A, B, scale, kind=kind, base_shape=W.shape, fan_in_fan_out=fan_in_fan_out)
     delta = delta.to(W.device)
 
@@ -257,11 +262,23 @@ def merge_weight(
     return merged.to(W.dtype)
 
 
-_BLOCK_ELEMENTS = 1 << 18  # ~1 MiB of fp32 per temporary: stays in cache
+_BLOCK_ELEMENTS = 1 << 20  # ~4 MiB of fp32 per temporary: few torch calls, cache-friendly
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(name: str, elements: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread reusable temporary: fresh allocations of this size page-fault every time."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < elements or buf.dtype != dtype:
+        buf = torch.empty(elements, dtype=dtype)
+        setattr(_scratch, name, buf)
+    return buf[:elements]
 
 
 def _merge_linear_blocked(
-    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, inplace: bool = False
 ) -> torch.Tensor:
     """``round(W32 + (B32 @ A32) * s)`` a block of rows at a time, on the CPU.
 
@@ -271,11 +288,12 @@ def _merge_linear_blocked(
     writing the result once, which is what makes a CPU merge run near disk speed.
     """
     a32, b32 = _f32(A, W.device), _f32(B, W.device)
-    out = torch.empty_like(W, memory_format=torch.contiguous_format)
+    out = W if inplace else torch.empty_like(W, memory_format=torch.contiguous_format)
     rows = max(1, _BLOCK_ELEMENTS // max(1, W.shape[1]))
     work_dtype = torch.promote_types(W.dtype, torch.float32)
-    delta = torch.empty((rows, W.shape[1]), dtype=torch.float32)
-    work = torch.empty((rows, W.shape[1]), dtype=work_dtype)
+    size = rows * W.shape[1]
+    delta = _scratch_buffer("delta", size, torch.float32).view(rows, W.shape[1])
+    work = _scratch_buffer("work", size, work_dtype).view(rows, W.shape[1])
     for start in range(0, W.shape[0], rows):
         stop = min(start + rows, W.shape[0])
         d, w = delta[: stop - start], work[: stop - start]

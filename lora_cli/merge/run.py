@@ -18,12 +18,11 @@ from lora_cli.io.dtypes import to_torch
 from lora_cli.io.layout import (
     MANIFEST_NAME,
     copy_side_files,
-    sha256_file,
     write_index,
     write_json,
     write_manifest,
 )
-from lora_cli.io.writer import OutputDir, ShardWriter
+from lora_cli.io.writer import OutputDir, ShardWriter, fsync_and_hash
 from lora_cli.merge import math as lora_math
 from lora_cli.merge.plan import MergePlan, TensorAction, shard_plans
 
@@ -92,6 +91,7 @@ def compute_tensor(plan: MergePlan, action: TensorAction, device: str) -> torch.
             kind=op.kind,
             fan_in_fan_out=op.fan_in_fan_out,
             magnitude=factor(mag) if mag else None,
+            inplace=True,  # ``value`` is this function's own buffer
         )
     for ex in action.experts:
         a, b = factor(ex.module.parts["lora_A.weight"]), factor(ex.module.parts["lora_B.weight"])
@@ -194,12 +194,12 @@ def run_merge(
                     written += nbytes
                     if progress:
                         progress(nbytes, act.name)
-                writer.close()
+                writer.close(sync=False)
             except BaseException:
                 writer.abort()
                 raise
             files.append(shard.filename)
-            digests[shard.filename] = hasher.submit(sha256_file, writer.path)
+            digests[shard.filename] = hasher.submit(fsync_and_hash, writer.path)
         specs = shard_plans(plan)
         if len(specs) > 1 or plan.base.index_path is not None:
             index = write_index(out.path, specs) if len(specs) > 1 else None

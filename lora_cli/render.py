@@ -12,8 +12,10 @@ def inspect_report(report: Any, json_out: bool) -> None:
     if json_out:
         output.print_json(report.to_json())
         return
+    from rich.markup import escape
+
     output.key_values(
-        f"{report.path} — {report.kind} ({report.format})",
+        escape(f"{report.path} — {report.kind} ({report.format})"),
         [
             ("tensors", report.tensors),
             ("parameters", f"{report.parameters:,}"),
@@ -61,7 +63,10 @@ def inspect_report(report: Any, json_out: bool) -> None:
         output.key_values(
             "checkpoint",
             [
-                ("architectures", c["architectures"] or "- (no config.json)"),
+                (
+                    "architectures",
+                    c["architectures"] or ("-" if c["config"] else "- (no config.json)"),
+                ),
                 ("model_type", c["model_type"] or "-"),
                 ("torch_dtype", c["torch_dtype"] or "-"),
                 ("tie_word_embeddings", c["tie_word_embeddings"]),

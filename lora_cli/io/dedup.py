@@ -37,7 +37,10 @@ def deduplicate(infos: list[TensorInfo], tie_word_embeddings: bool | None) -> De
             views.setdefault((m.byte_span, m.dtype, m.shape), []).append(m.name)
         if len(views) > 1:
             names = sorted(m.name for m in members)
-            notes.append(f"{', '.join(names)} overlap in one storage: written as separate copies")
+            notes.append(
+                f"{', '.join(names)} are different views of one storage (partial, overlapping "
+                "or reshaped): written as separate contiguous copies"
+            )
         for names in views.values():
             if len(names) < 2:
                 continue

@@ -53,13 +53,22 @@ def _fail(path: Path, what: str, tensor: str | None = None) -> FormatError:
     )
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    seen: dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate tensor name {key!r}")
-        seen[key] = value
-    return seen
+class _JsonObject(dict):
+    """A JSON object that remembers the keys it saw twice (the last value wins)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, object]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.duplicates = tuple(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> SafetensorsHeader:
@@ -77,17 +86,24 @@ def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> Safetensors
     except UnicodeDecodeError:
         raise _fail(path, "header is not valid UTF-8") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except ValueError as exc:
+        obj = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
         raise _fail(path, f"header is not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise _fail(path, "header is not a JSON object")
+    if obj.duplicates:
+        raise _fail(path, "tensor name appears twice in the header", obj.duplicates[0])
 
-    metadata = obj.pop("__metadata__", None) or {}
+    # Rust: Option<HashMap<String, String>>, so null is "no metadata" and duplicate
+    # metadata keys keep the last value.
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise _fail(path, "__metadata__ must map strings to strings")
+    metadata = dict(metadata)
 
     entries: list[TensorEntry] = []
     for name, info in obj.items():
@@ -107,7 +123,9 @@ def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> Safetensors
     if data_start + position != file_size:
         raise _fail(
             path,
-            f"tensors cover {position} data bytes but the file holds {file_size - data_start}",
+            f"the last tensor ends at data byte {position} but the file holds "
+            f"{file_size - data_start} data bytes",
+            entries[-1].name if entries else None,
         )
     header = SafetensorsHeader(path=path, data_start=data_start, metadata=metadata)
     header.entries = {e.name: e for e in sorted(entries, key=lambda e: e.start)}
@@ -117,6 +135,8 @@ def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> Safetensors
 def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
     if not isinstance(info, dict):
         raise _fail(path, "entry is not an object", name)
+    if getattr(info, "duplicates", ()):
+        raise _fail(path, f"field {info.duplicates[0]!r} appears twice", name)
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
@@ -166,13 +186,28 @@ def plan_header(
     """Lay out a file the way the Rust writer does.
 
     Tensors sorted by dtype alignment (descending) then name, offsets back to back,
-    header padded with spaces to 8 bytes so every tensor starts aligned. Returns the
+    header padded with spaces to 8 bytes so every tensor starts aligned, non-ASCII
+    written as UTF-8 (not ``\\u`` escapes), ``__metadata__`` first and always holding
+    ``format: pt``. With no other metadata the bytes equal ``safetensors.torch.save``'s
+    (Rust orders several metadata keys by hash, so only their order can differ). Returns the
     full header bytes (length prefix included) and the entries in write order.
     """
     names = [s[0] for s in specs]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise FormatError(f"tensor {dup!r} planned twice in one file")
+    meta = {"format": "pt", **(metadata or {})}
+    bad_meta = [k for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad_meta:
+        raise FormatError(f"__metadata__ entry {bad_meta[0]!r} is not a string → string pair")
+    if "__metadata__" in names:
+        raise FormatError("a tensor cannot be named '__metadata__' in safetensors")
+    for name in [*names, *meta.keys(), *meta.values()]:
+        if not isinstance(name, str) or not _utf8(name):
+            raise FormatError(f"tensor or metadata name {name!r} cannot be stored in safetensors")
+    for _, dtype, _ in specs:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise FormatError(f"unknown dtype {dtype!r}")
     ordered = sorted(specs, key=lambda s: (-DTYPE_ORDER[s[1]], s[0]))
     entries: list[TensorEntry] = []
     offset = 0
@@ -182,9 +217,17 @@ def plan_header(
             raise FormatError(f"tensor {name!r}: {dtype} shape {shape} does not fill whole bytes")
         entries.append(TensorEntry(name, dtype, tuple(shape), offset, offset + size))
         offset += size
-    obj: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    obj: dict[str, object] = {"__metadata__": meta}
     for e in entries:
         obj[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}
-    text = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * ((-(8 + len(text))) % ALIGNMENT)
     return struct.pack("<Q", len(text)) + text, entries
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a hostile pickle
+        return False
+    return True

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.adapters.peft import Adapter, is_adapter, load_adapter
+from lora_cli.io.layout import tie_setting
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.plan import OUTPUT_EMBEDDING, load_base_config
 
@@ -198,12 +199,7 @@ def _checkpoint_details(source: TensorSource) -> dict[str, Any]:
         for alias, kept in meta.items():
             if alias != "format" and kept in source.infos and alias not in source.infos:
                 groups.append(sorted([alias, kept]))
-    tie = None
-    if config is not None:
-        tie = config.get(
-            "tie_word_embeddings",
-            (config.get("text_config") or {}).get("tie_word_embeddings", True),
-        )
+    tie = tie_setting(config)
     return {
         "config": config is not None,
         "architectures": (config or {}).get("architectures"),

@@ -153,7 +153,7 @@ def _normalize_key(key: str) -> str:
         ) and i + 1 < len(parts):
             # "<part>.<adapter>" or "<part>.<adapter>.weight": drop the rest
             break
-        if p == "modules_to_save" and i + 1 < len(parts):
+        if p == "modules_to_save" and i + 2 < len(parts):  # modules_to_save.<adapter>.<param>
             out.pop()
             i += 2  # drop "modules_to_save.<adapter>"
             continue

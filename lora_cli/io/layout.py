@@ -63,6 +63,8 @@ def parse_size(text: str | int) -> int:
     if not m or unit not in _UNITS:
         raise UsageError(f"cannot read size {text!r}", "use a number with a unit: 500MB, 5GB, 2GiB")
     size = int(float(m.group(1)) * _UNITS[unit])
+    if text.strip().endswith("b") and unit in ("KB", "MB", "GB", "TB"):
+        size //= 8  # transformers reads a lowercase b as bits: "5Gb" is 625 MB
     if size <= 0:
         raise UsageError(f"size {text!r} must be positive")
     return size

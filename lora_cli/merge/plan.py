@@ -14,7 +14,13 @@ from typing import Any
 from lora_cli.adapters.peft import Adapter, LoraModule, unmergeable_reasons
 from lora_cli.errors import MergeError
 from lora_cli.io.dtypes import FLOAT_DTYPES
-from lora_cli.io.layout import ShardPlan, config_dtype_update, plan_shards, read_json
+from lora_cli.io.layout import (
+    ShardPlan,
+    config_dtype_update,
+    plan_shards,
+    read_json,
+    tie_setting,
+)
 from lora_cli.io.reader import TensorInfo, TensorSource
 from lora_cli.merge.experts import ExpertOp, plan_parameters
 
@@ -135,17 +141,6 @@ def load_base_config(base: TensorSource) -> dict[str, Any] | None:
     return read_json(path, "model config") if path.is_file() else None
 
 
-def _tie_setting(config: dict[str, Any] | None) -> bool:
-    if not config:
-        return False
-    if "tie_word_embeddings" in config:
-        return bool(config["tie_word_embeddings"])
-    text = config.get("text_config")
-    if isinstance(text, dict) and "tie_word_embeddings" in text:
-        return bool(text["tie_word_embeddings"])
-    return True  # transformers' PretrainedConfig default
-
-
 def _targets(adapter: Adapter, skip: set[str]) -> list[_Target]:
     out = []
     for module in adapter.modules.values():
@@ -194,7 +189,7 @@ def build_plan(
         )
     _check_adapter_tensors(adapter)
     config = load_base_config(base)
-    tied = _tie_setting(config) and OUTPUT_EMBEDDING not in base
+    tied = bool(tie_setting(config)) and OUTPUT_EMBEDDING not in base
     embed = _input_embedding(base) if tied else None
     tied_head = tied and embed is not None
 

@@ -195,12 +195,21 @@ def module_scale(config: dict[str, Any], name: str) -> tuple[int, float, float]:
 
 
 def detect_producer(root: Path, config: dict[str, Any]) -> str:
+    """A hint for people: which tool most likely wrote this adapter."""
     if any((root / n).is_file() for n in ("additional_config.json", "args.json", "sft_args.json")):
         return "ms-swift"
     if isinstance(config.get("target_modules"), str) and config["target_modules"] != "all-linear":
         return "ms-swift (regex target_modules)"
     if (root / "trainer_state.json").is_file() or (root / "training_args.bin").is_file():
         return "PEFT (HF Trainer)"
+    # PeftModel.save_pretrained always writes inference_mode=true, and fills auto_mapping
+    # when task_type is null; transformers' own add_adapter/save_pretrained does neither.
+    if config.get("inference_mode") is False or (
+        "peft_version" in config
+        and config.get("task_type") is None
+        and not config.get("auto_mapping")
+    ):
+        return "transformers integration"
     if config.get("peft_version") is None and config.get("auto_mapping") is None:
         return "PEFT-compatible"
     return "PEFT"

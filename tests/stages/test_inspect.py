@@ -417,3 +417,20 @@ def test_missing_path_is_a_one_line_error(tmp_path, run_cli):
     code, out, err = run_cli("inspect", tmp_path / "nope", "--json")
     assert code == 2 and out == ""
     assert "no such file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_transformers_integration_producer_hint(tmp_path, run_cli):
+    """transformers' own add_adapter + save_pretrained writes a PEFT-format adapter too."""
+    import json
+
+    from conftest import tiny_model
+    from peft import LoraConfig
+
+    model = tiny_model("llama")
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "tf")
+    code, out, _ = run_cli("inspect", tmp_path / "tf", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["adapter"]["producer"] == "transformers integration"
+    assert doc["adapter"]["modules"] and doc["dtypes"] == {"BF16": 4}

@@ -9,7 +9,6 @@ whose modules are discovered from the tensor keys, never from ``target_modules``
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,14 +183,16 @@ def pattern_value(patterns: dict[str, Any] | None, name: str) -> Any:
 
 
 def module_scale(config: dict[str, Any], name: str) -> tuple[int, float, float]:
+    """(r, alpha, scale) for one module, with rank/alpha patterns applied as PEFT does."""
+    from lora_cli.merge.math import scaling
+
     r = pattern_value(config.get("rank_pattern"), name)
     alpha = pattern_value(config.get("alpha_pattern"), name)
     r = int(r if r is not None else config.get("r", 8))
     alpha = float(alpha if alpha is not None else config.get("lora_alpha", 8))
     if r <= 0:
         raise MergeError(f"adapter config gives rank {r} for {name}")
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return r, alpha, scale
+    return r, alpha, scaling(r, alpha, bool(config.get("use_rslora")))
 
 
 def detect_producer(root: Path, config: dict[str, Any]) -> str:

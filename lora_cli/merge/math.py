@@ -189,7 +189,6 @@ def merge_weight(
     kind: Kind,
     fan_in_fan_out: bool = False,
     magnitude: torch.Tensor | None = None,
-    dora_norm_base: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> torch.Tensor:
     """Merge one LoRA (or DoRA, when ``magnitude`` is given) into ``W``; returns a new tensor.
@@ -202,25 +201,15 @@ def merge_weight(
     (norm per output row for linear, per column of the stored ``(in,out)``
     tensor with ``fan_in_fan_out``, per embedding column for embedding, per
     output channel for conv).
-
-    ``dora_norm_base``: the weight the DoRA norm is taken from; defaults to
-    ``W``. It matters only when ``W`` already holds earlier adapters of a
-    sequence: PEFT 0.21 then takes the norm from the weight with those
-    adapters unmerged, ``W_un = W₁ - round(Δ₁)``, and merges them again
-    before applying the factor, so to match it pass ``dora_norm_base=W_un``
-    and ``W = round(W_un + Δ₁)`` (which is not always ``W₁`` in bf16).
     """
     _check_float(W)
-    plain = magnitude is None and dora_norm_base is None
-    if plain and kind == "linear" and not fan_in_fan_out and W.device.type == "cpu":
+    if magnitude is None and kind == "linear" and not fan_in_fan_out and W.device.type == "cpu":
         check_shapes(kind, W.shape, A.shape, B.shape)
         return _merge_linear_blocked(W, A, B, scale, inplace=inplace)
     delta = lora_delta(A, B, scale, kind=kind, base_shape=W.shape, fan_in_fan_out=fan_in_fan_out)
     delta = delta.to(W.device)
 
     if magnitude is None:
-        if dora_norm_base is not None:
-            raise MergeError("dora_norm_base given without a DoRA magnitude vector")
         if kind == "embedding":
             # PEFT casts the embedding delta to the base dtype before adding it.
             return W + delta.to(W.dtype)
@@ -235,22 +224,12 @@ def merge_weight(
             f"DoRA magnitude has {magnitude.numel()} elements, expected {out_dim} "
             f"for a {kind} base of shape {list(W.shape)}"
         )
-    if dora_norm_base is not None and dora_norm_base.shape != W.shape:
-        raise MergeError(
-            f"dora_norm_base shape {list(dora_norm_base.shape)} differs from the base "
-            f"{list(W.shape)}"
-        )
 
     merged = _work_copy(W)
     merged += delta
-    if dora_norm_base is None:
-        norm_src = merged
-    else:
-        norm_src = _work_copy(dora_norm_base)
-        norm_src += delta
     del delta
-    norm = _dora_norm(norm_src, kind=kind, fan_in_fan_out=fan_in_fan_out)
-    del norm_src
+    # the norm of the unmerged weight plus delta: with one adapter that is ``merged``
+    norm = _dora_norm(merged, kind=kind, fan_in_fan_out=fan_in_fan_out)
     factor = _f32(magnitude, W.device).reshape(-1) / norm
     if kind == "conv":
         factor = factor.view((-1,) + (1,) * (W.dim() - 1))
@@ -481,20 +460,3 @@ def merge_expert_slice(
     delta = torch.einsum("or,ri->oi", b_e, a_e)
     delta.mul_(scale)
     return add_rounded(W, delta)
-
-
-def split_fused_gate_up(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a fused ``gate_up_proj`` delta ``(E, 2I, H)`` into ``(gate, up)``, each ``(E, I, H)``.
-
-    Rows ``[:I]`` are the gate projection (``w1`` / ``gate_proj``), rows
-    ``[I:]`` the up projection (``w3`` / ``up_proj``). The results are views;
-    merge them per expert with ``add_rounded(w1[e], gate[e])`` so that the
-    rounding is the same as on the fused tensor.
-    """
-    if delta.dim() != 3 or delta.shape[1] % 2:
-        raise MergeError(
-            f"a fused gate_up delta must be (E, 2I, H), got {list(delta.shape)}",
-            hint="the (E, out, in) layout is expected; (E, in, out) fused tensors are not split",
-        )
-    half = delta.shape[1] // 2
-    return delta[:, :half], delta[:, half:]

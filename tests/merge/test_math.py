@@ -221,54 +221,6 @@ def test_dora_matches_peft(layer, dtype, r, alpha, rslora):
     assert torch.equal(ours, g["W_peft"])
 
 
-def test_dora_norm_base_defaults_to_w():
-    g = run_peft("linear", torch.bfloat16, r=4, lora_alpha=12, use_dora=True)
-    s = mm.scaling(4, 12, False)
-    args = (g["W"], g["A"], g["B"], s)
-    plain = mm.merge_weight(*args, kind="linear", magnitude=g["magnitude"])
-    same = mm.merge_weight(*args, kind="linear", magnitude=g["magnitude"], dora_norm_base=g["W"])
-    assert torch.equal(plain, same)
-    other = mm.merge_weight(
-        *args, kind="linear", magnitude=g["magnitude"], dora_norm_base=g["W"] * 2
-    )
-    assert not torch.equal(plain, other)
-    with pytest.raises(MergeError):
-        mm.merge_weight(*args, kind="linear", dora_norm_base=g["W"])
-
-
-def test_dora_after_vanilla_adapter_matches_peft():
-    """Recipe for a sequence [vanilla a, DoRA b] (docstring of merge_weight)."""
-    torch.manual_seed(0)
-    model = Net(nn.Linear(64, 48)).to(torch.bfloat16)
-    cfg = {"target_modules": ["m"], "r": 4, "init_lora_weights": False}
-    pm = get_peft_model(model, LoraConfig(lora_alpha=12, **cfg), adapter_name="a")
-    pm.add_adapter("b", LoraConfig(lora_alpha=8, use_dora=True, **cfg))
-    lay = pm.base_model.model.m
-    mag = lay.lora_magnitude_vector["b"].weight
-    with torch.no_grad():
-        mag.mul_(1 + 0.2 * torch.randn_like(mag))
-    W0 = lay.base_layer.weight.detach().clone()
-    Aa, Ba = _factors_of(lay, "a")
-    Ab, Bb = _factors_of(lay, "b")
-    m = mag.detach().clone()
-    W_peft = pm.merge_and_unload(adapter_names=["a", "b"]).m.weight.detach()
-
-    sa, sb = mm.scaling(4, 12, False), mm.scaling(4, 8, False)
-    W1 = mm.merge_weight(W0, Aa, Ba, sa, kind="linear")
-    delta_a = mm.lora_delta(Aa, Ba, sa, kind="linear", base_shape=W0.shape)
-    W_un = mm.add_rounded(W1, -delta_a)  # PEFT's unmerge: W1 - round(Δa)
-    W1_again = mm.merge_weight(W_un, Aa, Ba, sa, kind="linear")  # and its re-merge
-    ours = mm.merge_weight(W1_again, Ab, Bb, sb, kind="linear", magnitude=m, dora_norm_base=W_un)
-    assert torch.equal(ours, W_peft)
-    # the naive sequence differs: the norm must not see adapter a
-    naive = mm.merge_weight(W1, Ab, Bb, sb, kind="linear", magnitude=m)
-    assert not torch.equal(naive, W_peft)
-
-
-def _factors_of(lay, name):
-    return lay.lora_A[name].weight.detach().clone(), lay.lora_B[name].weight.detach().clone()
-
-
 @pytest.mark.parametrize("layer", ["linear", "conv2d"])
 def test_lora_bias_matches_peft(layer):
     g = run_peft(layer, torch.bfloat16, r=4, lora_alpha=12, lora_bias=True)
@@ -491,21 +443,21 @@ def test_expert_param_single_expert_in_out():
         run_peft_param((1, 6, 10), torch.bfloat16, is_transposed=True)
 
 
-def test_split_fused_gate_up_matches_fused_merge():
+def test_expert_slices_equal_the_fused_merge():
+    """transformers v5 keeps per-expert w1 (gate) / w3 (up) on disk; merging each slice
+    must give the same bits as PEFT's merge into the fused gate_up tensor."""
     E, intermediate, hidden = 3, 4, 6
     P, A, B, P_peft = run_peft_param((E, 2 * intermediate, hidden), torch.bfloat16)
     s = mm.scaling(2, 5, False)
-    # the on-disk checkpoint keeps per-expert w1 (gate) and w3 (up)
-    w1 = [P[e, :intermediate].clone() for e in range(E)]
-    w3 = [P[e, intermediate:].clone() for e in range(E)]
-    gate, up = mm.split_fused_gate_up(mm.expert_delta(A, B, s, param_shape=P.shape))
-    assert gate.shape == up.shape == (E, intermediate, hidden)
     for e in range(E):
-        m1, m3 = mm.add_rounded(w1[e], gate[e]), mm.add_rounded(w3[e], up[e])
-        assert torch.equal(m1, P_peft[e, :intermediate])
-        assert torch.equal(m3, P_peft[e, intermediate:])
+        for half in (0, 1):
+            rows = (half * intermediate, (half + 1) * intermediate)
+            w = P[e, rows[0] : rows[1]].clone()
+            got = mm.merge_expert_slice(w, A, B, s, experts=E, expert=e, rows=rows)
+            assert torch.equal(got, P_peft[e, rows[0] : rows[1]])
+            assert not torch.equal(got, w)
     with pytest.raises(MergeError):
-        mm.split_fused_gate_up(torch.zeros(2, 5, 3))
+        mm.merge_expert_slice(P[0], A, B, s, experts=5, expert=0)
 
 
 def test_expert_refusals():
@@ -574,8 +526,6 @@ def test_other_refusals():
         mm.merge_weight(W, A, B, 2.0, kind="linear", magnitude=torch.ones(6))
     with pytest.raises(MergeError):  # quantized base
         mm.merge_weight(W.to(torch.int8), A, B, 2.0, kind="linear")
-    with pytest.raises(MergeError):
-        mm.merge_weight(W, A, B, 2.0, kind="linear", magnitude=torch.ones(4), dora_norm_base=A)
 
 
 def test_device_agnostic_on_meta():

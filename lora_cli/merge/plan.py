@@ -23,48 +23,14 @@ from lora_cli.io.layout import (
 )
 from lora_cli.io.reader import TensorInfo, TensorSource
 from lora_cli.merge.experts import ExpertOp, plan_parameters
-
-# transformers models whose projections are GPT-2 ``Conv1D`` (weight stored (in, out)).
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
-CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
-OUTPUT_EMBEDDING = "lm_head.weight"
-INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
-
-# Ordered name-resolution rules: (label, [(adapter prefix, base prefix), ...]).
-# A rule rewrites each name with its first matching pair whose result exists in the base.
-RESOLUTION_RULES: list[tuple[str, list[tuple[str, str]]]] = [
-    ("identity", []),
-    ("strip 'transformer.' (GPT-2 style checkpoint)", [("transformer.", "")]),
-    ("add 'transformer.'", [("", "transformer.")]),
-    ("strip 'model.' (bare base model)", [("model.", "")]),
-    ("add 'model.'", [("", "model.")]),
-    (
-        "VLM: model. → model.language_model.",
-        [("model.language_model.", "model.language_model."), ("model.", "model.language_model.")],
-    ),
-    (
-        "VLM: model.language_model. → model.",
-        [("model.language_model.", "model."), ("model.visual.", "visual.")],
-    ),
-    (
-        "VLM: model.language_model. → language_model.model.",
-        [
-            ("model.language_model.", "language_model.model."),
-            ("lm_head.", "language_model.lm_head."),
-            ("model.vision_tower.", "vision_tower."),
-            ("model.multi_modal_projector.", "multi_modal_projector."),
-        ],
-    ),
-    (
-        "VLM: language_model.model. → model.language_model.",
-        [
-            ("language_model.model.", "model.language_model."),
-            ("language_model.lm_head.", "lm_head."),
-        ],
-    ),
-    ("VLM: model. → language_model.model.", [("model.", "language_model.model.")]),
-    ("drop doubled 'model.'", [("model.model.", "model.")]),
-]
+from lora_cli.merge.resolve import (
+    INPUT_EMBEDDING_SUFFIXES,
+    OUTPUT_EMBEDDING,
+    fan_in_fan_out,
+    lora_kind,
+    problem_message,
+    resolve_targets,
+)
 
 
 @dataclass
@@ -127,46 +93,9 @@ class MergePlan:
         return out
 
 
-@dataclass
-class _Target:
-    """A base tensor an adapter entry wants, before name resolution."""
-
-    name: str
-    key: str  # adapter key, for error messages
-    what: str  # lora | bias | replace | rows
-
-
 def load_base_config(base: TensorSource) -> dict[str, Any] | None:
     path = base.root / "config.json"
     return read_json(path, "model config") if path.is_file() else None
-
-
-def _targets(adapter: Adapter, skip: set[str]) -> list[_Target]:
-    out = []
-    for module in adapter.modules.values():
-        if module.path in skip:
-            continue
-        for part, key in module.parts.items():
-            if part == "lora_B.bias":
-                out.append(_Target(module.path + ".bias", key, "bias"))
-            elif part in ("lora_A.weight", "lora_embedding_A"):
-                out.append(_Target(module.path + ".weight", key, "lora"))
-    for name, key in adapter.replacements.items():
-        out.append(_Target(name, key, "replace"))
-    for module, (key, _) in adapter.token_rows.items():
-        out.append(_Target(module + ".weight", key, "rows"))
-    return out
-
-
-def _resolve(name: str, rule: list[tuple[str, str]], base: TensorSource, tied_head: bool) -> str:
-    if name in base or (tied_head and name == OUTPUT_EMBEDDING):
-        return name
-    for src, dst in rule:
-        if name.startswith(src):
-            candidate = dst + name[len(src) :]
-            if candidate in base or (tied_head and candidate == OUTPUT_EMBEDDING):
-                return candidate
-    return name
 
 
 def _input_embedding(base: TensorSource) -> str | None:
@@ -196,27 +125,16 @@ def build_plan(
     model_type = (config or {}).get("model_type")
     expert_ops, expert_modules, expert_problems = plan_parameters(adapter, base, model_type)
     if expert_problems:
-        raise MergeError(_problem_message(adapter, expert_problems, base))
-    targets = _targets(adapter, expert_modules)
-    if not targets and not expert_ops:
+        raise MergeError(problem_message(adapter, expert_problems, base))
+    rule_label, mapping, any_targets = resolve_targets(
+        adapter, base, config, skip=expert_modules, tied_head=tied_head, embed=embed
+    )
+    if not any_targets and not expert_ops:
         raise MergeError(
             f"{adapter.weights_file}: the adapter holds no LoRA or replacement tensors",
             "an empty adapter (often a DeepSpeed ZeRO-3 save without gathering) merges to "
             "nothing; re-export it",
         )
-    best: tuple[int, str, dict[str, str], list[str]] | None = None
-    for label, rule in RESOLUTION_RULES:
-        mapping = {t.name: _resolve(t.name, rule, base, tied_head) for t in targets}
-        problems = _check_targets(targets, mapping, base, adapter, config, tied_head, embed)
-        if not problems:
-            best = (0, label, mapping, [])
-            break
-        if best is None or len(problems) < best[0]:
-            best = (len(problems), label, mapping, problems)
-    assert best is not None
-    _, rule_label, mapping, problems = best
-    if problems:
-        raise MergeError(_problem_message(adapter, problems, base))
 
     actions: dict[str, TensorAction] = {}
 
@@ -304,156 +222,17 @@ def _check_adapter_tensors(adapter: Adapter) -> None:
             )
 
 
-def _lora_kind(module: LoraModule, w: TensorInfo) -> str:
-    if module.is_embedding:
-        return "embedding"
-    if len(w.shape) == 3 and module.parts.get("lora_A.weight"):
-        return "conv"
-    if len(w.shape) in (4, 5):
-        return "conv"
-    return "linear"
-
-
-def _fan_in_fan_out(
-    module: LoraModule, w: TensorInfo, a: TensorInfo, b: TensorInfo, adapter: Adapter, mt: Any
-) -> bool | None:
-    """Orientation of a 2-D weight: from the architecture, else from shapes; None = no fit."""
-    out_in = (b.shape[0], a.shape[1])
-    in_out = (a.shape[1], b.shape[0])
-    if mt in CONV1D_MODEL_TYPES:
-        ffo = module.path.rsplit(".", 1)[-1] in CONV1D_LEAVES
-        return ffo if w.shape == (in_out if ffo else out_in) else None
-    if out_in != in_out:
-        if w.shape == out_in:
-            return False
-        return True if w.shape == in_out else None
-    return bool(adapter.config.get("fan_in_fan_out", False)) if w.shape == out_in else None
-
-
 def _lora_op(module: LoraModule, act: TensorAction, adapter: Adapter, mt: Any) -> LoraOp:
     src = adapter.source
     w = TensorInfo(act.name, act.dtype, act.shape, 0, Path())
     a_key = module.parts.get("lora_A.weight") or module.parts["lora_embedding_A"]
     a = src.info(a_key)
-    kind = _lora_kind(module, w)
+    kind = lora_kind(module, w)
     if kind == "linear":
         b = src.info(module.parts["lora_B.weight"])
-        ffo = _fan_in_fan_out(module, w, a, b, adapter, mt)
+        ffo = fan_in_fan_out(module, w, a, b, adapter, mt)
         return LoraOp(module, kind, bool(ffo))
     return LoraOp(module, kind)
-
-
-def _check_targets(
-    targets: list[_Target],
-    mapping: dict[str, str],
-    base: TensorSource,
-    adapter: Adapter,
-    config: dict[str, Any] | None,
-    tied_head: bool,
-    embed: str | None,
-) -> list[str]:
-    problems = []
-    src = adapter.source
-    mt = (config or {}).get("model_type")
-    for t in targets:
-        name = mapping[t.name]
-        if name not in base:
-            if tied_head and name == OUTPUT_EMBEDDING and embed:
-                w = base.info(embed)
-            else:
-                problems.append(f"{t.key}: base has no tensor {name!r}")
-                continue
-        else:
-            w = base.info(name)
-        if t.what == "replace":
-            r = src.info(t.key)
-            if r.shape != w.shape and not (
-                len(r.shape) == 2
-                and len(w.shape) == 2
-                and r.shape[1] == w.shape[1]
-                and (name.endswith(INPUT_EMBEDDING_SUFFIXES) or name == OUTPUT_EMBEDDING)
-            ):
-                problems.append(
-                    f"{t.key}: shape {list(r.shape)} but base {name} is {list(w.shape)}"
-                )
-        elif t.what == "rows":
-            key, idx = adapter.token_rows[t.name[: -len(".weight")]]
-            d = src.info(key)
-            if len(w.shape) != 2 or d.shape != (len(idx), w.shape[1]) or max(idx) >= w.shape[0]:
-                problems.append(
-                    f"{key}: {len(idx)} token rows of shape {list(d.shape)} do not fit "
-                    f"{name} {list(w.shape)}"
-                )
-        elif t.what == "bias":
-            module = adapter.modules[t.name[: -len(".bias")]]
-            d = src.info(module.parts["lora_B.bias"])
-            if d.shape != w.shape:
-                problems.append(
-                    f"{t.key}: shape {list(d.shape)} but base {name} is {list(w.shape)}"
-                )
-        else:
-            module = adapter.modules[t.name[: -len(".weight")]]
-            msg = _check_lora_shapes(module, w, adapter, mt)
-            if msg:
-                problems.append(f"{t.key}: {msg} (base {name} is {list(w.shape)})")
-    return problems
-
-
-def _check_lora_shapes(module: LoraModule, w: TensorInfo, adapter: Adapter, mt: Any) -> str:
-    src = adapter.source
-    parts = module.parts
-    if module.is_embedding:
-        if "lora_embedding_B" not in parts:
-            return "lora_embedding_A without lora_embedding_B"
-        a, b = src.info(parts["lora_embedding_A"]), src.info(parts["lora_embedding_B"])
-        if len(w.shape) != 2 or w.shape != (a.shape[1], b.shape[0]) or a.shape[0] != b.shape[1]:
-            return f"embedding LoRA A {list(a.shape)} B {list(b.shape)} does not fit"
-        out = w.shape[1]
-    else:
-        if "lora_B.weight" not in parts:
-            return "lora_A without lora_B"
-        a, b = src.info(parts["lora_A.weight"]), src.info(parts["lora_B.weight"])
-        if a.shape[0] != b.shape[1]:
-            return f"lora_A has rank {a.shape[0]} but lora_B has {b.shape[1]}"
-        if len(w.shape) >= 3:
-            if len(a.shape) != len(w.shape):
-                return f"conv LoRA A {list(a.shape)} does not fit"
-            if a.shape[1] != w.shape[1]:
-                return "grouped convolutions (groups > 1) cannot be merged"
-            if b.shape[0] != w.shape[0] or a.shape[2:] != w.shape[2:]:
-                return f"conv LoRA A {list(a.shape)} B {list(b.shape)} does not fit"
-            out = w.shape[0]
-        elif len(w.shape) == 2:
-            if _fan_in_fan_out(module, w, a, b, adapter, mt) is None:
-                return f"LoRA A {list(a.shape)} B {list(b.shape)} does not fit"
-            out = b.shape[0]
-        else:
-            return "LoRA target is not a matrix or kernel"
-    if module.r != a.shape[0]:
-        return f"lora_A has {a.shape[0]} rows but adapter_config.json gives rank {module.r}"
-    mag = parts.get("lora_magnitude_vector")
-    if mag and src.info(mag).numel != out:
-        return f"DoRA magnitude has {src.info(mag).numel} values for {out} outputs"
-    return ""
-
-
-def _problem_message(adapter: Adapter, problems: list[str], base: TensorSource) -> str:
-    shown = "; ".join(problems[:3])
-    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    missing = sum("base has no tensor" in p for p in problems)
-    if missing == len(problems):
-        cause = (
-            "likely cause: the adapter was trained on a different model or layer count "
-            f"than {base.root}"
-        )
-    elif missing == 0:
-        cause = "likely cause: the adapter was trained for a different model size"
-    else:
-        cause = "likely cause: the adapter does not belong to this base model"
-    return (
-        f"{adapter.root}: {len(problems)} adapter tensors do not fit the base: "
-        f"{shown}{more}; {cause}"
-    )
 
 
 def _layout(

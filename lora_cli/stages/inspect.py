@@ -11,7 +11,8 @@ from typing import Any
 from lora_cli.adapters.peft import Adapter, is_adapter, load_adapter
 from lora_cli.io.layout import tie_setting
 from lora_cli.io.reader import TensorSource, open_source
-from lora_cli.merge.plan import OUTPUT_EMBEDDING, load_base_config
+from lora_cli.merge.plan import load_base_config
+from lora_cli.merge.resolve import OUTPUT_EMBEDDING
 
 SCHEMA = "lora-inspect/1"
 

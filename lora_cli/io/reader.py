@@ -105,10 +105,14 @@ class TensorSource:
                 raise FormatError(f"{path}: cannot open ({exc.strerror})") from None
         return self._fds[path]
 
-    def read(self, name: str, *, pin: bool = False) -> torch.Tensor:
-        """The tensor as a contiguous CPU tensor that owns its memory.
+    def read(
+        self, name: str, *, pin: bool = False, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The tensor as a contiguous CPU tensor.
 
         ``pin``: read into page-locked memory so a CUDA copy can run asynchronously.
+        ``out``: a uint8 buffer of at least the tensor's size to read into (reused
+        buffers spare the kernel from zeroing fresh pages for every tensor).
         """
         info = self.infos[name]
         if info.raw_offset is None:
@@ -117,7 +121,10 @@ class TensorSource:
 
         from lora_cli.io.dtypes import to_torch
 
-        buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
+        if out is not None and out.numel() >= info.nbytes:
+            buf = out[: info.nbytes]
+        else:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
         if info.nbytes:
             read_exact(self.fd(info.file), memoryview(buf.numpy()), info.raw_offset, info.file)
         dtype = to_torch(info.dtype)

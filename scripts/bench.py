@@ -891,7 +891,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="repetitions per case (median shown)")
     ap.add_argument("--adapters", default="all-linear,qv", help="comma list of: all-linear, qv")
     ap.add_argument("--peft-large", action="store_true", help="also run PEFT at the large size")
-    ap.add_argument("--workdir", type=Path, default=REPO_ROOT / "bench-output")
+    ap.add_argument(
+        "--workdir", type=Path, default=REPO_ROOT / "bench-output", help="default: bench-output/"
+    )
     ap.add_argument("--json", type=Path, default=None, help="default: WORKDIR/results.json")
     ap.add_argument("--keep", action="store_true", help="keep the last repetition's outputs")
     ap.add_argument("--quick", action="store_true", help="tiny smoke size only (a few MB)")

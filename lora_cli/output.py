@@ -108,11 +108,12 @@ def progress_bar(
 
         def factory(total: int) -> Callable[[int, str], None]:
             task = bar.add_task(description, total=total, tensors=0)
-            count = 0
+            count, last = 0, None
 
             def update(nbytes: int, name: str) -> None:
-                nonlocal count
-                count += 1
+                nonlocal count, last
+                count += name != last  # a big tensor arrives in several row blocks
+                last = name
                 bar.update(task, advance=nbytes, tensors=count)
 
             return update

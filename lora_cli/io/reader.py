@@ -106,31 +106,44 @@ class TensorSource:
         return self._fds[path]
 
     def read(
-        self, name: str, *, pin: bool = False, out: torch.Tensor | None = None
+        self,
+        name: str,
+        *,
+        pin: bool = False,
+        out: torch.Tensor | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The tensor as a contiguous CPU tensor.
 
         ``pin``: read into page-locked memory so a CUDA copy can run asynchronously.
         ``out``: a uint8 buffer of at least the tensor's size to read into (reused
         buffers spare the kernel from zeroing fresh pages for every tensor).
+        ``rows``: only rows ``[start, stop)`` of the first dimension.
         """
         info = self.infos[name]
         if info.raw_offset is None:
-            return self._readers[info.file].read(name)
+            full = self._readers[info.file].read(name)
+            return full[rows[0] : rows[1]].contiguous() if rows else full
+        shape, offset, nbytes = info.shape, info.raw_offset, info.nbytes
+        if rows is not None:
+            row_bytes = info.nbytes // info.shape[0]
+            shape = (rows[1] - rows[0], *info.shape[1:])
+            offset += rows[0] * row_bytes
+            nbytes = (rows[1] - rows[0]) * row_bytes
         import torch
 
         from lora_cli.io.dtypes import to_torch
 
-        if out is not None and out.numel() >= info.nbytes:
-            buf = out[: info.nbytes]
+        if out is not None and out.numel() >= nbytes:
+            buf = out[:nbytes]
         else:
-            buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
-        if info.nbytes:
-            read_exact(self.fd(info.file), memoryview(buf.numpy()), info.raw_offset, info.file)
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        if nbytes:
+            read_exact(self.fd(info.file), memoryview(buf.numpy()), offset, info.file)
         dtype = to_torch(info.dtype)
         if itemsize_bits(info.dtype) < 8:  # packed sub-byte dtypes: torch shape halves
             return buf.view(dtype)
-        return buf.view(dtype).reshape(info.shape)
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -136,6 +136,7 @@ class ShardWriter:
         self.data_start = len(header)
         self.size = self.data_start + (entries[-1].end if entries else 0)
         self._pending = set(self.entries)
+        self._partial: dict[str, int] = {}  # bytes written so far by write_rows
         self.fd = -1
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -178,6 +179,45 @@ class ShardWriter:
             except OSError as exc:
                 raise _io_error(self.path, exc) from None
         self._pending.discard(name)
+
+    def write_rows(self, name: str, first_row: int, rows: torch.Tensor) -> None:
+        """Write rows ``first_row…`` of a tensor; it is complete once every row has arrived.
+
+        Lets merge stream a large tensor in bounded blocks (memory independent of the
+        tensor's size). Callers write each row exactly once.
+        """
+        entry = self.entries.get(name)
+        if entry is None or name not in self._pending or self.fd < 0:
+            return self.write(name, rows)  # same errors as a whole-tensor write
+        from lora_cli.io.dtypes import from_torch
+
+        data = rows.contiguous().reshape(-1)
+        row_bytes = entry.nbytes // entry.shape[0]
+        nbytes = data.numel() * data.element_size()
+        end = first_row * row_bytes + nbytes
+        if (
+            from_torch(data.dtype) != entry.dtype
+            or tuple(rows.shape[1:]) != entry.shape[1:]
+            or end > entry.nbytes
+        ):
+            raise FormatError(
+                f"{self.path}: rows {first_row}… of tensor {name!r} "
+                f"({from_torch(data.dtype)} {tuple(rows.shape)}) do not fit {entry.dtype} "
+                f"{entry.shape}"
+            )
+        import torch
+
+        view = memoryview(data.view(torch.uint8).numpy())
+        try:
+            _pwrite_all(self.fd, view, self.data_start + entry.start + first_row * row_bytes, None)
+        except OSError as exc:
+            raise _io_error(self.path, exc) from None
+        done = self._partial.get(name, 0) + nbytes
+        if done == entry.nbytes:
+            self._partial.pop(name, None)
+            self._pending.discard(name)
+        else:
+            self._partial[name] = done
 
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy bytes already in safetensors layout straight from another file."""

@@ -60,19 +60,24 @@ def resolve_device(spec: str) -> str:
 
 
 def compute_tensor(
-    plan: MergePlan, action: TensorAction, device: str, buffer: torch.Tensor | None = None
+    plan: MergePlan,
+    action: TensorAction,
+    device: str,
+    buffer: torch.Tensor | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The output value of one planned tensor, as a CPU tensor of the planned dtype.
 
     Shared by ``merge`` and ``validate`` so that both run the same arithmetic.
     ``buffer``: scratch memory to read the starting value into (may hold the result).
+    ``rows``: only those output rows (for actions where ``row_blocks`` allows it).
     """
     src = plan.adapter.source
     cuda = device.startswith("cuda")
     if action.replacement:
         value = src.read(action.replacement, pin=cuda, out=buffer)
     else:
-        value = plan.base.read(action.base, pin=cuda, out=buffer)
+        value = plan.base.read(action.base, pin=cuda, out=buffer, rows=rows)
     # The planned dtype is the base's, or --dtype's: like loading the base (and a
     # replacement into it) in that dtype before merging.
     value = value.to(device=device, dtype=to_torch(action.dtype), non_blocking=cuda)
@@ -86,6 +91,8 @@ def compute_tensor(
             a, b = factor(m.parts["lora_embedding_A"]), factor(m.parts["lora_embedding_B"])
         else:
             a, b = factor(m.parts["lora_A.weight"]), factor(m.parts["lora_B.weight"])
+        if rows is not None:  # row i of W + s·B@A only needs row i of B
+            b = b[rows[0] : rows[1]]
         mag = m.parts.get("lora_magnitude_vector")
         value = lora_math.merge_weight(
             value,
@@ -164,10 +171,48 @@ class BufferPool:
                 self._free.pop(smallest)
 
 
-def _start_bytes(plan: MergePlan, act: TensorAction) -> int:
+BLOCK_BYTES = 16 << 20
+
+
+def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | None:
+    """Row ranges to merge a tensor in, or None to merge it whole.
+
+    A plain Linear LoRA gives each output row from the same input row alone
+    (``W[i] + s·B[i]@A``), so big projections stream through in ~16 MB blocks and
+    memory stays flat whatever the tensor or model size. Everything else (DoRA
+    norms, transposed or conv layouts, replacements) takes the whole tensor.
+    """
+    info = plan.base.info(act.base) if act.base else None
+    if (
+        info is None
+        or act.replacement
+        or act.bias
+        or act.rows
+        or act.experts
+        or len(act.loras) != 1
+        or act.loras[0].kind != "linear"
+        or act.loras[0].fan_in_fan_out
+        or "lora_magnitude_vector" in act.loras[0].module.parts
+        or info.raw_offset is None
+        or info.dtype != act.dtype
+        or len(info.shape) != 2
+        or info.nbytes <= BLOCK_BYTES
+    ):
+        return None
+    step = max(1, BLOCK_BYTES // (info.nbytes // info.shape[0]))
+    return [(r, min(r + step, info.shape[0])) for r in range(0, info.shape[0], step)]
+
+
+def _start_bytes(plan: MergePlan, act: TensorAction, rows: tuple[int, int] | None) -> int:
     if act.replacement:
         return plan.adapter.source.info(act.replacement).nbytes
-    return plan.base.info(act.base).nbytes if act.base else 0
+    info = plan.base.info(act.base) if act.base else None
+    if info is None:
+        return 0
+    return info.nbytes if rows is None else (rows[1] - rows[0]) * (info.nbytes // info.shape[0])
+
+
+Item = tuple[TensorAction, tuple[int, int] | None]
 
 
 def _computed(
@@ -176,33 +221,40 @@ def _computed(
     device: str,
     workers: ThreadPoolExecutor,
     buffers: BufferPool,
-) -> Iterator[tuple[TensorAction, torch.Tensor | None]]:
-    """Yield actions in order with merged values, computing the next one ahead of time.
+) -> Iterator[tuple[TensorAction, tuple[int, int] | None, torch.Tensor | None]]:
+    """Yield (action, rows, value) in write order, computing the next item ahead of time.
 
-    A value's buffer goes back to the pool when the caller asks for the next item,
-    i.e. after it has been written.
+    ``value`` is None for tensors copied file-to-file. A value's buffer goes back to
+    the pool when the caller asks for the next item, i.e. after it has been written.
     """
-    todo = [a for a in actions if a.kind != "copy" or _needs_decode(plan, a)]
-    futures: dict[str, tuple[Future, torch.Tensor]] = {}
-    queue = iter(todo)
+    items: list[Item] = []
+    for act in actions:
+        if act.kind == "copy" and not _needs_decode(plan, act):
+            items.append((act, None))
+        else:
+            items += [(act, r) for r in (row_blocks(plan, act) or [None])]
+    todo = iter(i for i in items if i[0].kind != "copy" or _needs_decode(plan, i[0]))
+    pending: list[tuple[Future, torch.Tensor]] = []
 
     def submit_next() -> None:
-        nxt = next(queue, None)
+        nxt = next(todo, None)
         if nxt is not None:
-            buf = buffers.take(_start_bytes(plan, nxt))
-            futures[nxt.name] = (workers.submit(compute_tensor, plan, nxt, device, buf), buf)
+            act, rows = nxt
+            buf = buffers.take(_start_bytes(plan, act, rows))
+            job = workers.submit(compute_tensor, plan, act, device, buf, rows)
+            pending.append((job, buf))
 
     submit_next()
-    for act in actions:
-        if act.name in futures:
-            pending, buf = futures.pop(act.name)
-            submit_next()
-            try:
-                yield act, pending.result()
-            finally:
-                buffers.give(buf)
-        else:
-            yield act, None
+    for act, rows in items:
+        if act.kind == "copy" and not _needs_decode(plan, act):
+            yield act, rows, None
+            continue
+        job, buf = pending.pop(0)
+        submit_next()
+        try:
+            yield act, rows, job.result()
+        finally:
+            buffers.give(buf)
 
 
 def _needs_decode(plan: MergePlan, act: TensorAction) -> bool:
@@ -235,12 +287,16 @@ def run_merge(
             writer = ShardWriter(out.path / shard.filename, spec.specs, meta)
             try:
                 order = sorted(shard.actions, key=lambda a: writer.entries[a.name].start)
-                for act, value in _computed(plan, order, device, workers, buffers):
+                for act, rows, value in _computed(plan, order, device, workers, buffers):
                     if value is None:
                         info = plan.base.info(act.base)
                         fd = plan.base.fd(info.file)
                         writer.copy_from(act.name, fd, info.raw_offset, info.nbytes)
                         nbytes = info.nbytes
+                    elif rows is not None:
+                        writer.write_rows(act.name, rows[0], value)
+                        nbytes = value.numel() * value.element_size()
+                        del value
                     else:
                         writer.write(act.name, value)
                         nbytes = writer.entries[act.name].nbytes

@@ -167,12 +167,14 @@ def merge_json(result: Any) -> dict[str, Any]:
 
 
 def validate_report(report: Any, json_out: bool) -> int:
+    """Findings one per line on stdout (``FINDING file: tensor: check: message``), notes on
+    stderr, then one summary line; or the JSON document. Returns the exit code (0 or 1)."""
     if json_out:
         output.print_json(report.to_json())
         return report.exit_code
     for f in report.findings:
-        output.out().print(f"FINDING {f.line()}")
+        output.out().print(f"FINDING {f.line()}", markup=False)
     for w in report.notes:
         output.info(f"note: {w}")
-    output.out().print(report.summary_line())
+    output.out().print(report.summary_line(), markup=False)
     return report.exit_code

@@ -140,7 +140,7 @@ def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise _fail(path, f"unknown dtype {dtype!r}", name)
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape

@@ -121,6 +121,8 @@ def _convert_adapter(
     path: Path, output: Path | None, targets_as_list: bool, overwrite: bool, factory: Any
 ) -> ConvertResult:
     start = time.perf_counter()
+    if output is not None:  # refuse a bad destination before reading anything
+        check_destination(output, overwrite, [path])
     adapter = load_adapter(_adapter_source_file(path))
     try:
         keep = _adapter_keys(adapter)
@@ -172,7 +174,6 @@ def _convert_adapter(
             files = [final.name]
             out_path = final
         else:
-            check_destination(output, overwrite, [path])
             with OutputDir(output, overwrite) as out:
                 _write_shard(
                     out.path / plan.filename, plan, adapter.source, source_of, None, progress

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import FormatError, MergeError
+from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import read_json
 from lora_cli.io.reader import TensorSource, open_source
 
@@ -346,3 +347,28 @@ def unmergeable_reasons(adapter: Adapter) -> list[str]:
     if any("lora_diag" in m.parts for m in adapter.modules.values()):
         reasons.append("KaSA (lora_diag) adapters are not supported")
     return reasons
+
+
+def check_adapter_tensors(adapter: Adapter) -> None:
+    """Refuse adapters whose weights are broken: what merge or convert would write from
+    them is broken too (a ZeRO-3 placeholder save, a diverged run)."""
+    zero = [k for k, i in adapter.source.infos.items() if i.numel == 0]
+    if zero:
+        raise MergeError(
+            f"{adapter.weights_file}: tensor {zero[0]!r} is empty"
+            + (f" (and {len(zero) - 1} more)" if len(zero) > 1 else ""),
+            "a DeepSpeed ZeRO-3 placeholder save; re-export the adapter with gathered weights",
+        )
+    import torch
+
+    for key in adapter.source.names():
+        info = adapter.source.info(key)
+        if info.dtype not in FLOAT_DTYPES:
+            continue
+        t = adapter.source.read(key)
+        if not bool(torch.isfinite(t.float()).all()):
+            bad = int((~torch.isfinite(t.float())).sum())
+            raise MergeError(
+                f"{adapter.weights_file}: tensor {key!r} has {bad} NaN/Inf values",
+                "the training run diverged; use an earlier checkpoint",
+            )

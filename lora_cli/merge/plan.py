@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import Adapter, LoraModule, unmergeable_reasons
+from lora_cli.adapters.peft import (
+    Adapter,
+    LoraModule,
+    check_adapter_tensors,
+    unmergeable_reasons,
+)
 from lora_cli.errors import MergeError
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import (
@@ -116,7 +121,7 @@ def build_plan(
             f"{adapter.config_path}: cannot merge: {reasons[0]}"
             + (f" (and {len(reasons) - 1} more problems)" if len(reasons) > 1 else "")
         )
-    _check_adapter_tensors(adapter)
+    check_adapter_tensors(adapter)
     config = load_base_config(base)
     tied = bool(tie_setting(config)) and OUTPUT_EMBEDDING not in base
     embed = _input_embedding(base) if tied else None
@@ -197,29 +202,6 @@ def build_plan(
         untied=untied,
         warnings=warnings,
     )
-
-
-def _check_adapter_tensors(adapter: Adapter) -> None:
-    zero = [k for k, i in adapter.source.infos.items() if i.numel == 0]
-    if zero:
-        raise MergeError(
-            f"{adapter.weights_file}: tensor {zero[0]!r} is empty"
-            + (f" (and {len(zero) - 1} more)" if len(zero) > 1 else ""),
-            "a DeepSpeed ZeRO-3 placeholder save; re-export the adapter with gathered weights",
-        )
-    import torch
-
-    for key in adapter.source.names():
-        info = adapter.source.info(key)
-        if info.dtype not in FLOAT_DTYPES:
-            continue
-        t = adapter.source.read(key)
-        if not bool(torch.isfinite(t.float()).all()):
-            bad = int((~torch.isfinite(t.float())).sum())
-            raise MergeError(
-                f"{adapter.weights_file}: tensor {key!r} has {bad} NaN/Inf values",
-                "the training run diverged; use an earlier checkpoint",
-            )
 
 
 def _lora_op(module: LoraModule, act: TensorAction, adapter: Adapter, mt: Any) -> LoraOp:

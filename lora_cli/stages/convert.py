@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import Adapter, is_adapter, load_adapter
+from lora_cli.adapters.peft import (
+    CONFIG_NAME,
+    WEIGHT_NAMES,
+    Adapter,
+    check_adapter_tensors,
+    is_adapter,
+    load_adapter,
+)
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.dedup import deduplicate
 from lora_cli.io.dtypes import FLOAT_DTYPES, parse_dtype_option, to_torch
@@ -90,6 +97,15 @@ def convert(
     input_path = Path(input_path)
     if not input_path.exists():
         raise FormatError(f"{input_path}: no such file or directory")
+    looks_like_adapter = input_path.name.startswith("adapter_model") or any(
+        input_path.is_dir() and (input_path / n).is_file() for n in WEIGHT_NAMES
+    )
+    if looks_like_adapter and not is_adapter(input_path):
+        raise FormatError(
+            f"{input_path}: adapter weights without {CONFIG_NAME}",
+            "put the adapter's config next to it (r and lora_alpha cannot be recovered "
+            "from the weights)",
+        )
     if is_adapter(input_path):
         if parse_dtype_option(dtype) is not None:
             raise UsageError("--dtype applies to full checkpoints, not adapters")
@@ -125,6 +141,12 @@ def _convert_adapter(
         check_destination(output, overwrite, [path])
     adapter = load_adapter(_adapter_source_file(path))
     try:
+        check_adapter_tensors(adapter)
+        if not (adapter.modules or adapter.replacements or adapter.token_rows):
+            raise FormatError(
+                f"{adapter.weights_file}: the adapter holds no LoRA tensors",
+                "an empty save (often DeepSpeed ZeRO-3 without gathering); re-export it",
+            )
         keep = _adapter_keys(adapter)
         names = {k: adapter.key_renames.get(k, k) for k in keep}
         config = dict(adapter.config)

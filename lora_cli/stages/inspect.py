@@ -56,7 +56,7 @@ def inspect_path(path: Path) -> InspectReport:
         try:
             report = _summary(path, "adapter", adapter.source)
             report.adapter = adapter_details(adapter)
-            report.warnings = list(adapter.warnings) + _all_zero_b(adapter)
+            report.warnings = list(adapter.warnings) + all_zero_b(adapter)
         finally:
             adapter.close()
         return report
@@ -68,7 +68,7 @@ def inspect_path(path: Path) -> InspectReport:
             report.warnings.append(
                 f"{len(source.skipped)} non-tensor entries ignored (e.g. {source.skipped[0]})"
             )
-        if _looks_like_peft_state_dict(source):
+        if looks_like_peft_state_dict(source):
             report.warnings.append(
                 "holds LoRA tensors (lora_A/lora_B) but no adapter_config.json beside it"
             )
@@ -168,7 +168,7 @@ def regex_matches(pattern: str, modules: list[str]) -> tuple[list[str], list[str
     return matched, sorted(set(modules) - set(matched))
 
 
-def _all_zero_b(adapter: Adapter) -> list[str]:
+def all_zero_b(adapter: Adapter) -> list[str]:
     """All-zero lora_B means an untrained adapter (PEFT's default init) that merges to nothing."""
     keys = [
         m.parts.get("lora_B.weight") or m.parts.get("lora_embedding_B")
@@ -213,5 +213,5 @@ def _checkpoint_details(source: TensorSource) -> dict[str, Any]:
     }
 
 
-def _looks_like_peft_state_dict(source: TensorSource) -> bool:
+def looks_like_peft_state_dict(source: TensorSource) -> bool:
     return any(".lora_A." in n or ".lora_B." in n for n in source.names())

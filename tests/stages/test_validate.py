@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from lora_cli.io.layout import MANIFEST_NAME, write_manifest
 from lora_cli.stages.merge import merge
-from lora_cli.stages.validate import compare, max_ulp, validate
+from lora_cli.stages.validate import validate
+from lora_cli.validate.numeric import compare, max_ulp
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 DOWN0 = "model.layers.0.mlp.down_proj.weight"

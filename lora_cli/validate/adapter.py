@@ -1,0 +1,127 @@
+"""Validation of an adapter folder or adapter weights file: its config, every tensor
+(readable, finite), the checksum manifest, what ``inspect`` warns about (all-zero
+lora_B, regex target_modules that match nothing), and, with ``--base``, whether the
+adapter's keys and shapes fit that base model (the merge preflight).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lora_cli.adapters.peft import CONFIG_NAME, find_adapter_files, load_adapter
+from lora_cli.errors import LoraError
+from lora_cli.io.dtypes import FLOAT_DTYPES
+from lora_cli.io.layout import read_json
+from lora_cli.io.reader import open_source
+from lora_cli.validate.files import check_finite, check_manifest, ensure_readable, split_error
+from lora_cli.validate.report import ValidateReport
+
+
+def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> None:
+    """Fill ``report`` with the findings on the adapter at ``path`` (against ``base``)."""
+    from lora_cli.stages.inspect import all_zero_b, regex_matches
+
+    r = report
+    r.ran("adapter")
+    try:
+        config_path, weights = find_adapter_files(path)
+    except LoraError as exc:
+        r.add(CONFIG_NAME, None, "adapter", exc.message)
+        return
+    root = config_path.parent
+    ensure_readable(config_path)
+    ensure_readable(weights)
+    config: dict[str, Any] | None = None
+    try:
+        config = read_json(config_path, "adapter config")
+        if "peft_type" not in config:
+            r.add(config_path, None, "adapter", "no 'peft_type': not a PEFT adapter config")
+            config = None
+    except LoraError as exc:
+        r.add(config_path, None, "adapter", split_error(exc, config_path)[1])
+
+    r.ran("header")
+    r.ran("finite")
+    tensors_ok = True
+    try:
+        src = open_source(weights)
+    except LoraError as exc:
+        tensor, message = split_error(exc, weights)
+        r.add(weights, tensor, "header", message)
+        src = None
+        tensors_ok = False
+    if src is not None:
+        with src:
+            for info in src.infos.values():
+                r.tensors_checked += 1
+                try:
+                    t = src.read(info.name)
+                except LoraError as exc:
+                    tensor, message = split_error(exc, weights)
+                    r.add(weights, tensor or info.name, "header", message)
+                    tensors_ok = False
+                    continue
+                if (
+                    info.dtype in FLOAT_DTYPES
+                    and info.numel
+                    and not check_finite(r, weights, info, t)
+                ):
+                    tensors_ok = False
+    if path.is_dir():
+        check_manifest(r, root)
+    else:
+        check_manifest(r, root, weights.name)
+    if config is None or src is None:
+        return
+    try:
+        adapter = load_adapter(path)
+    except LoraError as exc:
+        r.add(weights, None, "adapter", split_error(exc, weights)[1])
+        return
+    try:
+        for w in adapter.warnings:
+            r.add(weights, None, "adapter", w)
+            tensors_ok = tensors_ok and "zero-size" not in w and "no LoRA tensors" not in w
+        for w in all_zero_b(adapter):
+            r.add(weights, None, "adapter", w)
+        targets = config.get("target_modules")
+        if isinstance(targets, str) and targets.lower() != "all-linear" and adapter.modules:
+            matched, unmatched = regex_matches(targets, list(adapter.modules))
+            n = len(adapter.modules)
+            if not matched:
+                r.add(
+                    config_path,
+                    None,
+                    "adapter",
+                    f"regex target_modules {targets!r} matches none of the {n} adapter modules"
+                    " (or is not a valid regex): PEFT would load no LoRA weights",
+                )
+            elif unmatched:
+                r.add(
+                    config_path,
+                    None,
+                    "adapter",
+                    f"regex target_modules {targets!r} does not match {len(unmatched)} of the "
+                    f"{n} adapter modules (e.g. {unmatched[0]}): PEFT would ignore their weights",
+                )
+        if base is not None:
+            _adapter_against_base(r, adapter, base, tensors_ok)
+    finally:
+        adapter.close()
+
+
+def _adapter_against_base(r: ValidateReport, adapter: Any, base: Path, tensors_ok: bool) -> None:
+    """The merge preflight (``build_plan``) of ``adapter`` on ``base``, as a finding."""
+    from lora_cli.errors import MergeError
+    from lora_cli.merge.plan import build_plan
+
+    if not tensors_ok:
+        r.notes.append("adapter not checked against --base: fix the tensor findings first")
+        return
+    r.ran("adapter-base")
+    with open_source(base) as base_src:
+        try:
+            build_plan(base_src, adapter)
+        except MergeError as exc:
+            r.add(adapter.config_path, None, "adapter-base", exc.message)

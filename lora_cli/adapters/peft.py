@@ -359,16 +359,25 @@ def check_adapter_tensors(adapter: Adapter) -> None:
             + (f" (and {len(zero) - 1} more)" if len(zero) > 1 else ""),
             "a DeepSpeed ZeRO-3 placeholder save; re-export the adapter with gathered weights",
         )
+    bad = nonfinite_tensors(adapter)
+    if bad:
+        key, count = bad[0]
+        raise MergeError(
+            f"{adapter.weights_file}: tensor {key!r} has {count} NaN/Inf values",
+            "the training run diverged; use an earlier checkpoint",
+        )
+
+
+def nonfinite_tensors(adapter: Adapter) -> list[tuple[str, int]]:
+    """(key, count) of every adapter tensor holding NaN or Inf values."""
     import torch
 
+    out = []
     for key in adapter.source.names():
-        info = adapter.source.info(key)
-        if info.dtype not in FLOAT_DTYPES:
+        if adapter.source.info(key).dtype not in FLOAT_DTYPES:
             continue
         t = adapter.source.read(key)
-        if not bool(torch.isfinite(t.float()).all()):
-            bad = int((~torch.isfinite(t.float())).sum())
-            raise MergeError(
-                f"{adapter.weights_file}: tensor {key!r} has {bad} NaN/Inf values",
-                "the training run diverged; use an earlier checkpoint",
-            )
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            out.append((key, bad))
+    return out

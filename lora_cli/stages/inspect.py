@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import Adapter, is_adapter, load_adapter
+from lora_cli.adapters.peft import Adapter, is_adapter, load_adapter, nonfinite_tensors
 from lora_cli.io.layout import tie_setting
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.plan import load_base_config
@@ -57,6 +57,10 @@ def inspect_path(path: Path) -> InspectReport:
             report = _summary(path, "adapter", adapter.source)
             report.adapter = adapter_details(adapter)
             report.warnings = list(adapter.warnings) + all_zero_b(adapter)
+            report.warnings += [
+                f"{key}: {count} NaN/Inf values (merge and convert refuse this adapter)"
+                for key, count in nonfinite_tensors(adapter)
+            ]
         finally:
             adapter.close()
         return report

@@ -434,3 +434,22 @@ def test_transformers_integration_producer_hint(tmp_path, run_cli):
     doc = json.loads(out)
     assert doc["adapter"]["producer"] == "transformers integration"
     assert doc["adapter"]["modules"] and doc["dtypes"] == {"BF16": 4}
+
+
+def test_nan_in_adapter_is_a_warning(tmp_path, run_cli):
+    """inspect describes a diverged adapter instead of failing; merge/convert refuse it."""
+    import json
+
+    from conftest import peft_adapter, tiny_model
+    from safetensors.torch import load_file, save_file
+
+    peft_adapter(tiny_model("llama"), tmp_path / "ad", target_modules=["q_proj"])
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key][0, :3] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    code, out, _ = run_cli("inspect", tmp_path / "ad", "--json")
+    assert code == 0
+    warnings = json.loads(out)["warnings"]
+    assert any(key in w and "3 NaN/Inf" in w for w in warnings), warnings

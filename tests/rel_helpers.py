@@ -203,42 +203,46 @@ def empty_adapter_file(folder: Path) -> None:
     assert (folder / ADAPTER_FILE).stat().st_size == 40
 
 
-# -- crafted pickles (same opcodes as tests/io/test_torch_zip.py) -----------------------------
-def _global(module: str, name: str) -> bytes:
+# -- crafted pickles: hand-assembled opcodes, so the exact global names are ours ------------
+def op_global(module: str, name: str) -> bytes:
     return f"c{module}\n{name}\n".encode()
 
 
-def _str(s: str) -> bytes:
+def op_str(s: str) -> bytes:
     raw = s.encode()
     return b"X" + struct.pack("<I", len(raw)) + raw
 
 
-def _list(*items: bytes) -> bytes:
+def op_list(*items: bytes) -> bytes:
     return b"](" + b"".join(items) + b"e"
 
 
-def _call(func: bytes, *args: bytes) -> bytes:
+def op_call(func: bytes, *args: bytes) -> bytes:
     return func + b"(" + b"".join(args) + b"tR"
 
 
 def malicious_pickles(marker: Path, key: str = "weight") -> dict[str, bytes]:
     """name → data.pkl that creates ``marker`` when unpickled by plain pickle."""
     m = str(marker)
-    exec_it = _call(
-        _call(
-            _global("builtins", "getattr"),
-            _call(_global("builtins", "__import__"), _str("builtins")),
-            _str("exec"),
+    exec_it = op_call(
+        op_call(
+            op_global("builtins", "getattr"),
+            op_call(op_global("builtins", "__import__"), op_str("builtins")),
+            op_str("exec"),
         ),
-        _str(f"open({m!r}, 'w').close()"),
+        op_str(f"open({m!r}, 'w').close()"),
     )
     calls = {
-        "os_system": _call(_global("os", "system"), _str(f"touch {m}")),
-        "subprocess_popen": _call(_global("subprocess", "Popen"), _list(_str("touch"), _str(m))),
-        "builtins_eval": _call(_global("builtins", "eval"), _str(f"open({m!r}, 'w').close()")),
+        "os_system": op_call(op_global("os", "system"), op_str(f"touch {m}")),
+        "subprocess_popen": op_call(
+            op_global("subprocess", "Popen"), op_list(op_str("touch"), op_str(m))
+        ),
+        "builtins_eval": op_call(
+            op_global("builtins", "eval"), op_str(f"open({m!r}, 'w').close()")
+        ),
         "builtins_exec_nested": exec_it,
     }
-    return {k: b"\x80\x02}" + _str(key) + v + b"s." for k, v in calls.items()}
+    return {k: b"\x80\x02}" + op_str(key) + v + b"s." for k, v in calls.items()}
 
 
 def proves_payload_runs(pkl: bytes, marker: Path) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import pickle
-import struct
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rel_helpers import op_call, op_global, op_list, op_str
 
 import lora_cli
 from lora_cli.errors import FormatError, UnsafePickleError
@@ -61,50 +61,35 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-# Hand-assembled pickle opcodes, so the exact global names are under our control.
-def _global(module: str, name: str) -> bytes:
-    return f"c{module}\n{name}\n".encode()
-
-
-def _str(s: str) -> bytes:
-    raw = s.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw
-
-
-def _list(*items: bytes) -> bytes:
-    return b"](" + b"".join(items) + b"e"
-
-
-def _call(func: bytes, *args: bytes) -> bytes:
-    return func + b"(" + b"".join(args) + b"tR"
-
-
 def _as_state_dict(value: bytes) -> bytes:
-    return b"\x80\x02}" + _str("weight") + value + b"s."
+    return b"\x80\x02}" + op_str("weight") + value + b"s."
 
 
 def _payloads(marker: Path) -> dict[str, tuple[str, bytes]]:
     """name -> (refused global, data.pkl); each creates ``marker`` if unpickled normally."""
     m = str(marker)
-    exec_it = _call(
-        _call(_global("builtins", "getattr"), _call(_global("builtins", "__import__"),
-              _str("builtins")), _str("exec")),
-        _str(f"open({m!r}, 'w').close()"),
+    exec_it = op_call(
+        op_call(op_global("builtins", "getattr"), op_call(op_global("builtins", "__import__"),
+              op_str("builtins")), op_str("exec")),
+        op_str(f"open({m!r}, 'w').close()"),
     )  # fmt: skip
     calls = {
-        "os_system": ("os.system", _call(_global("os", "system"), _str(f"touch {m}"))),
-        "posix_system": ("posix.system", _call(_global("posix", "system"), _str(f"touch {m}"))),
+        "os_system": ("os.system", op_call(op_global("os", "system"), op_str(f"touch {m}"))),
+        "posix_system": (
+            "posix.system",
+            op_call(op_global("posix", "system"), op_str(f"touch {m}")),
+        ),
         "subprocess_call": (
             "subprocess.call",
-            _call(_global("subprocess", "call"), _list(_str("touch"), _str(m))),
+            op_call(op_global("subprocess", "call"), op_list(op_str("touch"), op_str(m))),
         ),
         "subprocess_popen": (
             "subprocess.Popen",
-            _call(_global("subprocess", "Popen"), _list(_str("touch"), _str(m))),
+            op_call(op_global("subprocess", "Popen"), op_list(op_str("touch"), op_str(m))),
         ),
         "builtins_eval": (
             "builtins.eval",
-            _call(_global("builtins", "eval"), _str(f"open({m!r}, 'w').close()")),
+            op_call(op_global("builtins", "eval"), op_str(f"open({m!r}, 'w').close()")),
         ),
         "builtins_exec_nested": ("builtins.getattr", exec_it),
     }
@@ -182,13 +167,19 @@ def test_code_in_pickle_is_refused_and_never_runs(tmp_path: Path, case: str) -> 
 @pytest.mark.parametrize(
     ("pkl", "needle"),
     [
-        (_as_state_dict(_call(_global("nt", "system"), _str("calc"))), "'nt.system'"),
-        (_as_state_dict(_call(_global("__builtin__", "eval"), _str("1"))), "'__builtin__.eval'"),
-        (_as_state_dict(_call(_global("torch", "load"), _str("x"))), "'torch.load'"),
-        (_as_state_dict(_call(_global("torch._utils", "_rebuild_qtensor"))), "_rebuild_qtensor"),
+        (_as_state_dict(op_call(op_global("nt", "system"), op_str("calc"))), "'nt.system'"),
+        (
+            _as_state_dict(op_call(op_global("__builtin__", "eval"), op_str("1"))),
+            "'__builtin__.eval'",
+        ),
+        (_as_state_dict(op_call(op_global("torch", "load"), op_str("x"))), "'torch.load'"),
+        (
+            _as_state_dict(op_call(op_global("torch._utils", "_rebuild_qtensor"))),
+            "_rebuild_qtensor",
+        ),
         (b"\x80\x02]}b.", "BUILD on list"),
-        (_as_state_dict(_call(_global("torch", "float32"))), "refused to call"),
-        (b"\x80\x02" + _global("collections", "OrderedDict") + b")\x81.", "NEWOBJ"),
+        (_as_state_dict(op_call(op_global("torch", "float32"))), "refused to call"),
+        (b"\x80\x02" + op_global("collections", "OrderedDict") + b")\x81.", "NEWOBJ"),
     ],
 )
 def test_other_unsafe_pickles_are_refused(tmp_path: Path, pkl: bytes, needle: str) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo
-
-OUTPUT_EMBEDDING = "lm_head.weight"
 
 
 @dataclass

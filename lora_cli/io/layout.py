@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
-from lora_cli.io.writer import copy_file, write_small_file
+from lora_cli.io.writer import copy_file, io_error, write_small_file
 
 MANIFEST_NAME = "lora-checksums.sha256"
 WEIGHT_SUFFIXES = (
@@ -185,6 +186,9 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return doc
 
 
+OUTPUT_EMBEDDING = "lm_head.weight"  # the tensor transformers drops for tied embeddings
+
+
 def tie_setting(config: dict[str, Any] | None) -> bool | None:
     """``tie_word_embeddings`` as transformers reads it (top level, else ``text_config``,
     else the PretrainedConfig default True); None without a config."""
@@ -208,6 +212,19 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(16 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def fsync_and_hash(path: Path) -> str:
+    """Flush a finished file to disk and return its sha256 (read back from the page cache)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise io_error(path, exc) from None
+    return sha256_file(path)
 
 
 def write_manifest(folder: Path, known: dict[str, str] | None = None) -> Path:

@@ -93,7 +93,7 @@ class OutputDir:
         try:
             self.path.mkdir()
         except OSError as exc:
-            raise _io_error(self.path, exc) from None
+            raise io_error(self.path, exc) from None
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -144,7 +144,7 @@ class ShardWriter:
             os.ftruncate(self.fd, self.size)
         except OSError as exc:
             self.abort()
-            raise _io_error(path, exc) from None
+            raise io_error(path, exc) from None
 
     def _entry(self, name: str, nbytes: int) -> TensorEntry:
         if self.fd < 0:
@@ -177,7 +177,7 @@ class ShardWriter:
             try:
                 _pwrite_all(self.fd, view, self.data_start + entry.start, self.path)
             except OSError as exc:
-                raise _io_error(self.path, exc) from None
+                raise io_error(self.path, exc) from None
         self._pending.discard(name)
 
     def write_rows(self, name: str, first_row: int, rows: torch.Tensor) -> None:
@@ -211,7 +211,7 @@ class ShardWriter:
         try:
             _pwrite_all(self.fd, view, self.data_start + entry.start + first_row * row_bytes, None)
         except OSError as exc:
-            raise _io_error(self.path, exc) from None
+            raise io_error(self.path, exc) from None
         done = self._partial.get(name, 0) + nbytes
         if done == entry.nbytes:
             self._partial.pop(name, None)
@@ -225,12 +225,12 @@ class ShardWriter:
         try:
             copy_range(src_fd, src_offset, self.fd, self.data_start + entry.start, nbytes)
         except OSError as exc:
-            raise _io_error(self.path, exc) from None
+            raise io_error(self.path, exc) from None
         self._pending.discard(name)
 
     def close(self, *, sync: bool = True) -> None:
         """Check completeness and close; ``sync=False`` leaves the fsync to the caller
-        (merge overlaps it with the next shard: see ``fsync_and_hash``)."""
+        (merge overlaps it with the next shard: see ``layout.fsync_and_hash``)."""
         if self.fd < 0:
             raise FormatError(f"{self.path}: shard closed twice")
         if self._pending:
@@ -245,7 +245,7 @@ class ShardWriter:
             if sync:
                 os.fsync(fd)
         except OSError as exc:
-            raise _io_error(self.path, exc) from None
+            raise io_error(self.path, exc) from None
         finally:
             os.close(fd)
 
@@ -258,24 +258,6 @@ class ShardWriter:
                 os.close(fd)
 
 
-def fsync_and_hash(path: Path) -> str:
-    """Flush a finished file to disk and return its sha256 (read back from the page cache)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            while chunk := os.read(fd, 16 << 20):
-                h.update(chunk)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise _io_error(path, exc) from None
-    return h.hexdigest()
-
-
 def write_small_file(path: Path, data: bytes) -> None:
     """Write and fsync a small file (config, index, manifest)."""
     try:
@@ -286,7 +268,7 @@ def write_small_file(path: Path, data: bytes) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
-        raise _io_error(path, exc) from None
+        raise io_error(path, exc) from None
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -298,7 +280,7 @@ def copy_file(src: Path, dst: Path) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
-        raise _io_error(dst, exc) from None
+        raise io_error(dst, exc) from None
 
 
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int) -> None:
@@ -339,7 +321,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _io_error(path: Path, exc: OSError) -> LoraError:
+def io_error(path: Path, exc: OSError) -> LoraError:
+    """An OS error while writing as a one-line error that says what to do (disk full, …)."""
     if exc.errno == errno.ENOSPC:
         return LoraError(f"{path}: no space left on device", "free disk space and rerun")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

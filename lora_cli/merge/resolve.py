@@ -14,12 +14,12 @@ from typing import Any
 
 from lora_cli.adapters.peft import Adapter, LoraModule
 from lora_cli.errors import MergeError
+from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo, TensorSource
 
 # transformers models whose projections are GPT-2 ``Conv1D`` (weight stored (in, out)).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
 CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
-OUTPUT_EMBEDDING = "lm_head.weight"
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 # Ordered name-resolution rules: (label, [(adapter prefix, base prefix), ...]).

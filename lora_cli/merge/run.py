@@ -19,11 +19,12 @@ from lora_cli.io.dtypes import to_torch
 from lora_cli.io.layout import (
     MANIFEST_NAME,
     copy_side_files,
+    fsync_and_hash,
     write_index,
     write_json,
     write_manifest,
 )
-from lora_cli.io.writer import OutputDir, ShardWriter, fsync_and_hash
+from lora_cli.io.writer import OutputDir, ShardWriter
 from lora_cli.merge import math as lora_math
 from lora_cli.merge.plan import MergePlan, TensorAction, shard_plans
 

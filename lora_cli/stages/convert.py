@@ -22,6 +22,7 @@ from lora_cli.adapters.peft import (
     check_adapter_tensors,
     is_adapter,
     load_adapter,
+    regex_matches,
 )
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.dedup import deduplicate
@@ -46,7 +47,6 @@ from lora_cli.io.writer import (
     check_destination,
     remove_stale_temporaries,
 )
-from lora_cli.stages.inspect import regex_matches
 
 Progress = Callable[[int, str], None]
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import Adapter, is_adapter, load_adapter, nonfinite_tensors
-from lora_cli.io.layout import tie_setting
+from lora_cli.adapters.peft import (
+    Adapter,
+    all_zero_b,
+    is_adapter,
+    load_adapter,
+    looks_like_peft_state_dict,
+    nonfinite_tensors,
+    regex_matches,
+)
+from lora_cli.io.layout import OUTPUT_EMBEDDING, tie_setting
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.plan import load_base_config
-from lora_cli.merge.resolve import OUTPUT_EMBEDDING
 
 SCHEMA = "lora-inspect/1"
 
@@ -162,37 +168,6 @@ def adapter_details(adapter: Adapter) -> dict[str, Any]:
     return details
 
 
-def regex_matches(pattern: str, modules: list[str]) -> tuple[list[str], list[str]]:
-    """Which adapter modules PEFT's ``re.fullmatch`` of a string target_modules selects."""
-    try:
-        rx = re.compile(pattern)
-    except re.error:
-        return [], sorted(modules)
-    matched = sorted(m for m in modules if rx.fullmatch(m))
-    return matched, sorted(set(modules) - set(matched))
-
-
-def all_zero_b(adapter: Adapter) -> list[str]:
-    """All-zero lora_B means an untrained adapter (PEFT's default init) that merges to nothing."""
-    keys = [
-        m.parts.get("lora_B.weight") or m.parts.get("lora_embedding_B")
-        for m in adapter.modules.values()
-    ]
-    keys = [k for k in keys if k and adapter.source.info(k).numel]
-    if not keys:
-        return []
-    zero = 0
-    for k in keys:
-        t = adapter.source.read(k)
-        if not bool(t.float().abs().sum()):
-            zero += 1
-    if zero == len(keys):
-        return ["every lora_B is all zeros: the adapter is untrained and merges to the base"]
-    if zero:
-        return [f"{zero} of {len(keys)} lora_B tensors are all zeros (untrained modules)"]
-    return []
-
-
 def _checkpoint_details(source: TensorSource) -> dict[str, Any]:
     config = load_base_config(source)
     shared: dict[str, list[str]] = {}
@@ -215,7 +190,3 @@ def _checkpoint_details(source: TensorSource) -> dict[str, Any]:
         "index": source.index_path.name if source.index_path else None,
         "shared_tensors": groups,
     }
-
-
-def looks_like_peft_state_dict(source: TensorSource) -> bool:
-    return any(".lora_A." in n or ".lora_B." in n for n in source.names())

@@ -9,7 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import CONFIG_NAME, find_adapter_files, load_adapter
+from lora_cli.adapters.peft import (
+    CONFIG_NAME,
+    all_zero_b,
+    find_adapter_files,
+    load_adapter,
+    regex_matches,
+)
 from lora_cli.errors import LoraError
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import read_json
@@ -20,8 +26,6 @@ from lora_cli.validate.report import ValidateReport
 
 def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> None:
     """Fill ``report`` with the findings on the adapter at ``path`` (against ``base``)."""
-    from lora_cli.stages.inspect import all_zero_b, regex_matches
-
     r = report
     r.ran("adapter")
     try:

@@ -13,12 +13,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import CONFIG_NAME
+from lora_cli.adapters.peft import CONFIG_NAME, looks_like_peft_state_dict
 from lora_cli.errors import FormatError, LoraError
-from lora_cli.io.dtypes import FLOAT_DTYPES, SAFETENSORS_DTYPES
-from lora_cli.io.layout import read_json, tie_setting
+from lora_cli.io.dtypes import FLOAT_DTYPES, from_torch
+from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json, tie_setting
 from lora_cli.io.reader import INDEX_SUFFIXES, TORCH_SUFFIXES, TensorInfo, TensorSource, open_source
-from lora_cli.merge.resolve import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
+from lora_cli.merge.resolve import INPUT_EMBEDDING_SUFFIXES
 from lora_cli.validate.files import check_finite, check_manifest, ensure_readable, split_error
 from lora_cli.validate.numeric import compare
 from lora_cli.validate.recompute import Recompute
@@ -31,11 +31,10 @@ def _config_dtype(value: Any) -> str | None:
     """``"bfloat16"`` / ``"torch.bfloat16"`` → ``BF16``; None when unknown."""
     if not isinstance(value, str):
         return None
-    attr = value.removeprefix("torch.")
-    for name, (_, a) in SAFETENSORS_DTYPES.items():
-        if a == attr:
-            return name
-    return None
+    try:
+        return from_torch(value)
+    except FormatError:
+        return None
 
 
 def _close_all(sources: dict[Path, TensorSource]) -> None:
@@ -237,8 +236,6 @@ class WeightsCheck:
         config_path = self.root / "config.json"
         infos = self._infos()
         if not config_path.is_file():
-            from lora_cli.stages.inspect import looks_like_peft_state_dict
-
             if any(looks_like_peft_state_dict(s) for s in self.sources.values()):
                 self.r.ran("adapter")
                 self.r.add(

@@ -180,32 +180,57 @@ def open_source(path: Path) -> TensorSource:
         if path.name.endswith(INDEX_SUFFIXES):
             return _open_index(path)
         return _open_files(path.parent, [path])
-    indexes = sorted(p for p in path.iterdir() if p.name.endswith(INDEX_SUFFIXES))
-    st_indexes = [p for p in indexes if p.name.endswith(".safetensors.index.json")]
-    if st_indexes:
-        preferred = [p for p in st_indexes if p.name == "model.safetensors.index.json"]
-        if len(st_indexes) > 1 and not preferred:
-            raise FormatError(
-                f"{path}: several safetensors indexes ({', '.join(p.name for p in st_indexes)})",
-                "pass the index file you mean",
-            )
-        return _open_index((preferred or st_indexes)[0])
-    shards = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
-    if shards:
-        return _open_files(path, shards)
-    if indexes:
-        return _open_index(indexes[0])
-    pickles = sorted(
+    found = find_weight_files(path)
+    if found.index is None and len(found.indexes) > 1:
+        safe = found.indexes[0].name.endswith(".safetensors.index.json")
+        names = ", ".join(p.name for p in found.indexes)
+        raise FormatError(
+            f"{path}: several {'safetensors' if safe else 'pickle'} indexes ({names})",
+            "pass the index file you mean",
+        )
+    if found.indexes:
+        return _open_index(found.index or found.indexes[0])
+    return _open_files(path, found.files)
+
+
+PICKLE_PREFIXES = ("pytorch_model", "model", "adapter_model")
+PREFERRED_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class WeightFiles:
+    """The weights a folder holds, by the loaders' precedence: safetensors, then pickles."""
+
+    files: list[Path]  # every weight file of the kind that wins
+    indexes: list[Path]  # that kind's index files
+    ignored: list[Path]  # pickles beside safetensors, which loaders skip
+
+    @property
+    def index(self) -> Path | None:
+        """The index loaders use: the conventional name, or the only one."""
+        preferred = [p for p in self.indexes if p.name in PREFERRED_INDEXES]
+        if preferred:
+            return preferred[0]
+        return self.indexes[0] if len(self.indexes) == 1 else None
+
+
+def find_weight_files(folder: Path) -> WeightFiles:
+    """List a folder's weight files without opening them (shared with ``validate``)."""
+    entries = sorted(folder.iterdir())
+    st_indexes = [p for p in entries if p.name.endswith(".safetensors.index.json")]
+    st_files = [p for p in entries if p.suffix == ".safetensors" and p.is_file()]
+    pickle_indexes = [p for p in entries if p.name.endswith((".bin.index.json", ".pt.index.json"))]
+    pickles = [
         p
-        for p in path.iterdir()
-        if p.suffix in TORCH_SUFFIXES
-        and p.is_file()
-        and (p.name.startswith(("pytorch_model", "model", "adapter_model")))
-    )
-    if pickles:
-        return _open_files(path, pickles)
+        for p in entries
+        if p.suffix in TORCH_SUFFIXES and p.is_file() and p.name.startswith(PICKLE_PREFIXES)
+    ]
+    if st_indexes or st_files:
+        return WeightFiles(st_files, st_indexes, pickles)
+    if pickles or pickle_indexes:
+        return WeightFiles(pickles, pickle_indexes, [])
     raise FormatError(
-        f"{path}: no weights found (no *.safetensors, index, or pytorch_model*.bin)",
+        f"{folder}: no weights found (no *.safetensors, index, or pytorch_model*.bin)",
         "point at a checkpoint folder, an adapter folder or a weights file",
     )
 

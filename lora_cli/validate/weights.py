@@ -17,7 +17,15 @@ from lora_cli.adapters.peft import CONFIG_NAME, looks_like_peft_state_dict
 from lora_cli.errors import FormatError, LoraError
 from lora_cli.io.dtypes import FLOAT_DTYPES, from_torch
 from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json, tie_setting
-from lora_cli.io.reader import INDEX_SUFFIXES, TORCH_SUFFIXES, TensorInfo, TensorSource, open_source
+from lora_cli.io.reader import (
+    INDEX_SUFFIXES,
+    PICKLE_PREFIXES,
+    TORCH_SUFFIXES,
+    TensorInfo,
+    TensorSource,
+    find_weight_files,
+    open_source,
+)
 from lora_cli.merge.resolve import INPUT_EMBEDDING_SUFFIXES
 from lora_cli.validate.files import check_finite, check_manifest, ensure_readable, split_error
 from lora_cli.validate.numeric import compare
@@ -73,7 +81,7 @@ class WeightsCheck:
                     for f in root.iterdir()
                     if f.is_file()
                     and f.suffix in suffixes
-                    and (safe or f.name.startswith(("pytorch_model", "model")))
+                    and (safe or f.name.startswith(PICKLE_PREFIXES))
                 )
                 return
             self.root = p.parent
@@ -81,43 +89,21 @@ class WeightsCheck:
             self.files = [p]
             return
         self.root = p
-        entries = sorted(p.iterdir())
-        st_indexes = [f for f in entries if f.name.endswith(".safetensors.index.json")]
-        st_files = [f for f in entries if f.suffix == ".safetensors" and f.is_file()]
-        pickles = [
-            f
-            for f in entries
-            if f.suffix in TORCH_SUFFIXES
-            and f.is_file()
-            and f.name.startswith(("pytorch_model", "model", "adapter_model"))
-        ]
-        bin_indexes = [f for f in entries if f.name.endswith((".bin.index.json", ".pt.index.json"))]
-        if st_indexes or st_files:
-            self.files = st_files
-            if len(st_indexes) > 1:
-                preferred = [f for f in st_indexes if f.name == "model.safetensors.index.json"]
-                self.index = (preferred or st_indexes)[0]
-                self.r.add(
-                    self.index,
-                    None,
-                    "index",
-                    f"{len(st_indexes)} safetensors indexes in one folder "
-                    f"({', '.join(f.name for f in st_indexes)}); loaders pick one",
-                )
-            elif st_indexes:
-                self.index = st_indexes[0]
-            if pickles:
-                self.r.notes.append(
-                    f"also holds {', '.join(f.name for f in pickles)}; loaders prefer the "
-                    "safetensors files, which were checked"
-                )
-        elif pickles or bin_indexes:
-            self.files = pickles
-            self.index = bin_indexes[0] if bin_indexes else None
-        else:
-            raise FormatError(
-                f"{p}: no weights found (no *.safetensors, index, or pytorch_model*.bin)",
-                "point at a checkpoint folder, an adapter folder or a weights file",
+        found = find_weight_files(p)
+        self.files = found.files
+        self.index = found.index or (found.indexes[0] if found.indexes else None)
+        if len(found.indexes) > 1:
+            self.r.add(
+                self.index,
+                None,
+                "index",
+                f"{len(found.indexes)} indexes in one folder "
+                f"({', '.join(f.name for f in found.indexes)}); loaders pick one",
+            )
+        if found.ignored:
+            self.r.notes.append(
+                f"also holds {', '.join(f.name for f in found.ignored)}; loaders prefer the "
+                "safetensors files, which were checked"
             )
 
     def _open_files(self) -> None:

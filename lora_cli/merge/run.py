@@ -83,17 +83,15 @@ def compute_tensor(
     # replacement into it) in that dtype before merging.
     value = value.to(device=device, dtype=to_torch(action.dtype), non_blocking=cuda)
 
-    def factor(key: str) -> torch.Tensor:
-        return src.read(key).to(device)
+    def factor(key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return src.read(key, rows=rows).to(device)
 
     for op in action.loras:
         m = op.module
         if op.kind == "embedding":
             a, b = factor(m.parts["lora_embedding_A"]), factor(m.parts["lora_embedding_B"])
-        else:
-            a, b = factor(m.parts["lora_A.weight"]), factor(m.parts["lora_B.weight"])
-        if rows is not None:  # row i of W + s·B@A only needs row i of B
-            b = b[rows[0] : rows[1]]
+        else:  # row i of W + s·B@A only needs row i of B
+            a, b = factor(m.parts["lora_A.weight"]), factor(m.parts["lora_B.weight"], rows)
         mag = m.parts.get("lora_magnitude_vector")
         value = lora_math.merge_weight(
             value,

@@ -405,7 +405,13 @@ def test_expert_param_matches_peft(shape, is_transposed, layout, dtype):
     assert (E, r, found) == (shape[0], 2, layout)
     ours = mm.merge_expert_param(P, A, B, s)
     assert torch.equal(ours, P_peft)
-    assert_close_ulp(ours, _expert_reference(P, A, B, s, layout))
+    reference = _expert_reference(P, A, B, s, layout)
+    if dtype == torch.float32:
+        # fp32 keeps the delta's own rounding, which depends on the matmul kernel's summation
+        # order (bmm vs per-expert mm): compare to the reference relative to the delta's scale.
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6 * float(P.abs().max()))
+    else:
+        assert_close_ulp(ours, reference)
     if dtype != torch.float32:
         # one rounding would be different: PEFT adds round(Δ)
         delta = mm.expert_delta(A, B, s, param_shape=P.shape)

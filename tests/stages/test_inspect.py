@@ -427,7 +427,14 @@ def test_transformers_integration_producer_hint(tmp_path, run_cli):
     from peft import LoraConfig
 
     model = tiny_model("llama")
-    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    try:
+        model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    except ValueError as exc:
+        # transformers raises this when the installed peft is older than it supports: the pair
+        # cannot produce this kind of save at all (e.g. transformers 5.24 with peft 0.21).
+        if "version of PEFT" not in str(exc):
+            raise
+        pytest.skip(f"installed transformers/peft pair cannot add_adapter: {exc}")
     model.save_pretrained(tmp_path / "tf")
     code, out, _ = run_cli("inspect", tmp_path / "tf", "--json")
     assert code == 0

@@ -15,7 +15,9 @@ docs/peft-lora-semantics.md §3):
 * ``lora_bias``: ``round(b32 + s·b_B)``;
 * trainable tokens: the rows are replaced, not added to.
 
-Several adapters are applied one after the other by the caller.
+Several adapters (``lora merge BASE A1 A2 …``) are combined as PEFT's
+``add_weighted_adapter(combination_type="cat")``: their factors are stacked into one
+adapter of scale 1 (``merge_weighted``), so the merged weight is rounded once.
 """
 
 from __future__ import annotations
@@ -239,6 +241,38 @@ def merge_weight(
         factor = factor.view(-1, 1)
     merged.mul_(factor)
     return merged.to(W.dtype)
+
+
+def weighted_factors(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float, float]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``cat`` combination: ``(A_cat, B_cat)`` with ``B_cat @ A_cat = Σ w·s·B@A``.
+
+    ``factors`` holds ``(A, B, weight, scale)`` per adapter, in adapter order. Rows of
+    ``A_cat`` are ``(A32 · w) · s`` (PEFT scales A, in that order) and columns of
+    ``B_cat`` are ``B32``: one matmul then sums every adapter's delta in fp32. Kept in
+    fp32 like any loaded adapter (PEFT's own ``cat`` adapter takes the base dtype, which
+    on a bf16 base rounds the factors and the delta once more).
+    """
+    device = factors[0][0].device
+    a = torch.cat([_f32(A, device) * w * s for A, _, w, s in factors], dim=0)
+    b = torch.cat([_f32(B, device) for _, B, _, _ in factors], dim=1)
+    return a, b
+
+
+def merge_weighted(
+    W: torch.Tensor,
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float, float]],
+    *,
+    kind: Kind,
+    fan_in_fan_out: bool = False,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Merge several weighted LoRAs into ``W`` at once: the stacked factors of
+    ``weighted_factors`` merged with scale 1, so with PEFT's rounding for ``kind``
+    (linear/conv ``round(W32 + Σ w·s·B@A)``, embedding ``W + round(Σ …)``)."""
+    a, b = weighted_factors(factors)
+    return merge_weight(W, a, b, 1.0, kind=kind, fan_in_fan_out=fan_in_fan_out, inplace=inplace)
 
 
 _BLOCK_ELEMENTS = 1 << 20  # ~4 MiB of fp32 per temporary: few torch calls, cache-friendly

@@ -43,6 +43,7 @@ class LoraOp:
     module: LoraModule
     kind: str  # linear | conv | embedding | expert
     fan_in_fan_out: bool = False
+    weight: float | None = None  # set: one of several adapters, merged as a weighted sum
 
 
 @dataclass
@@ -87,6 +88,7 @@ class MergePlan:
     config_updates: dict[str, Any]
     untied: bool
     warnings: list[str]
+    combined: list[tuple[Adapter, float]] = field(default_factory=list)  # several adapters
 
     def actions(self) -> list[TensorAction]:
         return [a for s in self.shards for a in s.actions]

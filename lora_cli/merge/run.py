@@ -86,7 +86,22 @@ def compute_tensor(
     def factor(key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         return src.read(key, rows=rows).to(device)
 
+    weighted = [op for op in action.loras if op.weight is not None]
+    if weighted:  # several adapters: one weighted sum, rounded once (merge_weighted)
+        factors = []
+        for op in weighted:
+            parts = op.module.parts
+            a = factor(parts.get("lora_A.weight") or parts["lora_embedding_A"])
+            b_key = parts.get("lora_B.weight")
+            b = factor(b_key, rows) if b_key else factor(parts["lora_embedding_B"])
+            factors.append((a, b, op.weight, op.module.scale))
+        op = weighted[0]
+        value = lora_math.merge_weighted(
+            value, factors, kind=op.kind, fan_in_fan_out=op.fan_in_fan_out, inplace=True
+        )
     for op in action.loras:
+        if op.weight is not None:
+            continue
         m = op.module
         if op.kind == "embedding":
             a, b = factor(m.parts["lora_embedding_A"]), factor(m.parts["lora_embedding_B"])
@@ -132,6 +147,7 @@ class MergeResult:
     untied: bool
     config_updates: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # several: path and weight
 
     @property
     def throughput(self) -> float:

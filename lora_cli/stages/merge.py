@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import load_adapter
+from lora_cli.adapters.peft import Adapter, load_adapter
 from lora_cli.io.dtypes import parse_dtype_option
 from lora_cli.io.layout import parse_size
 from lora_cli.io.reader import open_source
 from lora_cli.io.writer import check_destination
+from lora_cli.merge.combine import build_combined_plan, parse_weights
 from lora_cli.merge.plan import MergePlan, build_plan
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
 
@@ -38,14 +40,23 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
             for kind in ("merge", "replace", "rows")
         },
         "warnings": plan.warnings,
+        **combined_json(plan),
     }
+
+
+def combined_json(plan: MergePlan) -> dict[str, Any]:
+    """``adapters``: path and weight of each adapter, for a merge of several (else nothing)."""
+    if not plan.combined:
+        return {}
+    return {"adapters": [{"path": str(a.root), "weight": w} for a, w in plan.combined]}
 
 
 def merge(
     base: Path,
-    adapter: Path,
+    adapter: Path | Sequence[Path],
     output: Path | None,
     *,
+    weights: str | Sequence[float] | None = None,
     dtype: str = "keep",
     max_shard_size: str | None = None,
     device: str = "auto",
@@ -53,7 +64,12 @@ def merge(
     overwrite: bool = False,
     progress_factory: Any = None,
 ) -> MergeResult | DryRun:
-    """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback."""
+    """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
+
+    Several adapters (or ``weights``) merge their weighted sum in one pass
+    (``merge.combine``); one adapter without weights takes the single-adapter plan.
+    """
+    adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
     out_dtype = parse_dtype_option(dtype)
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
     if not dry_run:
@@ -61,20 +77,38 @@ def merge(
             from lora_cli.errors import UsageError
 
             raise UsageError("no output folder given", "pass -o OUTPUT")
-        check_destination(output, overwrite, [Path(base), Path(adapter)])
+        check_destination(output, overwrite, [Path(base), *adapters])
     dev = resolve_device(device)
     base_src = open_source(Path(base))
     try:
-        ad = load_adapter(Path(adapter))
+        opened: list[Adapter] = []
         try:
-            plan = build_plan(base_src, ad, out_dtype=out_dtype, max_shard_size=shard_limit)
+            for path in adapters:
+                opened.append(load_adapter(path))
+            if len(opened) == 1 and weights is None:
+                plan = build_plan(
+                    base_src, opened[0], out_dtype=out_dtype, max_shard_size=shard_limit
+                )
+            else:
+                plan = build_combined_plan(
+                    base_src,
+                    opened,
+                    parse_weights(weights, len(opened)),
+                    out_dtype=out_dtype,
+                    max_shard_size=shard_limit,
+                )
             if dry_run:
                 return DryRun(plan)
             total = sum(_nbytes(a) for a in plan.actions())
             progress: Progress | None = progress_factory(total) if progress_factory else None
-            return run_merge(plan, Path(output), device=dev, overwrite=overwrite, progress=progress)
+            result = run_merge(
+                plan, Path(output), device=dev, overwrite=overwrite, progress=progress
+            )
+            result.adapters = combined_json(plan).get("adapters", [])
+            return result
         finally:
-            ad.close()
+            for ad in opened:
+                ad.close()
     finally:
         base_src.close()
 

@@ -1,0 +1,279 @@
+"""Several adapters × one checkpoint → one merge plan, so each base tensor is read once.
+
+``lora merge BASE A1 A2 … --weights w1,w2,…`` merges ``W + Σ wᵢ·sᵢ·Bᵢ@Aᵢ``, rounded
+once: what PEFT's ``add_weighted_adapter(..., combination_type="cat")`` followed by
+``merge_and_unload()`` gives with its combined adapter kept in fp32 and scale 1 (see
+``math.merge_weighted``). Each adapter is first planned alone (``plan.build_plan``: name
+resolution, shapes, tied embeddings, every preflight error); this module then joins the
+per-adapter actions tensor by tensor and refuses what has no single meaning:
+
+* two adapters replacing one tensor with different values (``modules_to_save``, resized
+  embeddings), or one replacing what another adapts;
+* a DoRA module shared with another adapter, or a DoRA adapter with a weight other than
+  1 (the magnitude renormalises the whole weight; PEFT's ``cat`` drops it);
+* a weight other than 1 on full replacements or trainable-token rows (they are values,
+  not deltas), overlapping trainable tokens, ``lora_bias`` and ``target_parameters``
+  (PEFT's ``add_weighted_adapter`` does not combine them).
+
+The joined plan reads adapter tensors through ``CombinedSource``, which names adapter
+``i``'s key ``k`` as ``"i/k"``, so ``run.compute_tensor`` needs no knowledge of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from lora_cli.adapters.peft import Adapter, LoraModule
+from lora_cli.errors import MergeError, UsageError
+from lora_cli.io.layout import OUTPUT_EMBEDDING
+from lora_cli.io.reader import TensorInfo, TensorSource
+from lora_cli.merge.plan import LoraOp, MergePlan, TensorAction, _layout, build_plan
+
+if TYPE_CHECKING:
+    import torch
+
+FIX = "merge that adapter alone first, then merge the others into its output"
+
+
+def parse_weights(spec: str | Sequence[float] | None, count: int) -> list[float]:
+    """``"0.7,0.3"`` → ``[0.7, 0.3]``, one finite number per adapter; default all 1."""
+    if spec is None:
+        return [1.0] * count
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    try:
+        weights = [float(w) for w in items]
+    except ValueError:
+        raise UsageError(
+            f"--weights {spec!r}: not a comma-separated list of numbers", "e.g. --weights 0.7,0.3"
+        ) from None
+    if len(weights) != count:
+        raise UsageError(
+            f"--weights gives {len(weights)} numbers for {count} adapters", "one weight per adapter"
+        )
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise UsageError(f"--weights {spec!r}: {bad[0]} is not a finite number")
+    return weights
+
+
+class CombinedSource:
+    """Several adapters' tensors under one name space: adapter ``i``'s key ``k`` is ``"i/k"``."""
+
+    def __init__(self, sources: Sequence[TensorSource]) -> None:
+        self.sources = list(sources)
+
+    @staticmethod
+    def key(index: int, key: str) -> str:
+        return f"{index}/{key}"
+
+    def _split(self, key: str) -> tuple[TensorSource, str]:
+        index, _, name = key.partition("/")
+        return self.sources[int(index)], name
+
+    def info(self, key: str) -> TensorInfo:
+        src, name = self._split(key)
+        return src.info(name)
+
+    def read(self, key: str, **kwargs: Any) -> torch.Tensor:
+        src, name = self._split(key)
+        return src.read(name, **kwargs)
+
+    def close(self) -> None:
+        """The adapters own their sources; whoever opened them closes them."""
+
+
+def build_combined_plan(
+    base: TensorSource,
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    *,
+    out_dtype: str | None = None,
+    max_shard_size: int | None = None,
+) -> MergePlan:
+    """One plan that merges every adapter's weighted delta in a single pass over ``base``."""
+    if len(adapters) != len(weights):
+        raise UsageError(f"{len(weights)} weights for {len(adapters)} adapters")
+    plans = [build_plan(base, ad, out_dtype=out_dtype) for ad in adapters]
+    names = [str(ad.root) for ad in adapters]
+    for i, plan in enumerate(plans):
+        for act in plan.actions():
+            if act.experts:
+                raise MergeError(
+                    f"{names[i]}: target_parameters (MoE expert) adapters cannot be combined "
+                    "with others (PEFT's add_weighted_adapter refuses them too)",
+                    FIX,
+                )
+            if act.bias is not None:
+                raise MergeError(
+                    f"{names[i]}: lora_bias adapters cannot be combined with others: "
+                    "PEFT's add_weighted_adapter drops lora_B.bias (peft#3761)",
+                    FIX,
+                )
+
+    per_tensor: dict[str, list[tuple[int, TensorAction]]] = {}
+    for i, plan in enumerate(plans):
+        for act in plan.actions():
+            if act.kind != "copy" or act.base != act.name:  # untied lm_head: a copy of embed
+                per_tensor.setdefault(act.name, []).append((i, act))
+
+    actions: dict[str, TensorAction] = {}
+    for name, touches in per_tensor.items():
+        actions[name] = _join(name, touches, adapters, weights, names, base)
+
+    untied = any(p.untied for p in plans)
+    embed = None
+    if untied and OUTPUT_EMBEDDING in actions:
+        embed = actions[OUTPUT_EMBEDDING].base
+    config_updates: dict[str, Any] = {}
+    for p in plans:
+        config_updates.update(p.config_updates)
+    rules = {p.rule for p in plans}
+    rule = (
+        plans[0].rule
+        if len(rules) == 1
+        else "; ".join(f"{n}: {p.rule}" for n, p in zip(names, plans, strict=True))
+    )
+    warnings = [f"{n}: {w}" for n, p in zip(names, plans, strict=True) for w in p.warnings]
+    combined = replace(
+        adapters[0],
+        source=CombinedSource([ad.source for ad in adapters]),
+        modules={},
+        replacements={},
+        token_rows={},
+        producer="several adapters",
+        warnings=warnings,
+    )
+    return MergePlan(
+        base=base,
+        adapter=combined,
+        shards=_layout(base, actions, embed, out_dtype, max_shard_size),
+        rule=rule,
+        config=plans[0].config,
+        config_updates=config_updates,
+        untied=untied,
+        warnings=warnings,
+        combined=list(zip(adapters, weights, strict=True)),
+    )
+
+
+def _join(
+    name: str,
+    touches: list[tuple[int, TensorAction]],
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    names: list[str],
+    base: TensorSource,
+) -> TensorAction:
+    """One action for ``name`` from every adapter's action on it; refuses conflicts."""
+    first = touches[0][1]
+    out = TensorAction(name, first.dtype, first.shape, base=first.base)
+    if len(touches) > 1 or any(weights[i] != 1.0 for i, _ in touches):
+        touches = [(i, _drop_base_copy(a, adapters[i], base)) for i, a in touches]
+    replaced = [(i, a) for i, a in touches if a.replacement]
+    if replaced:
+        i, act = replaced[0]
+        for j, other in touches:
+            if j == i:
+                continue
+            if not other.replacement:
+                raise MergeError(
+                    f"{name}: {names[i]} replaces it (modules_to_save or a resized embedding) "
+                    f"while {names[j]} adapts it; the two cannot be combined",
+                    FIX,
+                )
+            if not _same_tensor(adapters[i], act.replacement, adapters[j], other.replacement):
+                raise MergeError(
+                    f"{name}: {names[i]} and {names[j]} both replace it (modules_to_save) with "
+                    "different values; PEFT cannot combine them either",
+                    "keep one of them: merge it alone, then merge the other's LoRA into it",
+                )
+        out.replacement = CombinedSource.key(i, act.replacement)
+        out.shape = act.shape
+        for j, _ in replaced:
+            _needs_unit_weight(weights, j, names, name, "its full replacement")
+
+    rows = [(i, a) for i, a in touches if a.rows]
+    if len(rows) > 1:
+        (i, _), (j, _) = rows[:2]
+        raise MergeError(
+            f"{name}: {names[i]} and {names[j]} both set trainable-token rows of it; "
+            "the two cannot be combined",
+            FIX,
+        )
+    if rows:
+        i, act = rows[0]
+        _needs_unit_weight(weights, i, names, name, "its trainable-token rows")
+        assert act.rows is not None
+        out.rows = (CombinedSource.key(i, act.rows[0]), act.rows[1])
+
+    loras = [(i, op) for i, a in touches for op in a.loras]
+    if rows and any(j != rows[0][0] for j, _ in loras):
+        j = next(j for j, _ in loras if j != rows[0][0])
+        raise MergeError(
+            f"{name}: {names[rows[0][0]]} sets trainable-token rows of it while {names[j]} "
+            "adapts it with LoRA; PEFT cannot combine the two on one embedding",
+            FIX,
+        )
+    dora = [(i, op) for i, op in loras if op.module.has_dora]
+    if dora:
+        i, op = dora[0]
+        others = [j for j, _ in loras if j != i]
+        if others:
+            raise MergeError(
+                f"{name}: {names[i]} (DoRA) and {names[others[0]]} both adapt it; DoRA "
+                "renormalises the whole weight, so their sum has no meaning (PEFT's "
+                "add_weighted_adapter drops the magnitude, peft#3761)",
+                FIX,
+            )
+        _needs_unit_weight(weights, i, names, name, "DoRA")
+    for i, op in loras:
+        module = _rekey(op.module, i)
+        weight = None if op.module.has_dora else weights[i]
+        out.loras.append(LoraOp(module, op.kind, op.fan_in_fan_out, weight))
+    return out
+
+
+def _needs_unit_weight(
+    weights: Sequence[float], i: int, names: list[str], tensor: str, what: str
+) -> None:
+    if weights[i] != 1.0:
+        raise MergeError(
+            f"{tensor}: {names[i]} has weight {weights[i]:g}, but {what} cannot be weighted "
+            "(PEFT's add_weighted_adapter cannot combine it)",
+            "give that adapter weight 1, or " + FIX,
+        )
+
+
+def _rekey(module: LoraModule, index: int) -> LoraModule:
+    parts = {part: CombinedSource.key(index, key) for part, key in module.parts.items()}
+    return replace(module, parts=parts)
+
+
+def _drop_base_copy(act: TensorAction, adapter: Adapter, base: TensorSource) -> TensorAction:
+    """An embedding LoRA's saved ``base_layer.weight`` that equals the base is no replacement.
+
+    PEFT saves that copy beside every embedding LoRA; when it holds the base's own values
+    it must not count as a ``modules_to_save`` replacement that would stop another adapter
+    (or a weight) from applying. Read here, at plan time, only for shared tensors.
+    """
+    import torch
+
+    key = act.replacement
+    if not key or ".base_layer." not in key or act.base is None:
+        return act
+    ours, theirs = adapter.source.info(key), base.info(act.base)
+    if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
+        return act
+    if not torch.equal(adapter.source.read(key), base.read(act.base)):
+        return act
+    return replace(act, replacement=None, shape=theirs.shape)
+
+
+def _same_tensor(a: Adapter, key_a: str, b: Adapter, key_b: str) -> bool:
+    import torch
+
+    ta, tb = a.source.read(key_a), b.source.read(key_b)
+    return ta.dtype == tb.dtype and ta.shape == tb.shape and torch.equal(ta, tb)

@@ -112,11 +112,16 @@ def merge(
     base: Path = typer.Argument(
         ..., metavar="BASE", help="Base checkpoint: folder, index or weights file."
     ),
-    adapter: Path = typer.Argument(
-        ..., metavar="ADAPTER", help="Adapter folder or adapter weights file."
+    adapter: list[Path] = typer.Argument(
+        ...,
+        metavar="ADAPTER...",
+        help="Adapter folder or adapter weights file; several merge their weighted sum.",
     ),
     output_path: Path | None = typer.Option(
         None, "-o", "--output", help="Output folder (must not exist unless --overwrite)."
+    ),
+    weights: str | None = typer.Option(
+        None, help="One weight per adapter, comma-separated, e.g. 0.7,0.3 (default 1 each)."
     ),
     dtype: str = typer.Option("keep", help="Output dtype: keep, fp32, fp16 or bf16."),
     max_shard_size: str | None = typer.Option(
@@ -128,7 +133,7 @@ def merge(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
 ) -> None:
-    """Fold a LoRA adapter into the base weights, streaming tensor by tensor."""
+    """Fold LoRA adapters into the base weights, streaming tensor by tensor."""
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.merge import merge as run_merge
@@ -138,6 +143,7 @@ def merge(
                 base,
                 adapter,
                 output_path,
+                weights=weights,
                 dtype=dtype,
                 max_shard_size=max_shard_size,
                 device=device,
@@ -156,7 +162,12 @@ def validate(
     base: Path | None = typer.Option(
         None, help="Base checkpoint PATH was merged from (with --adapter)."
     ),
-    adapter: Path | None = typer.Option(None, help="Adapter PATH was merged with (with --base)."),
+    adapter: list[Path] | None = typer.Option(
+        None, help="Adapter PATH was merged with (with --base); repeat it for several."
+    ),
+    weights: str | None = typer.Option(
+        None, help="The --weights PATH was merged with, e.g. 0.7,0.3 (several adapters)."
+    ),
     atol: float = typer.Option(0.0, help="Extra absolute tolerance for recomputed tensors."),
     rtol: float = typer.Option(0.0, help="Extra relative tolerance for recomputed tensors."),
     sample: int | None = typer.Option(
@@ -173,7 +184,8 @@ def validate(
         report = run_validate(
             path,
             base=base,
-            adapter=adapter,
+            adapter=adapter or None,
+            weights=weights,
             atol=atol,
             rtol=rtol,
             sample=sample,

@@ -112,6 +112,10 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
             "merge plan (dry run: nothing written)",
             [
                 ("name resolution", doc["rule"]),
+                *[
+                    ("adapter × weight", f"{a['path']} × {a['weight']:g}")
+                    for a in doc.get("adapters", [])
+                ],
                 ("to merge", c["merge"]),
                 ("to replace", c["replace"]),
                 ("token rows", c["rows"]),
@@ -163,6 +167,7 @@ def merge_json(result: Any) -> dict[str, Any]:
         "untie_embeddings": result.untied,
         "config_updates": result.config_updates,
         "warnings": result.warnings,
+        **({"adapters": result.adapters} if result.adapters else {}),
     }
 
 

@@ -194,7 +194,8 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
 
     A plain Linear LoRA gives each output row from the same input row alone
     (``W[i] + s·B[i]@A``), so big projections stream through in ~16 MB blocks and
-    memory stays flat whatever the tensor or model size. Everything else (DoRA
+    memory stays flat whatever the tensor or model size; so does a weighted sum of several
+    adapters' Linear LoRAs. Everything else (DoRA
     norms, transposed or conv layouts, replacements) takes the whole tensor.
     """
     info = plan.base.info(act.base) if act.base else None
@@ -204,10 +205,10 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
         or act.bias
         or act.rows
         or act.experts
-        or len(act.loras) != 1
-        or act.loras[0].kind != "linear"
-        or act.loras[0].fan_in_fan_out
-        or "lora_magnitude_vector" in act.loras[0].module.parts
+        or not act.loras
+        or (len(act.loras) > 1 and any(op.weight is None for op in act.loras))
+        or any(op.kind != "linear" or op.fan_in_fan_out for op in act.loras)
+        or any("lora_magnitude_vector" in op.module.parts for op in act.loras)
         or info.raw_offset is None
         or info.dtype != act.dtype
         or len(info.shape) != 2

@@ -19,11 +19,13 @@ This module checks the options and picks the checks; they live in ``lora_cli.val
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from lora_cli.adapters.peft import is_adapter
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.reader import INDEX_SUFFIXES
+from lora_cli.merge.combine import parse_weights
 from lora_cli.validate.adapter import validate_adapter
 from lora_cli.validate.report import ValidateReport
 from lora_cli.validate.weights import WeightsCheck
@@ -33,15 +35,29 @@ def validate(
     path: Path,
     *,
     base: Path | None = None,
-    adapter: Path | None = None,
+    adapter: Path | Sequence[Path] | None = None,
+    weights: str | Sequence[float] | None = None,
     atol: float = 0.0,
     rtol: float = 0.0,
     sample: int | None = None,
     device: str = "auto",
 ) -> ValidateReport:
     """Validate ``path`` (an adapter, a checkpoint or a weights file); with ``base`` and
-    ``adapter``, also recompute it as their merge. Raises ``LoraError`` when impossible."""
+    ``adapter``, also recompute it as their merge. Raises ``LoraError`` when impossible.
+
+    ``adapter`` may list several adapters, merged with ``weights`` as ``merge A1 A2 …``."""
     path = Path(path)
+    adapters = (
+        []
+        if adapter is None
+        else [Path(adapter)]
+        if isinstance(adapter, str | Path)
+        else [Path(a) for a in adapter]
+    )
+    adapter = adapters[0] if adapters else None
+    if weights is not None and not adapters:
+        raise UsageError("--weights applies to --base with --adapter")
+    weight_list = parse_weights(weights, len(adapters)) if weights is not None else None
     for name, value in (("--atol", atol), ("--rtol", rtol)):
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{name} {value} must be a finite number ≥ 0")
@@ -73,6 +89,8 @@ def validate(
         "file" if path.is_file() and not path.name.endswith(INDEX_SUFFIXES) else "checkpoint",
         base=Path(base) if base else None,
         adapter=Path(adapter) if adapter else None,
+        adapters=adapters,
+        weights=weight_list,
         atol=atol,
         rtol=rtol,
         sample=sample,

@@ -44,7 +44,7 @@ class Recompute:
         self.row_sampled = 0
         self.sample_note = ""
         self.base_src: TensorSource | None = None
-        self.adapter_obj: Any = None
+        self.adapter_objs: list[Any] = []
 
     def prepare(self, infos: dict[str, TensorInfo]) -> None:
         """Open BASE and ADAPTER, plan the merge, and choose the tensors to compare."""
@@ -55,7 +55,8 @@ class Recompute:
         assert r.base is not None and r.adapter is not None
         self.dev = resolve_device(self.device)
         self.base_src = open_source(r.base)
-        self.adapter_obj = load_adapter(r.adapter)
+        for path in r.adapters or [r.adapter]:
+            self.adapter_objs.append(load_adapter(path))
         path_floats = {i.dtype for i in infos.values() if i.dtype in FLOAT_DTYPES}
         base_floats = {i.dtype for i in self.base_src.infos.values() if i.dtype in FLOAT_DTYPES}
         out_dtype = None
@@ -65,7 +66,17 @@ class Recompute:
                 f"every floating point tensor of PATH is {out_dtype} (BASE: "
                 f"{', '.join(sorted(base_floats))}): recomputed as `merge --dtype` {out_dtype}"
             )
-        self.plan = build_plan(self.base_src, self.adapter_obj, out_dtype=out_dtype)
+        if len(self.adapter_objs) == 1 and r.weights is None:
+            self.plan = build_plan(self.base_src, self.adapter_objs[0], out_dtype=out_dtype)
+        else:  # several adapters: the same combined plan as `merge A1 A2 … --weights`
+            from lora_cli.merge.combine import build_combined_plan
+
+            self.plan = build_combined_plan(
+                self.base_src,
+                self.adapter_objs,
+                r.weights or [1.0] * len(self.adapter_objs),
+                out_dtype=out_dtype,
+            )
         self.actions = {a.name: a for a in self.plan.actions()}
         touched = [n for n, a in self.actions.items() if a.kind != "copy"]
         untouched = [n for n, a in self.actions.items() if a.kind == "copy"]
@@ -227,5 +238,5 @@ class Recompute:
     def close(self) -> None:
         if self.base_src is not None:
             self.base_src.close()
-        if self.adapter_obj is not None:
-            self.adapter_obj.close()
+        for adapter in self.adapter_objs:
+            adapter.close()

@@ -80,6 +80,8 @@ class ValidateReport:
     kind: str  # checkpoint | file | adapter
     base: Path | None = None
     adapter: Path | None = None
+    adapters: list[Path] = field(default_factory=list)  # several adapters merged together
+    weights: list[float] | None = None  # their --weights
     atol: float = 0.0
     rtol: float = 0.0
     sample: int | None = None
@@ -125,6 +127,11 @@ class ValidateReport:
             "exit_code": self.exit_code,
             "base": str(self.base) if self.base else None,
             "adapter": str(self.adapter) if self.adapter else None,
+            **(
+                {"adapters": [str(a) for a in self.adapters], "weights": self.weights}
+                if len(self.adapters) > 1 or self.weights is not None
+                else {}
+            ),
             "tolerance": {"ulp": DEFAULT_ULPS, "atol": self.atol, "rtol": self.rtol},
             "sample": self.sample,
             "tensors_checked": self.tensors_checked,

@@ -114,7 +114,7 @@ def merge(
     ),
     adapter: list[Path] = typer.Argument(
         ...,
-        metavar="ADAPTER...",
+        metavar="ADAPTER",
         help="Adapter folder or adapter weights file; several merge their weighted sum.",
     ),
     output_path: Path | None = typer.Option(

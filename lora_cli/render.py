@@ -144,6 +144,12 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
         )
     if quiet:
         return
+    if result.adapters:
+        output.out().print(
+            "adapters (weighted sum, one pass): "
+            + ", ".join(f"{a['path']} × {a['weight']:g}" for a in result.adapters),
+            markup=False,
+        )
     c = result.counts
     output.out().print(
         f"merged {c['merge']} tensors, replaced {c['replace']}, token rows {c['rows']}, "

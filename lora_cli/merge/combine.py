@@ -12,8 +12,9 @@ per-adapter actions tensor by tensor and refuses what has no single meaning:
 * a DoRA module shared with another adapter, or a DoRA adapter with a weight other than
   1 (the magnitude renormalises the whole weight; PEFT's ``cat`` drops it);
 * a weight other than 1 on full replacements or trainable-token rows (they are values,
-  not deltas), overlapping trainable tokens, ``lora_bias`` and ``target_parameters``
-  (PEFT's ``add_weighted_adapter`` does not combine them).
+  not deltas), overlapping trainable tokens, rows and another adapter's LoRA on one
+  embedding, ``lora_bias`` and ``target_parameters`` (PEFT's ``add_weighted_adapter``
+  does not combine them).
 
 The joined plan reads adapter tensors through ``CombinedSource``, which names adapter
 ``i``'s key ``k`` as ``"i/k"``, so ``run.compute_tensor`` needs no knowledge of it.
@@ -60,7 +61,13 @@ def parse_weights(spec: str | Sequence[float] | None, count: int) -> list[float]
 
 
 class CombinedSource:
-    """Several adapters' tensors under one name space: adapter ``i``'s key ``k`` is ``"i/k"``."""
+    """Several adapters' tensors under one name space: adapter ``i``'s key ``k`` is ``"i/k"``.
+
+    ``"i/k + j/l"`` reads both stacked along dim 0: the trainable-token rows of several
+    adapters on one embedding, replaced in one go.
+    """
+
+    STACK = " + "
 
     def __init__(self, sources: Sequence[TensorSource]) -> None:
         self.sources = list(sources)
@@ -78,6 +85,10 @@ class CombinedSource:
         return src.info(name)
 
     def read(self, key: str, **kwargs: Any) -> torch.Tensor:
+        if self.STACK in key:
+            import torch
+
+            return torch.cat([self.read(k, **kwargs) for k in key.split(self.STACK)])
         src, name = self._split(key)
         return src.read(name, **kwargs)
 
@@ -196,22 +207,26 @@ def _join(
             _needs_unit_weight(weights, j, names, name, "its full replacement")
 
     rows = [(i, a) for i, a in touches if a.rows]
-    if len(rows) > 1:
-        (i, _), (j, _) = rows[:2]
-        raise MergeError(
-            f"{name}: {names[i]} and {names[j]} both set trainable-token rows of it; "
-            "the two cannot be combined",
-            FIX,
-        )
-    if rows:
-        i, act = rows[0]
-        _needs_unit_weight(weights, i, names, name, "its trainable-token rows")
+    seen: dict[int, int] = {}
+    for i, act in rows:
         assert act.rows is not None
-        out.rows = (CombinedSource.key(i, act.rows[0]), act.rows[1])
+        _needs_unit_weight(weights, i, names, name, "its trainable-token rows")
+        for index in act.rows[1]:
+            if index in seen:
+                raise MergeError(
+                    f"{name}: {names[seen[index]]} and {names[i]} both set trainable-token "
+                    f"row {index}; PEFT refuses overlapping trainable tokens too",
+                    FIX,
+                )
+            seen[index] = i
+    if rows:  # disjoint row sets: one stacked replacement, in adapter order
+        keys = [CombinedSource.key(i, a.rows[0]) for i, a in rows if a.rows]
+        out.rows = (CombinedSource.STACK.join(keys), list(seen))
 
     loras = [(i, op) for i, a in touches for op in a.loras]
-    if rows and any(j != rows[0][0] for j, _ in loras):
-        j = next(j for j, _ in loras if j != rows[0][0])
+    row_owners = {i for i, _ in rows}
+    if any(j not in row_owners for j, _ in loras) and rows:
+        j = next(j for j, _ in loras if j not in row_owners)
         raise MergeError(
             f"{name}: {names[rows[0][0]]} sets trainable-token rows of it while {names[j]} "
             "adapts it with LoRA; PEFT cannot combine the two on one embedding",

@@ -204,6 +204,27 @@ def test_modules_to_save_and_trainable_tokens_come_from_their_adapter(tmp_path: 
     assert ulp_diff(ours[q], cat[q]) <= 1 and not torch.equal(ours[q], alone[0][q])
 
 
+def test_disjoint_trainable_tokens_of_two_adapters(tmp_path: Path) -> None:
+    model = tiny_model("llama", torch.bfloat16)
+    base_dir = save_model(model, tmp_path / "base")
+    rows = [[3, 7], [9, 60, 1]]
+    for i, idx in enumerate(rows):
+        peft_adapter(
+            model, tmp_path / f"a{i}", target_modules=["q_proj"], trainable_token_indices=idx
+        )
+        perturb(tmp_path / f"a{i}", "trainable_tokens_delta", seed=i)
+    adapters = [tmp_path / "a0", tmp_path / "a1"]
+    merge(base_dir, adapters, tmp_path / "out", device="cpu")
+    embed = "model.embed_tokens.weight"
+    ours = merged_tensors(tmp_path / "out")[embed]
+    expected = model.state_dict()[embed].clone()
+    for path, idx in zip(adapters, rows, strict=True):
+        alone = peft_merged_state(base_dir, path)[embed]
+        assert not torch.equal(alone[idx], expected[idx])
+        expected[idx] = alone[idx]
+    assert torch.equal(ours, expected)
+
+
 REFUSALS = {
     "dora-shared": (
         dict(target_modules=["q_proj"]),
@@ -239,7 +260,13 @@ REFUSALS = {
         dict(target_modules=["q_proj"], trainable_token_indices=[3, 7]),
         dict(target_modules=["v_proj"], trainable_token_indices=[7, 9]),
         None,
-        "trainable-token rows",
+        "both set trainable-token row 7",
+    ),
+    "tokens-and-embedding-lora": (
+        dict(target_modules=["q_proj"], trainable_token_indices=[3, 7]),
+        dict(target_modules=["v_proj", "embed_tokens"]),
+        None,
+        "PEFT cannot combine the two on one embedding",
     ),
     "lora-bias": (
         dict(target_modules=["q_proj"]),

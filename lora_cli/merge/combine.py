@@ -11,10 +11,15 @@ per-adapter actions tensor by tensor and refuses what has no single meaning:
   embeddings), or one replacing what another adapts;
 * a DoRA module shared with another adapter, or a DoRA adapter with a weight other than
   1 (the magnitude renormalises the whole weight; PEFT's ``cat`` drops it);
-* a weight other than 1 on full replacements or trainable-token rows (they are values,
-  not deltas), overlapping trainable tokens, rows and another adapter's LoRA on one
-  embedding, ``lora_bias`` and ``target_parameters`` (PEFT's ``add_weighted_adapter``
-  does not combine them).
+* a weight other than 1 on ``modules_to_save`` replacements or trainable-token rows
+  (they are values, not deltas), overlapping trainable tokens, rows and another adapter's
+  LoRA on one embedding, ``lora_bias`` and ``target_parameters`` (PEFT's
+  ``add_weighted_adapter`` does not combine them).
+
+The copy of the base PEFT saves beside an embedding LoRA (``…base_layer.weight``) is the
+value the weighted deltas start from; adapters that both adapt one embedding must carry
+identical copies. Only adapter tensors are compared at plan time: the base is read once,
+in the streaming pass.
 
 The joined plan reads adapter tensors through ``CombinedSource``, which names adapter
 ``i``'s key ``k`` as ``"i/k"``, so ``run.compute_tensor`` needs no knowledge of it.
@@ -132,7 +137,7 @@ def build_combined_plan(
 
     actions: dict[str, TensorAction] = {}
     for name, touches in per_tensor.items():
-        actions[name] = _join(name, touches, adapters, weights, names, base)
+        actions[name] = _join(name, touches, adapters, weights, names)
 
     untied = any(p.untied for p in plans)
     embed = None
@@ -176,16 +181,25 @@ def _join(
     adapters: Sequence[Adapter],
     weights: Sequence[float],
     names: list[str],
-    base: TensorSource,
 ) -> TensorAction:
     """One action for ``name`` from every adapter's action on it; refuses conflicts."""
     first = touches[0][1]
     out = TensorAction(name, first.dtype, first.shape, base=first.base)
-    if len(touches) > 1 or any(weights[i] != 1.0 for i, _ in touches):
-        touches = [(i, _drop_base_copy(a, adapters[i], base)) for i, a in touches]
+    rows = [(i, a) for i, a in touches if a.rows]
+    loras = [(i, op) for i, a in touches for op in a.loras]
+    row_owners = {i for i, _ in rows}
+    if rows and any(j not in row_owners for j, _ in loras):
+        j = next(j for j, _ in loras if j not in row_owners)
+        raise MergeError(
+            f"{name}: {names[rows[0][0]]} sets trainable-token rows of it while {names[j]} "
+            "adapts it with LoRA; PEFT cannot combine the two on one embedding",
+            FIX,
+        )
+
     replaced = [(i, a) for i, a in touches if a.replacement]
     if replaced:
         i, act = replaced[0]
+        assert act.replacement is not None
         for j, other in touches:
             if j == i:
                 continue
@@ -196,17 +210,15 @@ def _join(
                     FIX,
                 )
             if not _same_tensor(adapters[i], act.replacement, adapters[j], other.replacement):
-                raise MergeError(
-                    f"{name}: {names[i]} and {names[j]} both replace it (modules_to_save) with "
-                    "different values; PEFT cannot combine them either",
-                    "keep one of them: merge it alone, then merge the other's LoRA into it",
-                )
+                raise _conflict(name, (names[i], act.replacement), (names[j], other.replacement))
         out.replacement = CombinedSource.key(i, act.replacement)
         out.shape = act.shape
-        for j, _ in replaced:
-            _needs_unit_weight(weights, j, names, name, "its full replacement")
+        for j, other in replaced:
+            # the copy of the base PEFT saves beside an embedding LoRA is where its weighted
+            # delta starts from; a modules_to_save module is a value that cannot be weighted
+            if ".base_layer." not in str(other.replacement):
+                _needs_unit_weight(weights, j, names, name, "its full replacement")
 
-    rows = [(i, a) for i, a in touches if a.rows]
     seen: dict[int, int] = {}
     for i, act in rows:
         assert act.rows is not None
@@ -223,15 +235,6 @@ def _join(
         keys = [CombinedSource.key(i, a.rows[0]) for i, a in rows if a.rows]
         out.rows = (CombinedSource.STACK.join(keys), list(seen))
 
-    loras = [(i, op) for i, a in touches for op in a.loras]
-    row_owners = {i for i, _ in rows}
-    if any(j not in row_owners for j, _ in loras) and rows:
-        j = next(j for j, _ in loras if j not in row_owners)
-        raise MergeError(
-            f"{name}: {names[rows[0][0]]} sets trainable-token rows of it while {names[j]} "
-            "adapts it with LoRA; PEFT cannot combine the two on one embedding",
-            FIX,
-        )
     dora = [(i, op) for i, op in loras if op.module.has_dora]
     if dora:
         i, op = dora[0]
@@ -251,6 +254,29 @@ def _join(
     return out
 
 
+def _conflict(tensor: str, a: tuple[str, str], b: tuple[str, str]) -> MergeError:
+    """Two adapters that start ``tensor`` from different values: say which kind each is."""
+    copies = [".base_layer." in key for _, key in (a, b)]
+    if all(copies):
+        return MergeError(
+            f"{tensor}: {a[0]} and {b[0]} adapt it from different copies of it (a resized or "
+            "retrained embedding); the two cannot be combined",
+            FIX,
+        )
+    if any(copies):
+        owner, adapter = (b[0], a[0]) if copies[0] else (a[0], b[0])
+        return MergeError(
+            f"{tensor}: {owner} replaces it (modules_to_save) while {adapter} adapts it; "
+            "the two cannot be combined",
+            FIX,
+        )
+    return MergeError(
+        f"{tensor}: {a[0]} and {b[0]} both replace it (modules_to_save) with different "
+        "values; PEFT cannot combine them either",
+        "keep one of them: merge it alone, then merge the other's LoRA into it",
+    )
+
+
 def _needs_unit_weight(
     weights: Sequence[float], i: int, names: list[str], tensor: str, what: str
 ) -> None:
@@ -265,26 +291,6 @@ def _needs_unit_weight(
 def _rekey(module: LoraModule, index: int) -> LoraModule:
     parts = {part: CombinedSource.key(index, key) for part, key in module.parts.items()}
     return replace(module, parts=parts)
-
-
-def _drop_base_copy(act: TensorAction, adapter: Adapter, base: TensorSource) -> TensorAction:
-    """An embedding LoRA's saved ``base_layer.weight`` that equals the base is no replacement.
-
-    PEFT saves that copy beside every embedding LoRA; when it holds the base's own values
-    it must not count as a ``modules_to_save`` replacement that would stop another adapter
-    (or a weight) from applying. Read here, at plan time, only for shared tensors.
-    """
-    import torch
-
-    key = act.replacement
-    if not key or ".base_layer." not in key or act.base is None:
-        return act
-    ours, theirs = adapter.source.info(key), base.info(act.base)
-    if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
-        return act
-    if not torch.equal(adapter.source.read(key), base.read(act.base)):
-        return act
-    return replace(act, replacement=None, shape=theirs.shape)
 
 
 def _same_tensor(a: Adapter, key_a: str, b: Adapter, key_b: str) -> bool:

@@ -124,6 +124,50 @@ def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch, two_adapter
         assert torch.equal(t.view(torch.uint8), got[name].view(torch.uint8)), name
 
 
+def test_each_base_tensor_is_read_once(tmp_path: Path, monkeypatch, two_adapters) -> None:
+    """One pass: every tensor some adapter touches is read from the base exactly once
+    (untouched ones are copied file-to-file), whatever the number of adapters."""
+    from lora_cli.io.reader import TensorSource
+
+    _, _, base_dir, adapters = two_adapters
+    reads: list[str] = []
+    real = TensorSource.read
+
+    def spy(self, name, *args, **kwargs):
+        if self.root == base_dir:
+            reads.append(name)
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(TensorSource, "read", spy)
+    result = merge(base_dir, adapters, tmp_path / "out", weights=WEIGHTS, device="cpu")
+    assert result.counts["merge"] == 7
+    # the embedding starts from the copy PEFT saves beside an embedding LoRA
+    assert len(reads) == len(set(reads)) == 6, sorted(reads)
+    assert all(n.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for n in reads)
+
+
+def test_one_adapter_with_a_weight_scales_its_delta(tmp_path: Path) -> None:
+    """``--weights 0.5`` on one adapter: the unmerged PeftModel with every scale halved."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", torch.float32)
+    base_dir = save_model(model, tmp_path / "base")
+    peft_adapter(model, tmp_path / "a", target_modules=["q_proj", "v_proj", "embed_tokens"])
+    merge(base_dir, [tmp_path / "a"], tmp_path / "out", weights=[0.5], device="cpu")
+    pm = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), tmp_path / "a"
+    )
+    full = logits(pm.eval())
+    for m in pm.modules():
+        if isinstance(m, LoraLayer):
+            m.scaling["default"] *= 0.5
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert not torch.allclose(logits(pm), full, atol=1e-3)
+    torch.testing.assert_close(logits(merged), logits(pm), atol=2e-4, rtol=1e-4)
+
+
 def unmerged_logits(base_dir: Path, adapters: list[Path]) -> torch.Tensor:
     """Every adapter active at once, unmerged: the sum the merge must reproduce."""
     from peft import PeftModel
@@ -285,8 +329,9 @@ def test_refuses_what_has_no_single_meaning(tmp_path: Path, run_cli, case: str) 
     base_dir = save_model(model, tmp_path / "base")
     peft_adapter(model, tmp_path / "a0", **first)
     peft_adapter(model, tmp_path / "a1", **second)
-    if second.get("modules_to_save"):
-        perturb(tmp_path / "a1", "lm_head")  # a different lm_head copy in the second adapter
+    for i, lora in enumerate((first, second)):
+        if lora.get("modules_to_save"):  # a trained copy: different values in each adapter
+            perturb(tmp_path / f"a{i}", "lm_head", seed=i)
     args = ["merge", base_dir, tmp_path / "a0", tmp_path / "a1", "-o", tmp_path / "out"]
     code, _, err = run_cli(*args, *(["--weights", weights] if weights else []))
     err = err.replace("\n", "")

@@ -185,6 +185,7 @@ def _join(
     """One action for ``name`` from every adapter's action on it; refuses conflicts."""
     first = touches[0][1]
     out = TensorAction(name, first.dtype, first.shape, base=first.base)
+    touches = [(i, a) for i, a in touches if a.kind != "copy"]  # an untied head's plain copy
     rows = [(i, a) for i, a in touches if a.rows]
     loras = [(i, op) for i, a in touches for op in a.loras]
     row_owners = {i for i, _ in rows}

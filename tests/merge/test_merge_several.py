@@ -181,8 +181,17 @@ def unmerged_logits(base_dir: Path, adapters: list[Path]) -> torch.Tensor:
     return logits(pm.eval())
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-tied"])
-def test_default_weights_match_unmerged_adapters_logits(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    "kind, second",
+    [
+        ("llama", ["q_proj", "o_proj"]),
+        ("llama-tied", ["q_proj", "o_proj"]),
+        ("llama-tied", ["embed_tokens", "o_proj"]),  # each adapter on one side of the tie
+    ],
+)
+def test_default_weights_match_unmerged_adapters_logits(
+    tmp_path: Path, kind: str, second: list[str]
+) -> None:
     """Weights 1: the merged model computes what PEFT computes with both adapters active;
     on a tied model the lm_head adapter unties the head (as for one adapter)."""
     from transformers import AutoModelForCausalLM
@@ -190,7 +199,7 @@ def test_default_weights_match_unmerged_adapters_logits(tmp_path: Path, kind: st
     model = tiny_model(kind, torch.float32)
     base_dir = save_model(model, tmp_path / "base")
     peft_adapter(model, tmp_path / "a0", target_modules=["q_proj", "lm_head"], r=4)
-    peft_adapter(model, tmp_path / "a1", target_modules=["q_proj", "o_proj"], r=2, lora_alpha=5)
+    peft_adapter(model, tmp_path / "a1", target_modules=second, r=2, lora_alpha=5)
     adapters = [tmp_path / "a0", tmp_path / "a1"]
     result = merge(base_dir, adapters, tmp_path / "out", device="cpu")
     assert result.untied == (kind == "llama-tied")

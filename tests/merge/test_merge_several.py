@@ -3,12 +3,14 @@ merge_and_unload(), the unmerged multi-adapter PeftModel's logits, and PEFT's re
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import peft_adapter, peft_merged_state, save_model, tiny_model, ulp_diff
+from test_merge_modules import VisionLM
 from test_merge_vs_peft import IDS, assert_matches_peft, logits, merged_tensors
 
 from lora_cli.errors import MergeError
@@ -40,7 +42,7 @@ def perturb(adapter_dir: Path, part: str, seed: int = 7) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-def peft_cat_state(base_dir: Path, adapters: list[Path], weights, dtype, *, fp32=True) -> dict:
+def peft_cat_state(base_dir, adapters: list[Path], weights, dtype, *, fp32=True) -> dict:
     """PEFT: load every adapter, add_weighted_adapter(combination_type="cat"), merge.
 
     ``fp32``: keep the combined adapter in fp32 like every adapter PEFT loads
@@ -52,7 +54,10 @@ def peft_cat_state(base_dir: Path, adapters: list[Path], weights, dtype, *, fp32
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    if isinstance(base_dir, torch.nn.Module):  # a plain module: a fresh copy of it
+        model = copy.deepcopy(base_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     pm = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
     for i, path in enumerate(adapters[1:], 1):
         pm.load_adapter(path, adapter_name=f"a{i}")
@@ -104,6 +109,30 @@ def test_weighted_merge_equals_peft_cat(tmp_path: Path, two_adapters) -> None:
     if dtype == torch.float32:  # PEFT's own `cat`, unpatched, on an fp32 base
         literal = peft_cat_state(base_dir, adapters, WEIGHTS, dtype, fp32=False)
         assert_matches_peft(ours, literal, base, changed_min=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_and_embedding_modules_equal_peft_cat(tmp_path: Path, dtype) -> None:
+    """Conv1d/Conv2d (3×3 and 1×1), Embedding and Linear LoRAs of two adapters on a plain
+    module state dict (no config.json), against PEFT's cat of the same adapters."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = VisionLM().to(dtype).eval()
+    (tmp_path / "base").mkdir()
+    save_file(model.state_dict(), tmp_path / "base" / "model.safetensors")
+    targets = (["patch", "pointwise", "temporal", "embed", "block"], ["patch", "temporal",
+               "projector", "embed", "head"])  # fmt: skip
+    adapters = [tmp_path / "a0", tmp_path / "a1"]
+    for seed, (path, target, r) in enumerate(zip(adapters, targets, (4, 2), strict=True)):
+        torch.manual_seed(seed + 1)
+        cfg = LoraConfig(r=r, lora_alpha=6, target_modules=target, init_lora_weights=False)
+        get_peft_model(copy.deepcopy(model), cfg).save_pretrained(path)
+    merge(tmp_path / "base", adapters, tmp_path / "out", weights=[0.6, 1.5], device="cpu")
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    theirs = peft_cat_state(model, adapters, [0.6, 1.5], dtype)
+    assert_matches_peft(ours, theirs, model.state_dict(), changed_min=7)  # the union
 
 
 def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch, two_adapters) -> None:

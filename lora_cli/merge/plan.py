@@ -31,6 +31,7 @@ from lora_cli.merge.experts import ExpertOp, plan_parameters
 from lora_cli.merge.resolve import (
     INPUT_EMBEDDING_SUFFIXES,
     OUTPUT_EMBEDDING,
+    factor_infos,
     fan_in_fan_out,
     lora_kind,
     problem_message,
@@ -43,6 +44,9 @@ class LoraOp:
     module: LoraModule
     kind: str  # linear | conv | embedding | expert
     fan_in_fan_out: bool = False
+    rounding: str = "once"  # merge/math.py Rounding: once | delta | mha_out
+    block: str | None = None  # BD-LoRA: "A" or "B" is stored block-diagonal (compact)
+    nblocks: int = 0
 
 
 @dataclass
@@ -163,10 +167,10 @@ def build_plan(
         if module.path in expert_modules:
             continue
         if "lora_A.weight" in module.parts or "lora_embedding_A" in module.parts:
-            act = action_for(mapping[module.path + ".weight"])
+            act = action_for(mapping[module.weight])
             act.loras.append(_lora_op(module, act, adapter, model_type))
         if "lora_B.bias" in module.parts:
-            action_for(mapping[module.path + ".bias"]).bias = module
+            action_for(mapping[module.bias]).bias = module
     for module, rows in adapter.token_rows.items():
         action_for(mapping[module + ".weight"]).rows = rows
 
@@ -192,6 +196,11 @@ def build_plan(
 
     shards = _layout(base, actions, embed, out_dtype, max_shard_size)
     warnings = list(adapter.warnings)
+    if any(m.role == "mha_out" for m in adapter.modules.values()):
+        warnings.append(
+            "nn.MultiheadAttention out_proj: its LoRA delta is added twice, as PEFT <= 0.21.2 "
+            "does in both its merge and its unmerged forward pass (the model you trained)"
+        )
     return MergePlan(
         base=base,
         adapter=adapter,
@@ -205,16 +214,22 @@ def build_plan(
 
 
 def _lora_op(module: LoraModule, act: TensorAction, adapter: Adapter, mt: Any) -> LoraOp:
-    src = adapter.source
+    """How one module's LoRA merges into its base tensor: layer kind, orientation, and
+    PEFT's rounding order for the variant (see merge/math.py)."""
     w = TensorInfo(act.name, act.dtype, act.shape, 0, Path())
-    a_key = module.parts.get("lora_A.weight") or module.parts["lora_embedding_A"]
-    a = src.info(a_key)
+    variant = adapter.variant
     kind = lora_kind(module, w)
+    rounding = "delta" if variant.round_delta else "once"
+    if module.role == "mha_in":
+        rounding = "delta"  # PEFT: in_proj_weight + round(Δ)
+    elif module.role == "mha_out":
+        rounding = "mha_out"
+    ffo = False
     if kind == "linear":
-        b = src.info(module.parts["lora_B.weight"])
-        ffo = fan_in_fan_out(module, w, a, b, adapter, mt)
-        return LoraOp(module, kind, bool(ffo))
-    return LoraOp(module, kind)
+        a, b = factor_infos(module, adapter)
+        ffo = bool(fan_in_fan_out(module, w, a, b, adapter, mt))
+    block = variant.block_factor(module.path)
+    return LoraOp(module, kind, ffo, rounding, block, variant.bd_nblocks if block else 0)
 
 
 def _layout(

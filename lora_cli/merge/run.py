@@ -92,6 +92,10 @@ def compute_tensor(
             a, b = factor(m.parts["lora_embedding_A"]), factor(m.parts["lora_embedding_B"])
         else:  # row i of W + s·B@A only needs row i of B
             a, b = factor(m.parts["lora_A.weight"]), factor(m.parts["lora_B.weight"], rows)
+        if op.block == "A":  # BD-LoRA (never row-blocked: see row_blocks)
+            a = lora_math.block_diagonal(a, op.nblocks)
+        elif op.block == "B":
+            b = lora_math.block_diagonal(b, op.nblocks)
         mag = m.parts.get("lora_magnitude_vector")
         value = lora_math.merge_weight(
             value,
@@ -101,6 +105,7 @@ def compute_tensor(
             kind=op.kind,
             fan_in_fan_out=op.fan_in_fan_out,
             magnitude=factor(mag) if mag else None,
+            rounding=op.rounding,
             inplace=True,  # ``value`` is this function's own buffer
         )
     for ex in action.experts:
@@ -191,6 +196,7 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
         or len(act.loras) != 1
         or act.loras[0].kind != "linear"
         or act.loras[0].fan_in_fan_out
+        or act.loras[0].block
         or "lora_magnitude_vector" in act.loras[0].module.parts
         or info.raw_offset is None
         or info.dtype != act.dtype

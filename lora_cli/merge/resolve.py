@@ -218,13 +218,19 @@ def _check_lora_shapes(module: LoraModule, w: TensorInfo, adapter: Adapter, mt: 
         if "lora_B.weight" not in parts:
             return "lora_A without lora_B"
         a, b = factor_infos(module, adapter)
+        groups = _conv_groups(w.shape, a.shape, b.shape)
+        if groups > 1:
+            return (
+                f"{GROUPED_CONV}: groups={groups}; PEFT refuses to merge these too "
+                "(its LoRA for them is not a kernel delta of the base's shape)"
+            )
         if a.shape[0] != b.shape[1]:
             return f"lora_A has rank {a.shape[0]} but lora_B has {b.shape[1]}"
         if len(w.shape) >= 3:
             if len(a.shape) != len(w.shape):
                 return f"conv LoRA A {list(a.shape)} does not fit"
             if a.shape[1] != w.shape[1]:
-                return "grouped convolutions (groups > 1) cannot be merged"
+                return f"conv LoRA A {list(a.shape)} does not fit"
             if b.shape[0] != w.shape[0] or a.shape[2:] != w.shape[2:]:
                 return f"conv LoRA A {list(a.shape)} B {list(b.shape)} does not fit"
             out = w.shape[0]
@@ -242,9 +248,26 @@ def _check_lora_shapes(module: LoraModule, w: TensorInfo, adapter: Adapter, mt: 
     return ""
 
 
+GROUPED_CONV = "LoRA on a grouped convolution"
+
+
+def _conv_groups(w: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """``groups`` of a conv LoRA made by PEFT for a grouped base: A sees every input channel
+    (``(r, in, *k)``), the base one group's (``(out, in/g, *k)``), B is ``(out, r/g, 1…)``."""
+    if len(w) < 3 or len(a) != len(w) or len(b) != len(w) or not w[1] or a[1] % w[1]:
+        return 1
+    groups = a[1] // w[1]
+    return groups if groups > 1 and b[1] * groups == a[0] and a[2:] == w[2:] else 1
+
+
 def problem_message(adapter: Adapter, problems: list[str], base: TensorSource) -> str:
     shown = "; ".join(problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    unsupported = [p for p in problems if GROUPED_CONV in p]
+    if unsupported and len(unsupported) == len(problems):
+        return f"{adapter.root}: cannot merge: {unsupported[0]}" + (
+            f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
+        )
     missing = sum("base has no tensor" in p for p in problems)
     if missing == len(problems):
         cause = (

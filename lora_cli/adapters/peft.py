@@ -280,8 +280,13 @@ def _classify(
             token_rows[module] = (key, _token_indices(config, module))
         else:
             target = _strip_base_layer(name)
-            if target in replacements and norm != key:
-                continue  # the same tensor saved twice (bias="all" + modules_to_save)
+            previous = replacements.get(target)
+            if previous is not None:
+                # one tensor saved twice (bias="all" + modules_to_save): keep the plain key
+                if norm != key:
+                    non_adapter.append(key)
+                    continue
+                non_adapter.append(previous)
             replacements[target] = key
     for path, module in modules.items():
         module.r, module.alpha, module.scale = module_scale(config, path)

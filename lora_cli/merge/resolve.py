@@ -221,8 +221,8 @@ def _check_lora_shapes(module: LoraModule, w: TensorInfo, adapter: Adapter, mt: 
         groups = _conv_groups(w.shape, a.shape, b.shape)
         if groups > 1:
             return (
-                f"{GROUPED_CONV}: groups={groups}; PEFT refuses to merge these too "
-                "(its LoRA for them is not a kernel delta of the base's shape)"
+                f"{GROUPED_CONV} (groups={groups}): convolutions with groups > 1 cannot be "
+                "merged, PEFT refuses them too"
             )
         if a.shape[0] != b.shape[1]:
             return f"lora_A has rank {a.shape[0]} but lora_B has {b.shape[1]}"
@@ -253,11 +253,11 @@ GROUPED_CONV = "LoRA on a grouped convolution"
 
 def _conv_groups(w: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """``groups`` of a conv LoRA made by PEFT for a grouped base: A sees every input channel
-    (``(r, in, *k)``), the base one group's (``(out, in/g, *k)``), B is ``(out, r/g, 1…)``."""
+    (``(r, in, *k)``), the base one group's (``(out, in/g, *k)``); 1 when not grouped."""
     if len(w) < 3 or len(a) != len(w) or len(b) != len(w) or not w[1] or a[1] % w[1]:
         return 1
     groups = a[1] // w[1]
-    return groups if groups > 1 and b[1] * groups == a[0] and a[2:] == w[2:] else 1
+    return groups if groups > 1 and a[2:] == w[2:] and b[0] == w[0] else 1
 
 
 def problem_message(adapter: Adapter, problems: list[str], base: TensorSource) -> str:

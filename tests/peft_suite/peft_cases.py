@@ -98,10 +98,22 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.randn(experts, hidden, inter) / 3)
 
 
-class MoE(nn.Module):
-    def __init__(self) -> None:
+class TransposedExperts(nn.Module):
+    """GPT-OSS style experts, stored (E, in, out) and flagged ``is_transposed`` as in
+    transformers v5: gate_up (E, H, 2I), down (E, I, H)."""
+
+    is_transposed = True
+
+    def __init__(self, experts: int = 4, hidden: int = 8, inter: int = 6) -> None:
         super().__init__()
-        self.experts = Experts()
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, hidden, 2 * inter) / 3)
+        self.down_proj = nn.Parameter(torch.randn(experts, inter, hidden) / 3)
+
+
+class MoE(nn.Module):
+    def __init__(self, experts: type[nn.Module] = Experts) -> None:
+        super().__init__()
+        self.experts = experts()
         self.lin0 = nn.Linear(8, 8)
 
 
@@ -129,6 +141,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "MHA": MHA,
     "MlpUsingParameters": MlpUsingParameters,
     "MoE": MoE,
+    "MoETransposed": lambda: MoE(TransposedExperts),
     "EmbModel": EmbModel,
 }
 
@@ -154,7 +167,10 @@ class Case:
     peft_refuses: bool = False  # PEFT's own merge raises (groups > 1, aLoRA, 1×1×k conv3d)
     forward_oracle: bool = False  # also compare with the unmerged PeftModel's outputs
     dtypes: tuple[torch.dtype, ...] = DTYPES
-    extra: dict[str, Any] = field(default_factory=dict)
+    # PiSSA/OLoRA: save the trained adapter converted to plain LoRA on the original base
+    # (``save_pretrained(path_initial_model_for_weight_conversion=...)``)
+    convert_init: bool = False
+    model_args: dict[str, Any] = field(default_factory=dict)  # tiny_model overrides
 
 
 def _variant(name: str, **kwargs: Any) -> Any:
@@ -488,6 +504,27 @@ def cases() -> list[Case]:
         Case(
             "exclude_modules", INIT, "MLP", {"target_modules": "lin.*", "exclude_modules": ["lin1"]}
         ),
+        Case(
+            "init pissa converted",
+            INIT,
+            "MLP",
+            {"target_modules": ["lin0"], "init_lora_weights": "pissa"},
+            convert_init=True,
+        ),
+        Case(
+            "init olora converted",
+            INIT,
+            "MLP",
+            {"target_modules": ["lin0"], "init_lora_weights": "olora"},
+            convert_init=True,
+            dtypes=(torch.float32,),  # PEFT's OLoRA init needs an fp32 QR
+        ),
+        Case(
+            "init MiCA embedding",
+            INIT,
+            "EmbConv1D",
+            {"target_modules": ["emb"], "init_lora_weights": "mica", "r": 4},
+        ),
         # ---- test_trainable_tokens.py
         Case(
             "trainable tokens list",
@@ -533,7 +570,13 @@ def cases() -> list[Case]:
                 "rank_pattern": {"experts.gate_up_proj": 2},
             },
         ),
-        # ---- test_decoder_models.py (a tiny Llama)
+        Case(
+            "MoE transposed (GPT-OSS layout)",
+            PARAMS,
+            "MoETransposed",
+            {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "down_proj"]},
+        ),
+        # ---- test_decoder_models.py (a tiny Llama, a tiny GPT-2)
         Case("decoder default targets", DECODER, "llama", {"task_type": "CAUSAL_LM"}),
         Case(
             "decoder all-linear",
@@ -544,6 +587,33 @@ def cases() -> list[Case]:
         Case("decoder DoRA", DECODER, "llama", {"task_type": "CAUSAL_LM", "use_dora": True}),
         Case(
             "decoder embed_tokens", DECODER, "llama", {"target_modules": ["embed_tokens", "q_proj"]}
+        ),
+        Case(
+            "decoder patterns + layers_to_transform",
+            DECODER,
+            "llama",
+            {
+                "target_modules": ["q_proj", "v_proj", "o_proj"],
+                "layers_to_transform": [1],
+                "layers_pattern": "layers",
+                "rank_pattern": {"v_proj": 2},
+                "alpha_pattern": {"layers.1.self_attn.o_proj": 3},
+            },
+            model_args={"num_hidden_layers": 2},
+        ),
+        Case("decoder rsLoRA", DECODER, "llama", {"task_type": "CAUSAL_LM", "use_rslora": True}),
+        Case(
+            "decoder lm_head modules_to_save",
+            DECODER,
+            "llama",
+            {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+        ),
+        Case("decoder gpt2 Conv1D", DECODER, "gpt2", {"task_type": "CAUSAL_LM"}),
+        Case(
+            "decoder gpt2 all-linear DoRA",
+            DECODER,
+            "gpt2",
+            {"task_type": "CAUSAL_LM", "target_modules": "all-linear", "use_dora": True},
         ),
         Case(
             "decoder aLoRA",

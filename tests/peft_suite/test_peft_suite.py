@@ -13,12 +13,15 @@ compare with PEFT 0.21.2's ``PeftModel.from_pretrained(...).merge_and_unload()``
 
 PEFT's merge is also run at one thread: a case whose PEFT result changes with the thread
 count is recorded as thread-dependent; ours is compared at the thread count lora runs at
-(torch's default, the same process).
+(torch's default, the same process). The counts are printed after the module;
+``LORA_PEFT_SUITE_REPORT=path.json`` also writes every case's outcome there.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +37,7 @@ from lora_cli.stages.merge import merge
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
+DECODERS = {"llama": {"num_hidden_layers": 1}, "gpt2": {"n_layer": 1}}
 RESULTS: dict[str, dict] = {}  # case id → outcome, for the summary line
 
 PARAMS = [
@@ -60,6 +64,9 @@ def summary(request: pytest.FixtureRequest):
         f"the thread count in {len(threaded)} ({', '.join(threaded) or '-'}); "
         f"{time.perf_counter() - start:.1f} s at {torch.get_num_threads()} threads"
     )
+    report = os.environ.get("LORA_PEFT_SUITE_REPORT")  # per-case outcomes, for the record
+    if report:
+        Path(report).write_text(json.dumps(RESULTS, indent=1, sort_keys=True) + "\n")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is not None and capture is not None:
@@ -68,8 +75,8 @@ def summary(request: pytest.FixtureRequest):
 
 
 def _build(case: Case, dtype: torch.dtype) -> torch.nn.Module:
-    if case.model == "llama":
-        return tiny_model("llama", dtype, num_hidden_layers=1)
+    if case.model in DECODERS:
+        return tiny_model(case.model, dtype, **{**DECODERS[case.model], **case.model_args})
     torch.manual_seed(0)
     return MODELS[case.model]().to(dtype).eval()
 
@@ -88,7 +95,7 @@ def _randomize(peft_model: torch.nn.Module) -> None:
 
 
 def _save_base(model: torch.nn.Module, folder: Path, case: Case) -> Path:
-    if case.model == "llama":
+    if case.model in DECODERS:
         return save_model(model, folder)
     folder.mkdir()
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -145,8 +152,17 @@ def test_peft_configuration(tmp_path: Path, case: Case, dtype: torch.dtype) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**lora))
+        if case.convert_init:  # PEFT's documented PiSSA/OLoRA flow: keep the initial adapter
+            peft_model.peft_config["default"].init_lora_weights = True
+            peft_model.save_pretrained(tmp_path / "initial")
+            peft_model.peft_config["default"].init_lora_weights = lora["init_lora_weights"]
         _randomize(peft_model)
-        peft_model.eval().save_pretrained(tmp_path / "adapter")
+        peft_model.eval().save_pretrained(
+            tmp_path / "adapter",
+            path_initial_model_for_weight_conversion=(
+                tmp_path / "initial" if case.convert_init else None
+            ),
+        )
 
         refusal = None
         try:

@@ -7,6 +7,7 @@ listing the offenders, so a failed merge never leaves a half-written model.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ def build_plan(
             + (f" (and {len(reasons) - 1} more problems)" if len(reasons) > 1 else "")
         )
     check_adapter_tensors(adapter)
+    _check_mha_writer(adapter)
     config = load_base_config(base)
     tied = bool(tie_setting(config)) and OUTPUT_EMBEDDING not in base
     embed = _input_embedding(base) if tied else None
@@ -211,6 +213,25 @@ def build_plan(
         untied=untied,
         warnings=warnings,
     )
+
+
+MHA_DOUBLED_UNTIL = (0, 21, 2)  # the newest PEFT known to add the out_proj delta twice
+
+
+def _check_mha_writer(adapter: Adapter) -> None:
+    """An ``nn.MultiheadAttention`` LoRA is merged as PEFT <= 0.21.2 computes it (out_proj
+    delta twice, in training too); a newer PEFT may have dropped that (PR #3774)."""
+    if not any(m.role == "mha_out" for m in adapter.modules.values()):
+        return
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", str(adapter.config.get("peft_version") or ""))
+    if found and tuple(int(g) for g in found.groups()) > MHA_DOUBLED_UNTIL:
+        raise MergeError(
+            f"{adapter.config_path}: cannot merge the nn.MultiheadAttention LoRA written by "
+            f"PEFT {adapter.config['peft_version']}: PEFT <= 0.21.2 applies its out_proj delta "
+            "twice (in training and merging alike) and newer releases may apply it once, so the "
+            "model it trained is not known",
+            "merge it with that PEFT version's merge_and_unload()",
+        )
 
 
 def _lora_op(module: LoraModule, act: TensorAction, adapter: Adapter, mt: Any) -> LoraOp:

@@ -114,3 +114,33 @@ def test_convert_keeps_variant_state_and_merge_ignores_it(tmp_path: Path, run_cl
     assert "base_model.model.lin0.lora_velora_embed" in kept
     result = merge(base, tmp_path / "converted", tmp_path / "out", device="cpu")
     assert result.counts["merge"] == 1 and result.counts["replace"] == 0
+
+
+class MHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2)
+
+
+@pytest.mark.parametrize(("version", "merges"), [("0.21.2", True), ("0.22.0", False)])
+def test_mha_merges_as_peft_0_21_or_refuses_a_newer_writer(tmp_path: Path, version, merges):
+    """PEFT <= 0.21.2 adds the MHA out_proj delta twice (merge and forward alike); an adapter
+    from a newer PEFT may have been trained with it once, so it is refused, not guessed."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = MHA()
+    (tmp_path / "base").mkdir()
+    save_file(model.state_dict(), tmp_path / "base" / "model.safetensors")
+    cfg = LoraConfig(target_modules=["mha"], init_lora_weights=False, r=2)
+    get_peft_model(copy.deepcopy(model), cfg).save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "peft_version": version}))
+    if merges:
+        result = merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", device="cpu")
+        assert result.counts["merge"] == 2
+        assert any("added twice" in w for w in result.warnings)
+    else:
+        with pytest.raises(MergeError, match="MultiheadAttention.*PEFT 0.22.0"):
+            merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", device="cpu")

@@ -201,7 +201,14 @@ def _assign_weights(modules: dict[str, LoraModule]) -> None:
         if path + MHA_OUT in modules:
             module.weight, module.role = _strip_base_layer(path + ".") + "in_proj_weight", "mha_in"
         elif path.endswith(MHA_OUT) and path[: -len(MHA_OUT)] in modules:
-            module.role = "mha_out"
+            # PEFT builds the out_proj LoRA with the attention module's own rank and alpha
+            outer = modules[path[: -len(MHA_OUT)]]
+            module.role, module.r, module.alpha, module.scale = (
+                "mha_out",
+                outer.r,
+                outer.alpha,
+                outer.scale,
+            )
 
 
 def pattern_value(patterns: dict[str, Any] | None, name: str) -> Any:

@@ -364,6 +364,17 @@ def cases() -> list[Case]:
         Case("MHA 1", CUSTOM, "MHA", {"target_modules": ["mha"]}, forward_oracle=True),
         Case("MHA 2", CUSTOM, "MHA", {"target_modules": ["mha", "lin0"]}, forward_oracle=True),
         Case(
+            "MHA rank_pattern naming out_proj",  # PEFT gives out_proj the MHA's own r/alpha
+            CUSTOM,
+            "MHA",
+            {
+                "target_modules": ["mha"],
+                "rank_pattern": {"out_proj": 2},
+                "alpha_pattern": {"out_proj": 3},
+            },
+            forward_oracle=True,
+        ),
+        Case(
             "MLP nn.Parameter 1",
             CUSTOM,
             "MlpUsingParameters",

@@ -31,6 +31,7 @@ def inspect_report(report: Any, json_out: bool) -> None:
             ("weights file", a["weights_file"]),
             ("producer", a["producer"]),
             ("peft_type", a["peft_type"]),
+            ("variant", a["variant"] + ("" if a["mergeable"] else " (cannot be merged)")),
             ("base model", a["base_model_name_or_path"] or "-"),
             ("r / alpha", f"{a['r']} / {a['lora_alpha']}"),
             ("rslora / dora", f"{a['use_rslora']} / {a['use_dora']}"),

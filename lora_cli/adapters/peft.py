@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_cli.adapters.variants import BASE_CHANGING_INITS, Variant, classify, state_part
 from lora_cli.errors import FormatError, MergeError
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import read_json
@@ -33,7 +34,6 @@ LORA_PARTS = (
     "lora_diag",
 )
 TOKEN_DELTA = "token_adapter.trainable_tokens_delta"
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 @dataclass
@@ -45,6 +45,17 @@ class LoraModule:
     r: int = 0
     alpha: float = 0.0
     scale: float = 1.0
+    # The base tensor the delta lands in: ``<path>.weight`` with PEFT's ``base_layer.``
+    # nesting removed; ``in_proj_weight`` for an ``nn.MultiheadAttention`` module.
+    weight: str = ""
+    # "" for ordinary layers; "mha_in" / "mha_out" for the two halves of a LoRA on an
+    # ``nn.MultiheadAttention`` (PEFT merges those with their own rounding, see merge/math.py).
+    role: str = ""
+
+    @property
+    def bias(self) -> str:
+        """The base bias a ``lora_B.bias`` is added to."""
+        return _strip_base_layer(self.path + ".") + "bias"
 
     @property
     def is_embedding(self) -> bool:
@@ -68,6 +79,8 @@ class Adapter:
     non_adapter: list[str]  # tensors that are not part of the adapter
     key_renames: dict[str, str]  # original key → PEFT saved form, where they differ
     producer: str
+    variant: Variant = field(default_factory=lambda: Variant("LoRA"))
+    variant_state: list[str] = field(default_factory=list)  # training-only variant tensors
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -157,6 +170,9 @@ def _normalize_key(key: str) -> str:
             out.pop()
             i += 2  # drop "modules_to_save.<adapter>"
             continue
+        if p == "modules_to_save" and i + 2 == len(parts):
+            # bias="all" also saves the copy's bias as "<module>.modules_to_save.bias"
+            out.pop()
         i += 1
     return ".".join(out)
 
@@ -173,6 +189,26 @@ def _strip_base_layer(name: str) -> str:
     while ".base_layer." in name:
         name = name.replace(".base_layer.", ".")
     return name
+
+
+MHA_OUT = ".base_layer.out_proj"  # PEFT nests the out_proj LoRA of an nn.MultiheadAttention
+
+
+def _assign_weights(modules: dict[str, LoraModule]) -> None:
+    """Each module's base tensor; the two halves of an ``nn.MultiheadAttention`` LoRA."""
+    for path, module in modules.items():
+        module.weight = _strip_base_layer(path + ".") + "weight"
+        if path + MHA_OUT in modules:
+            module.weight, module.role = _strip_base_layer(path + ".") + "in_proj_weight", "mha_in"
+        elif path.endswith(MHA_OUT) and path[: -len(MHA_OUT)] in modules:
+            # PEFT builds the out_proj LoRA with the attention module's own rank and alpha
+            outer = modules[path[: -len(MHA_OUT)]]
+            module.role, module.r, module.alpha, module.scale = (
+                "mha_out",
+                outer.r,
+                outer.alpha,
+                outer.scale,
+            )
 
 
 def pattern_value(patterns: dict[str, Any] | None, name: str) -> Any:
@@ -224,6 +260,7 @@ def _classify(
     replacements: dict[str, str] = {}
     token_rows: dict[str, tuple[str, list[int]]] = {}
     non_adapter: list[str] = []
+    variant_state: list[str] = []
     renames: dict[str, str] = {}
     keys = source.names()
     prefixed = any(k.startswith(PREFIX) for k in keys)
@@ -238,6 +275,9 @@ def _classify(
             non_adapter.append(key)
             continue
         name = norm[len(PREFIX) :] if norm.startswith(PREFIX) else norm
+        if state_part(name):
+            variant_state.append(key)
+            continue
         split = _split_lora(name)
         if split:
             path, part = split
@@ -246,9 +286,18 @@ def _classify(
             module = name[: -len(TOKEN_DELTA) - 1]
             token_rows[module] = (key, _token_indices(config, module))
         else:
-            replacements[_strip_base_layer(name)] = key
+            target = _strip_base_layer(name)
+            previous = replacements.get(target)
+            if previous is not None:
+                # one tensor saved twice (bias="all" + modules_to_save): keep the plain key
+                if norm != key:
+                    non_adapter.append(key)
+                    continue
+                non_adapter.append(previous)
+            replacements[target] = key
     for path, module in modules.items():
         module.r, module.alpha, module.scale = module_scale(config, path)
+    _assign_weights(modules)
     adapter = Adapter(
         root=root,
         weights_file=weights,
@@ -261,6 +310,8 @@ def _classify(
         non_adapter=non_adapter,
         key_renames=renames,
         producer=detect_producer(root, config),
+        variant=classify(config, keys),
+        variant_state=variant_state,
     )
     adapter.warnings = adapter_warnings(adapter)
     return adapter
@@ -321,32 +372,9 @@ def adapter_warnings(adapter: Adapter) -> list[str]:
 
 
 def unmergeable_reasons(adapter: Adapter) -> list[str]:
-    """Config features that make a plain merge wrong; merge refuses them."""
-    cfg = adapter.config
-    reasons = []
-    if adapter.peft_type.upper() != "LORA":
-        reasons.append(f"peft_type {adapter.peft_type!r} is not LORA")
-    init = str(cfg.get("init_lora_weights", True)).lower()
-    if init.startswith(BASE_CHANGING_INITS):
-        reasons.append(
-            f"init_lora_weights={cfg['init_lora_weights']!r} mutates the base at load time; "
-            "convert it to plain LoRA first (PEFT: save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...))"
-        )
-    for key, what in (
-        ("alora_invocation_tokens", "aLoRA adapters cannot be merged (PEFT refuses too)"),
-        ("layer_replication", "layer_replication changes the model structure"),
-        ("megatron_config", "Megatron tensor-parallel adapters must be gathered to HF layout"),
-        ("arrow_config", "Arrow adapters cannot be merged"),
-        ("use_qalora", "QALoRA adapters cannot be merged"),
-        ("kasa_config", "KaSA adapters are not supported"),
-        ("use_bdlora", "BD-LoRA adapters are not supported"),
-    ):
-        if cfg.get(key):
-            reasons.append(what)
-    if any("lora_diag" in m.parts for m in adapter.modules.values()):
-        reasons.append("KaSA (lora_diag) adapters are not supported")
-    return reasons
+    """Why a merge would be wrong for this adapter's variant; merge refuses these."""
+    v = adapter.variant
+    return [] if v.mergeable else [f"{v.name} adapter: {v.refusal}"]
 
 
 def check_adapter_tensors(adapter: Adapter) -> None:

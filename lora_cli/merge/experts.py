@@ -101,6 +101,16 @@ def _fits(param: _Param, a: tuple[int, ...], b: tuple[int, ...]) -> str | None:
     return None
 
 
+def _targeted_leaves(owner: str, entries: list[str]) -> list[str]:
+    """Parameter names of module ``owner`` that ``target_parameters`` entries select."""
+    leaves = []
+    for entry in entries:
+        leaf = entry.rsplit(".", 1)[-1]
+        if f"{owner}.{leaf}" == entry or f"{owner}.{leaf}".endswith("." + entry):
+            leaves.append(leaf)
+    return leaves
+
+
 def plan_parameters(
     adapter: Adapter, base: TensorSource, model_type: Any
 ) -> tuple[dict[str, list[ExpertOp]], set[str], list[str]]:
@@ -111,17 +121,17 @@ def plan_parameters(
     groups: dict[str, list[tuple[int, LoraModule]]] = {}
     for path, module in adapter.modules.items():
         owner, depth = owner_of(path)
-        if "lora_A.weight" in module.parts and (depth or f"{owner}.weight" not in base):
+        # a 2-D parameter target (``lin.weight``) has a ``.weight`` like a Linear target:
+        # only the config tells them apart, and PEFT rounds them differently
+        if "lora_A.weight" in module.parts and (
+            depth or f"{owner}.weight" not in base or _targeted_leaves(owner, entries)
+        ):
             groups.setdefault(owner, []).append((depth, module))
     ops: dict[str, list[ExpertOp]] = {}
     used: set[str] = set()
     problems: list[str] = []
     for owner, modules in groups.items():
-        leaves = []
-        for entry in entries:
-            leaf = entry.rsplit(".", 1)[-1]
-            if f"{owner}.{leaf}" == entry or f"{owner}.{leaf}".endswith("." + entry):
-                leaves.append(leaf)
+        leaves = _targeted_leaves(owner, entries)
         params = [p for p in (_find_param(owner, leaf, base) for leaf in leaves) if p]
         params.sort(
             key=lambda p: REGISTRATION_ORDER.index(p.leaf) if p.leaf in REGISTRATION_ORDER else 99

@@ -10,7 +10,12 @@ docs/peft-lora-semantics.md §3):
   factors are upcast to fp32 from whatever dtype they were stored in, which is
   what PEFT's default ``autocast_adapter_dtype=True`` does on load;
 * Linear / GPT-2 ``Conv1D`` / ConvNd: ``round(W32 + Δ)`` (one rounding);
-* Embedding and ``target_parameters``: ``W + round(Δ)`` (two roundings);
+* Embedding, ``target_parameters``, MiCA, BD-LoRA and an ``nn.MultiheadAttention``'s
+  ``in_proj_weight``: ``W + round(Δ)`` (two roundings);
+* an ``nn.MultiheadAttention``'s ``out_proj``: PEFT 0.21.2 adds its delta twice,
+  ``round((W + round(Δ)) + Δ)``, in its merge and in its unmerged forward alike;
+* ConvNd deltas are computed like PEFT, ``convNd(A.transpose(0, 1), B)`` (a 1×1 Conv2d
+  kernel as a matmul): the same sum in another order, which shows in fp32 bases;
 * DoRA: ``round(m / ‖W32 + Δ‖ ⊙ (W32 + Δ))`` (one rounding);
 * ``lora_bias``: ``round(b32 + s·b_B)``;
 * trainable tokens: the rows are replaced, not added to.
@@ -33,8 +38,13 @@ from lora_cli.errors import MergeError
 
 Kind = Literal["linear", "embedding", "conv"]
 ExpertLayout = Literal["out_in", "in_out"]
+# How the delta is added (PEFT's order per layer and variant): "once" = round(W32 + Δ),
+# "delta" = W + round(Δ), "mha_out" = round((W + round(Δ)) + Δ) (PEFT 0.21.2's
+# nn.MultiheadAttention out_proj, which gets its delta twice).
+Rounding = Literal["once", "delta", "mha_out"]
 
 KINDS: tuple[str, ...] = ("linear", "embedding", "conv")
+ROUNDINGS: tuple[str, ...] = ("once", "delta", "mha_out")
 EXPERT_LAYOUTS: tuple[str, ...] = ("out_in", "in_out")
 
 # Dtypes a merged floating point tensor may have; PEFT casts the delta to these
@@ -160,23 +170,44 @@ def lora_delta(
     """The fp32 delta ``(B32 @ A32) * s`` in the base tensor's layout, on A's device.
 
     Linear: ``(out,in)``, transposed to ``(in,out)`` with ``fan_in_fan_out``;
-    embedding: ``(B @ A)ᵀ``; conv: ``(B.reshape(out,r) @ A.reshape(r,-1))``
-    reshaped to the kernel shape (also right for 1×1×k Conv3d kernels). The
-    result may be a transposed (non-contiguous) view.
+    embedding: ``(B @ A)ᵀ``; conv: see ``_conv_delta``. The result may be a
+    transposed (non-contiguous) view.
     """
     check_shapes(kind, base_shape, A.shape, B.shape, fan_in_fan_out=fan_in_fan_out)
     device = A.device
     a32, b32 = _f32(A, device), _f32(B, device)
-    if kind == "conv":
-        r = a32.shape[0]
-        delta = b32.reshape(b32.shape[0], r) @ a32.reshape(r, -1)
-        delta = delta.reshape(_shape(base_shape))
-    else:
-        delta = b32 @ a32
+    delta = _conv_delta(a32, b32, _shape(base_shape)) if kind == "conv" else b32 @ a32
     delta.mul_(scale)  # scale after the matmul, in fp32: same bits as PEFT's `* scaling`
     if kind == "embedding" or fan_in_fan_out:
         delta = delta.T
     return delta
+
+
+def _conv_delta(a32: torch.Tensor, b32: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``Δ[o,i,…] = Σ_k B[o,k] A[k,i,…]`` summed the way PEFT's ``_ConvNd`` does.
+
+    A 1×1 Conv2d kernel is a squeezed matmul; every other kernel is
+    ``convNd(A.transpose(0, 1), B).transpose(0, 1)``. Both are the same sum, but a
+    convolution kernel orders it differently from a matmul, and an fp32 base shows the
+    difference. PEFT 0.21.2's 1×1 test also fires on (1,1,k) Conv3d kernels and then
+    crashes (issue #3768); the convolution gives the right delta for those.
+    """
+    import torch.nn.functional as F
+
+    if len(shape) == 4 and shape[2:4] == (1, 1):
+        r = a32.shape[0]
+        return (b32.reshape(b32.shape[0], r) @ a32.reshape(r, -1)).reshape(shape)
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}.get(len(shape))
+    if conv is None:
+        raise MergeError(f"no convolution for a {len(shape)}-D kernel {list(shape)}")
+    return conv(a32.transpose(0, 1), b32).transpose(0, 1)
+
+
+def block_diagonal(w: torch.Tensor, nblocks: int) -> torch.Tensor:
+    """BD-LoRA's compact factor as the full matrix: ``block_diag(*chunk(w, nblocks))``."""
+    if w.dim() != 2 or nblocks <= 0 or w.shape[0] % nblocks:
+        raise MergeError(f"BD-LoRA factor {list(w.shape)} does not split into {nblocks} row blocks")
+    return torch.block_diag(*torch.chunk(w, nblocks, dim=0))
 
 
 # --------------------------------------------------------------------------- merge
@@ -191,6 +222,7 @@ def merge_weight(
     kind: Kind,
     fan_in_fan_out: bool = False,
     magnitude: torch.Tensor | None = None,
+    rounding: Rounding = "once",
     inplace: bool = False,
 ) -> torch.Tensor:
     """Merge one LoRA (or DoRA, when ``magnitude`` is given) into ``W``; returns a new tensor.
@@ -199,22 +231,37 @@ def merge_weight(
     runner owns that buffer); other paths still return a new tensor.
 
     Rounding as PEFT 0.21.2: linear and conv ``round(W32 + Δ)``; embedding
-    ``W + round(Δ)``; DoRA ``round(f ⊙ (W32 + Δ))`` with ``f = m / ‖W32 + Δ‖``
-    (norm per output row for linear, per column of the stored ``(in,out)``
-    tensor with ``fan_in_fan_out``, per embedding column for embedding, per
-    output channel for conv).
+    ``W + round(Δ)``; ``rounding`` picks a variant's order instead (``"delta"``:
+    ``W + round(Δ)`` for MiCA, BD-LoRA, an MHA ``in_proj_weight``; ``"mha_out"``:
+    ``round((W + round(Δ)) + Δ)``); DoRA ``round(f ⊙ (W32 + Δ))`` with
+    ``f = m / ‖W32 + Δ‖`` (norm per output row for linear, per column of the stored
+    ``(in,out)`` tensor with ``fan_in_fan_out``, per embedding column for embedding,
+    per output channel for conv).
     """
     _check_float(W)
-    if magnitude is None and kind == "linear" and not fan_in_fan_out and W.device.type == "cpu":
+    if rounding not in ROUNDINGS:
+        raise MergeError(f"unknown rounding {rounding!r}", hint=f"expected one of {ROUNDINGS}")
+    if (
+        magnitude is None
+        and rounding == "once"
+        and kind == "linear"
+        and not fan_in_fan_out
+        and W.device.type == "cpu"
+    ):
         check_shapes(kind, W.shape, A.shape, B.shape)
         return _merge_linear_blocked(W, A, B, scale, inplace=inplace)
     delta = lora_delta(A, B, scale, kind=kind, base_shape=W.shape, fan_in_fan_out=fan_in_fan_out)
     delta = delta.to(W.device)
 
     if magnitude is None:
-        if kind == "embedding":
-            # PEFT casts the embedding delta to the base dtype before adding it.
-            return W + delta.to(W.dtype)
+        if kind == "embedding" or rounding != "once":
+            # PEFT casts these deltas to the base dtype before adding them.
+            first = W + delta.to(W.dtype)
+            if rounding != "mha_out":
+                return first
+            merged = _work_copy(first)  # then lora.Linear.merge adds Δ once more
+            merged += delta
+            return merged.to(W.dtype)
         merged = _work_copy(W)
         merged += delta
         del delta

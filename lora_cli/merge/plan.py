@@ -7,6 +7,7 @@ listing the offenders, so a failed merge never leaves a half-written model.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from lora_cli.merge.experts import ExpertOp, plan_parameters
 from lora_cli.merge.resolve import (
     INPUT_EMBEDDING_SUFFIXES,
     OUTPUT_EMBEDDING,
+    factor_infos,
     fan_in_fan_out,
     lora_kind,
     problem_message,
@@ -44,6 +46,9 @@ class LoraOp:
     kind: str  # linear | conv | embedding | expert
     fan_in_fan_out: bool = False
     weight: float | None = None  # set: one of several adapters, merged as a weighted sum
+    rounding: str = "once"  # merge/math.py Rounding: once | delta | mha_out
+    block: str | None = None  # BD-LoRA: "A" or "B" is stored block-diagonal (compact)
+    nblocks: int = 0
 
 
 @dataclass
@@ -124,6 +129,7 @@ def build_plan(
             + (f" (and {len(reasons) - 1} more problems)" if len(reasons) > 1 else "")
         )
     check_adapter_tensors(adapter)
+    _check_mha_writer(adapter)
     config = load_base_config(base)
     tied = bool(tie_setting(config)) and OUTPUT_EMBEDDING not in base
     embed = _input_embedding(base) if tied else None
@@ -165,10 +171,10 @@ def build_plan(
         if module.path in expert_modules:
             continue
         if "lora_A.weight" in module.parts or "lora_embedding_A" in module.parts:
-            act = action_for(mapping[module.path + ".weight"])
+            act = action_for(mapping[module.weight])
             act.loras.append(_lora_op(module, act, adapter, model_type))
         if "lora_B.bias" in module.parts:
-            action_for(mapping[module.path + ".bias"]).bias = module
+            action_for(mapping[module.bias]).bias = module
     for module, rows in adapter.token_rows.items():
         action_for(mapping[module + ".weight"]).rows = rows
 
@@ -194,6 +200,11 @@ def build_plan(
 
     shards = _layout(base, actions, embed, out_dtype, max_shard_size)
     warnings = list(adapter.warnings)
+    if any(m.role == "mha_out" for m in adapter.modules.values()):
+        warnings.append(
+            "nn.MultiheadAttention out_proj: its LoRA delta is added twice, as PEFT <= 0.21.2 "
+            "does in both its merge and its unmerged forward pass (the model you trained)"
+        )
     return MergePlan(
         base=base,
         adapter=adapter,
@@ -206,17 +217,42 @@ def build_plan(
     )
 
 
+MHA_DOUBLED_UNTIL = (0, 21, 2)  # the newest PEFT known to add the out_proj delta twice
+
+
+def _check_mha_writer(adapter: Adapter) -> None:
+    """An ``nn.MultiheadAttention`` LoRA is merged as PEFT <= 0.21.2 computes it (out_proj
+    delta twice, in training too); a newer PEFT may have dropped that (PR #3774)."""
+    if not any(m.role == "mha_out" for m in adapter.modules.values()):
+        return
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", str(adapter.config.get("peft_version") or ""))
+    if found and tuple(int(g) for g in found.groups()) > MHA_DOUBLED_UNTIL:
+        raise MergeError(
+            f"{adapter.config_path}: cannot merge the nn.MultiheadAttention LoRA written by "
+            f"PEFT {adapter.config['peft_version']}: PEFT <= 0.21.2 applies its out_proj delta "
+            "twice (in training and merging alike) and newer releases may apply it once, so the "
+            "model it trained is not known",
+            "merge it with that PEFT version's merge_and_unload()",
+        )
+
+
 def _lora_op(module: LoraModule, act: TensorAction, adapter: Adapter, mt: Any) -> LoraOp:
-    src = adapter.source
+    """How one module's LoRA merges into its base tensor: layer kind, orientation, and
+    PEFT's rounding order for the variant (see merge/math.py)."""
     w = TensorInfo(act.name, act.dtype, act.shape, 0, Path())
-    a_key = module.parts.get("lora_A.weight") or module.parts["lora_embedding_A"]
-    a = src.info(a_key)
+    variant = adapter.variant
     kind = lora_kind(module, w)
+    rounding = "delta" if variant.round_delta else "once"
+    if module.role == "mha_in":
+        rounding = "delta"  # PEFT: in_proj_weight + round(Δ)
+    elif module.role == "mha_out":
+        rounding = "mha_out"
+    ffo = False
     if kind == "linear":
-        b = src.info(module.parts["lora_B.weight"])
-        ffo = fan_in_fan_out(module, w, a, b, adapter, mt)
-        return LoraOp(module, kind, bool(ffo))
-    return LoraOp(module, kind)
+        a, b = factor_infos(module, adapter)
+        ffo = bool(fan_in_fan_out(module, w, a, b, adapter, mt))
+    block = variant.block_factor(module.path)
+    return LoraOp(module, kind, ffo, rounding, block, variant.bd_nblocks if block else 0)
 
 
 def _layout(

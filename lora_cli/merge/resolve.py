@@ -9,7 +9,7 @@ reported with the likely cause. Nothing is ever silently skipped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lora_cli.adapters.peft import Adapter, LoraModule
@@ -66,6 +66,7 @@ class _Target:
     name: str
     key: str  # adapter key, for error messages
     what: str  # lora | bias | replace | rows
+    module: LoraModule | None = None
 
 
 def _targets(adapter: Adapter, skip: set[str]) -> list[_Target]:
@@ -75,9 +76,9 @@ def _targets(adapter: Adapter, skip: set[str]) -> list[_Target]:
             continue
         for part, key in module.parts.items():
             if part == "lora_B.bias":
-                out.append(_Target(module.path + ".bias", key, "bias"))
+                out.append(_Target(module.bias, key, "bias", module))
             elif part in ("lora_A.weight", "lora_embedding_A"):
-                out.append(_Target(module.path + ".weight", key, "lora"))
+                out.append(_Target(module.weight, key, "lora", module))
     for name, key in adapter.replacements.items():
         out.append(_Target(name, key, "replace"))
     for module, (key, _) in adapter.token_rows.items():
@@ -94,6 +95,22 @@ def _resolve(name: str, rule: list[tuple[str, str]], base: TensorSource, tied_he
             if candidate in base or (tied_head and candidate == OUTPUT_EMBEDDING):
                 return candidate
     return name
+
+
+def factor_infos(module: LoraModule, adapter: Adapter) -> tuple[TensorInfo, TensorInfo]:
+    """Header info of (A, B) as the merge uses them: BD-LoRA's compact block-diagonal
+    factor is reported at its expanded shape (``block_diag`` of ``nblocks`` row chunks)."""
+    src = adapter.source
+    parts = module.parts
+    a = src.info(parts.get("lora_A.weight") or parts["lora_embedding_A"])
+    b = src.info(parts.get("lora_B.weight") or parts["lora_embedding_B"])
+    n = adapter.variant.bd_nblocks
+    which = adapter.variant.block_factor(module.path)
+    if which == "A" and len(a.shape) == 2:
+        a = replace(a, shape=(a.shape[0], a.shape[1] * n))
+    elif which == "B" and len(b.shape) == 2:
+        b = replace(b, shape=(b.shape[0], b.shape[1] * n))
+    return a, b
 
 
 def lora_kind(module: LoraModule, w: TensorInfo) -> str:
@@ -164,15 +181,15 @@ def _check_targets(
                     f"{name} {list(w.shape)}"
                 )
         elif t.what == "bias":
-            module = adapter.modules[t.name[: -len(".bias")]]
-            d = src.info(module.parts["lora_B.bias"])
+            assert t.module is not None
+            d = src.info(t.module.parts["lora_B.bias"])
             if d.shape != w.shape:
                 problems.append(
                     f"{t.key}: shape {list(d.shape)} but base {name} is {list(w.shape)}"
                 )
         else:
-            module = adapter.modules[t.name[: -len(".weight")]]
-            msg = _check_lora_shapes(module, w, adapter, mt)
+            assert t.module is not None
+            msg = _check_lora_shapes(t.module, w, adapter, mt)
             if msg:
                 problems.append(f"{t.key}: {msg} (base {name} is {list(w.shape)})")
     return problems
@@ -181,24 +198,39 @@ def _check_targets(
 def _check_lora_shapes(module: LoraModule, w: TensorInfo, adapter: Adapter, mt: Any) -> str:
     src = adapter.source
     parts = module.parts
+    block = adapter.variant.block_factor(module.path)
+    if block:
+        key = parts.get(f"lora_{block}.weight", "")
+        rows = src.info(key).shape[0] if key in src.infos and src.info(key).shape else 0
+        if rows % adapter.variant.bd_nblocks:
+            return (
+                f"BD-LoRA lora_{block} has {rows} rows, not a multiple of "
+                f"nblocks={adapter.variant.bd_nblocks}"
+            )
     if module.is_embedding:
         if "lora_embedding_B" not in parts:
             return "lora_embedding_A without lora_embedding_B"
-        a, b = src.info(parts["lora_embedding_A"]), src.info(parts["lora_embedding_B"])
+        a, b = factor_infos(module, adapter)
         if len(w.shape) != 2 or w.shape != (a.shape[1], b.shape[0]) or a.shape[0] != b.shape[1]:
             return f"embedding LoRA A {list(a.shape)} B {list(b.shape)} does not fit"
         out = w.shape[1]
     else:
         if "lora_B.weight" not in parts:
             return "lora_A without lora_B"
-        a, b = src.info(parts["lora_A.weight"]), src.info(parts["lora_B.weight"])
+        a, b = factor_infos(module, adapter)
+        groups = _conv_groups(w.shape, a.shape, b.shape)
+        if groups > 1:
+            return (
+                f"{GROUPED_CONV} (groups={groups}): convolutions with groups > 1 cannot be "
+                "merged, PEFT refuses them too"
+            )
         if a.shape[0] != b.shape[1]:
             return f"lora_A has rank {a.shape[0]} but lora_B has {b.shape[1]}"
         if len(w.shape) >= 3:
             if len(a.shape) != len(w.shape):
                 return f"conv LoRA A {list(a.shape)} does not fit"
             if a.shape[1] != w.shape[1]:
-                return "grouped convolutions (groups > 1) cannot be merged"
+                return f"conv LoRA A {list(a.shape)} does not fit"
             if b.shape[0] != w.shape[0] or a.shape[2:] != w.shape[2:]:
                 return f"conv LoRA A {list(a.shape)} B {list(b.shape)} does not fit"
             out = w.shape[0]
@@ -216,9 +248,26 @@ def _check_lora_shapes(module: LoraModule, w: TensorInfo, adapter: Adapter, mt: 
     return ""
 
 
+GROUPED_CONV = "LoRA on a grouped convolution"
+
+
+def _conv_groups(w: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """``groups`` of a conv LoRA made by PEFT for a grouped base: A sees every input channel
+    (``(r, in, *k)``), the base one group's (``(out, in/g, *k)``); 1 when not grouped."""
+    if len(w) < 3 or len(a) != len(w) or len(b) != len(w) or not w[1] or a[1] % w[1]:
+        return 1
+    groups = a[1] // w[1]
+    return groups if groups > 1 and a[2:] == w[2:] and b[0] == w[0] else 1
+
+
 def problem_message(adapter: Adapter, problems: list[str], base: TensorSource) -> str:
     shown = "; ".join(problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    unsupported = [p for p in problems if GROUPED_CONV in p]
+    if unsupported and len(unsupported) == len(problems):
+        return f"{adapter.root}: cannot merge: {unsupported[0]}" + (
+            f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
+        )
     missing = sum("base has no tensor" in p for p in problems)
     if missing == len(problems):
         cause = (

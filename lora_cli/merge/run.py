@@ -107,6 +107,10 @@ def compute_tensor(
             a, b = factor(m.parts["lora_embedding_A"]), factor(m.parts["lora_embedding_B"])
         else:  # row i of W + s·B@A only needs row i of B
             a, b = factor(m.parts["lora_A.weight"]), factor(m.parts["lora_B.weight"], rows)
+        if op.block == "A":  # BD-LoRA (never row-blocked: see row_blocks)
+            a = lora_math.block_diagonal(a, op.nblocks)
+        elif op.block == "B":
+            b = lora_math.block_diagonal(b, op.nblocks)
         mag = m.parts.get("lora_magnitude_vector")
         value = lora_math.merge_weight(
             value,
@@ -116,6 +120,7 @@ def compute_tensor(
             kind=op.kind,
             fan_in_fan_out=op.fan_in_fan_out,
             magnitude=factor(mag) if mag else None,
+            rounding=op.rounding,
             inplace=True,  # ``value`` is this function's own buffer
         )
     for ex in action.experts:
@@ -207,7 +212,7 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
         or act.experts
         or not act.loras
         or (len(act.loras) > 1 and any(op.weight is None for op in act.loras))
-        or any(op.kind != "linear" or op.fan_in_fan_out for op in act.loras)
+        or any(op.kind != "linear" or op.fan_in_fan_out or op.block for op in act.loras)
         or any("lora_magnitude_vector" in op.module.parts for op in act.loras)
         or info.raw_offset is None
         or info.dtype != act.dtype

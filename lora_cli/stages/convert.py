@@ -261,8 +261,10 @@ def _unclassified(adapter: Adapter, keep: list[str]) -> tuple[list[str], list[st
 
 
 def _adapter_keys(adapter: Adapter) -> list[str]:
-    """LoRA factors, DoRA magnitudes, replacements and token deltas, in file order."""
+    """LoRA factors, DoRA magnitudes, replacements, token deltas and variant state (VeLoRA,
+    MonteCLoRA: PEFT loads them back), in file order."""
     wanted = {k for m in adapter.modules.values() for k in m.parts.values()}
+    wanted |= set(adapter.variant_state)
     wanted |= set(adapter.replacements.values())
     wanted |= {k for k, _ in adapter.token_rows.values()}
     return [k for k in adapter.source.names() if k in wanted]

@@ -140,6 +140,9 @@ def adapter_details(adapter: Adapter) -> dict[str, Any]:
         "weights_file": adapter.weights_file.name,
         "producer": adapter.producer,
         "peft_type": cfg.get("peft_type"),
+        "variant": adapter.variant.name,
+        "mergeable": adapter.variant.mergeable,
+        "refusal": adapter.variant.refusal,
         "base_model_name_or_path": cfg.get("base_model_name_or_path"),
         "r": cfg.get("r"),
         "lora_alpha": cfg.get("lora_alpha"),
@@ -159,6 +162,7 @@ def adapter_details(adapter: Adapter) -> dict[str, Any]:
         "replacements": sorted(adapter.replacements),
         "trainable_tokens": {m: idx for m, (_, idx) in adapter.token_rows.items()},
         "non_adapter_tensors": adapter.non_adapter,
+        "variant_state_tensors": adapter.variant_state,
         "skipped_entries": adapter.source.skipped,
     }
     if details["target_modules_kind"] == "regex":

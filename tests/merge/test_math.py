@@ -243,21 +243,43 @@ def test_lora_bias_single_rounding():
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_tiny_conv3d_fp32_summation_order(use_dora):
-    """PEFT's CPU conv kernel for this tiny Conv3d sums the rank differently from a matmul.
-
-    The delta then differs in the last fp32 bits (relative to the tensor's scale; near-zero
-    elements show many ulps). In bf16/fp16 bases this disappears in the rounding (the bf16
-    conv3d cases above are bit-exact); in fp32 bases it is an absolute difference of a few
-    fp32 eps times the largest element.
-    """
-    g = run_peft("conv3d", torch.float32, r=4, lora_alpha=5, use_dora=use_dora)
+@pytest.mark.parametrize("layer", ["conv3d", "conv2d", "conv1d"])
+def test_conv_fp32_sums_like_peft(layer, use_dora):
+    """fp32 bases show every bit of the delta: the conv delta must be summed the way PEFT's
+    ``_ConvNd.get_delta_weight`` sums it (``convNd(A.transpose(0, 1), B)``), not as a
+    flattened matmul, whose order differs on some CPUs by up to 1024 ulp near zero."""
+    g = run_peft(layer, torch.float32, r=4, lora_alpha=5, use_dora=use_dora)
     s = mm.scaling(4, 5, False)
     ours = mm.merge_weight(g["W"], g["A"], g["B"], s, kind="conv", magnitude=g["magnitude"])
     assert not torch.equal(g["W_peft"], g["W"])
-    scale = g["W_peft"].abs().max().item()
-    eps = torch.finfo(torch.float32).eps
-    torch.testing.assert_close(ours, g["W_peft"], rtol=0, atol=4 * eps * scale)
+    assert torch.equal(ours, g["W_peft"])
+
+
+def test_block_diagonal_expands_bdlora_factors():
+    w = torch.arange(12.0).reshape(4, 3)
+    full = mm.block_diagonal(w, 2)
+    assert full.shape == (4, 6)
+    assert torch.equal(full[:2, :3], w[:2]) and torch.equal(full[2:, 3:], w[2:])
+    assert not full[:2, 3:].any() and not full[2:, :3].any()
+    with pytest.raises(MergeError):
+        mm.block_diagonal(w, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_orders(dtype):
+    """``delta``: W + round(Δ); ``mha_out``: round((W + round(Δ)) + Δ) (PEFT's MHA out_proj)."""
+    torch.manual_seed(3)
+    W = torch.randn(32, 16).to(dtype)
+    A, B = torch.randn(4, 16) / 7, torch.randn(32, 4) / 7
+    delta = mm.lora_delta(A, B, 1.5, kind="linear", base_shape=W.shape)
+    once = mm.merge_weight(W, A, B, 1.5, kind="linear")
+    twice = mm.merge_weight(W, A, B, 1.5, kind="linear", rounding="delta")
+    assert torch.equal(twice, W + delta.to(dtype))
+    assert not torch.equal(once, twice)  # the test tells the two orders apart
+    doubled = mm.merge_weight(W, A, B, 1.5, kind="linear", rounding="mha_out")
+    assert torch.equal(doubled, ((W + delta.to(dtype)).float() + delta).to(dtype))
+    with pytest.raises(MergeError):
+        mm.merge_weight(W, A, B, 1.5, kind="linear", rounding="thrice")
 
 
 # --------------------------------------------------------------------------- 1x1xk conv3d

@@ -33,6 +33,9 @@ ADAPTER_KEYS = {
     "weights_file",
     "producer",
     "peft_type",
+    "variant",
+    "mergeable",
+    "refusal",
     "base_model_name_or_path",
     "r",
     "lora_alpha",
@@ -52,6 +55,7 @@ ADAPTER_KEYS = {
     "replacements",
     "trainable_tokens",
     "non_adapter_tensors",
+    "variant_state_tensors",
     "skipped_entries",
 }
 MODULE_KEYS = {"name", "kind", "r", "alpha", "scale", "rank_in_file", "dora", "lora_bias"}

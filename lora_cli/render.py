@@ -75,6 +75,13 @@ def inspect_report(report: Any, json_out: bool) -> None:
                 ("shared tensors", "; ".join(", ".join(g) for g in c["shared_tensors"]) or "-"),
             ],
         )
+        q = c.get("quantization")
+        if q:
+            output.table(
+                f"quantized tensors ({q['method'] or 'no quantization_config'})",
+                ["scheme", "family", "tensors", "merge"],
+                [[f["scheme"], f["family"], f["tensors"], f["merge"]] for f in q["families"]],
+            )
     for w in report.warnings:
         output.warn(w)
 
@@ -163,6 +170,7 @@ def merge_json(result: Any) -> dict[str, Any]:
         "untie_embeddings": result.untied,
         "config_updates": result.config_updates,
         "warnings": result.warnings,
+        "quantized": result.quantized,
     }
 
 

@@ -73,6 +73,8 @@ def compute_tensor(
     ``buffer``: scratch memory to read the starting value into (may hold the result).
     ``rows``: only those output rows (for actions where ``row_blocks`` allows it).
     """
+    if action.quant is not None:  # one part of a re-quantized weight (merge/quantized.py)
+        return action.quant.take(lambda merge: compute_tensor(plan, merge, device))
     src = plan.adapter.source
     cuda = device.startswith("cuda")
     if action.replacement:
@@ -132,6 +134,7 @@ class MergeResult:
     untied: bool
     config_updates: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    quantized: list[dict[str, Any]] = field(default_factory=list)  # --quantize keep fidelity
 
     @property
     def throughput(self) -> float:
@@ -319,6 +322,8 @@ def run_merge(
         if plan.config is not None:
             config = dict(plan.config)
             config.update(plan.config_updates)
+            for key in [k for k, v in plan.config_updates.items() if v is None]:
+                del config[key]  # e.g. quantization_config once nothing quantized remains
             if "tie_word_embeddings" in plan.config_updates and isinstance(
                 config.get("text_config"), dict
             ):

@@ -11,7 +11,8 @@ from lora_cli.io.dtypes import parse_dtype_option
 from lora_cli.io.layout import parse_size
 from lora_cli.io.reader import open_source
 from lora_cli.io.writer import check_destination
-from lora_cli.merge.plan import MergePlan, build_plan
+from lora_cli.merge.plan import MergePlan
+from lora_cli.merge.quantized import fidelity, plan_merge
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
 
 
@@ -52,6 +53,7 @@ def merge(
     dry_run: bool = False,
     overwrite: bool = False,
     progress_factory: Any = None,
+    quantize: str = "bf16",
 ) -> MergeResult | DryRun:
     """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback."""
     out_dtype = parse_dtype_option(dtype)
@@ -67,12 +69,19 @@ def merge(
     try:
         ad = load_adapter(Path(adapter))
         try:
-            plan = build_plan(base_src, ad, out_dtype=out_dtype, max_shard_size=shard_limit)
+            plan = plan_merge(
+                base_src, ad, out_dtype=out_dtype, max_shard_size=shard_limit, quantize=quantize
+            )
             if dry_run:
                 return DryRun(plan)
             total = sum(_nbytes(a) for a in plan.actions())
             progress: Progress | None = progress_factory(total) if progress_factory else None
-            return run_merge(plan, Path(output), device=dev, overwrite=overwrite, progress=progress)
+            result = run_merge(
+                plan, Path(output), device=dev, overwrite=overwrite, progress=progress
+            )
+            result.quantized, low = fidelity(plan)
+            result.warnings = result.warnings + low
+            return result
         finally:
             ad.close()
     finally:

@@ -43,7 +43,7 @@ def expand_blocks(s: torch.Tensor, shape: tuple[int, int], block: tuple[int, int
 def fp8_block_dequant(
     q: torch.Tensor, s: torch.Tensor, block: tuple[int, int], out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """DeepSeek/Qwen3/FineGrainedFP8 ``weight × weight_scale_inv``, rounded once to ``out_dtype``."""
+    """DeepSeek/Qwen3/FineGrainedFP8 ``weight × weight_scale_inv``, rounded once."""
     rows, cols = q.shape
     want = (_cdiv(rows, block[0]), _cdiv(cols, block[1]))
     if tuple(s.shape) != want:

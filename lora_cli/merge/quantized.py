@@ -204,3 +204,15 @@ def fidelity(plan: MergePlan) -> tuple[list[dict[str, Any]], list[str]]:
         if r["cosine"] is not None and r["cosine"] < COSINE_WARN
     ]
     return reports, warnings
+
+
+def quantize_mode_of(base: TensorSource, merged: dict[str, Any]) -> str:
+    """How a merged folder was written (for ``validate``): ``bf16`` when some quantized
+    weight of the base appears there as a bf16 tensor, else ``keep`` (when nothing
+    quantized was touched the two modes write the same thing)."""
+    scheme = detect(base, load_base_config(base))
+    for qt in scheme.tensors.values():
+        info = merged.get(qt.name)
+        if info is not None and info.dtype == "BF16":
+            return "bf16"
+    return "keep"

@@ -183,7 +183,8 @@ def detect(source: TensorSource, config: dict[str, Any] | None) -> QuantScheme:
         elif name.endswith((".weight_global_scale", ".weight_scale_2")):
             scheme.unsupported[name.rsplit(".", 1)[0]] = ("NVFP4", name)
         elif name.endswith(".weight_packed") and ("fp4" in ct_format or info.dtype == "U8"):
-            scheme.unsupported[name.removesuffix(".weight_packed")] = (ct_format or "FP4", name)
+            fmt = "NVFP4" if "nvfp4" in ct_format else f"FP4 ({ct_format or 'packed U8'})"
+            scheme.unsupported.setdefault(name.removesuffix(".weight_packed"), (fmt, name))
         elif name.endswith(".weight") and f"{name}_scale_inv" in names:
             scale = names[f"{name}_scale_inv"]
             block = block_cfg or (128, 128)

@@ -41,16 +41,25 @@ def expand_blocks(s: torch.Tensor, shape: tuple[int, int], block: tuple[int, int
 
 
 def fp8_block_dequant(
-    q: torch.Tensor, s: torch.Tensor, block: tuple[int, int], out_dtype: torch.dtype
+    q: torch.Tensor,
+    s: torch.Tensor,
+    block: tuple[int, int],
+    out_dtype: torch.dtype,
+    first_row: int = 0,
 ) -> torch.Tensor:
-    """DeepSeek/Qwen3/FineGrainedFP8 ``weight × weight_scale_inv``, rounded once."""
+    """DeepSeek/Qwen3/FineGrainedFP8 ``weight × weight_scale_inv``, rounded once.
+
+    ``q`` may be rows ``[first_row, first_row + len(q))`` of the weight, with ``s`` the
+    scale rows those rows fall in (so big tensors decode in row blocks)."""
     rows, cols = q.shape
-    want = (_cdiv(rows, block[0]), _cdiv(cols, block[1]))
+    top = first_row // block[0]
+    want = (_cdiv(first_row + rows, block[0]) - top, _cdiv(cols, block[1]))
     if tuple(s.shape) != want:
         raise ValueError(f"scale grid {list(s.shape)} does not fit weight {[rows, cols]} ({block})")
     out = torch.empty(q.shape, dtype=out_dtype)
     for i in range(want[0]):  # one block row at a time: the fp32 temporary stays small
-        r0, r1 = i * block[0], min((i + 1) * block[0], rows)
+        r0 = max((top + i) * block[0] - first_row, 0)
+        r1 = min((top + i + 1) * block[0] - first_row, rows)
         scale = s[i].float().repeat_interleave(block[1])[:cols]
         out[r0:r1] = (q[r0:r1].float() * scale).to(out_dtype)
     return out

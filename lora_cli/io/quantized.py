@@ -47,27 +47,40 @@ class QuantizedTensor:
     def primary(self) -> str:
         return self.parts["weight"]
 
-    def decode(self, raw: TensorSource) -> torch.Tensor:
-        """The bf16 tensor, bit for bit what the producer's own dequantizer returns."""
+    @property
+    def reads_rows(self) -> bool:
+        """Whether ``decode(rows=…)`` reads only those rows' bytes and scales."""
+        if self.scheme == CT_PACKED:
+            return "zero_point" not in self.parts
+        return self.scheme == FP8_BLOCK
+
+    def decode(self, raw: TensorSource, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The bf16 tensor (or rows of it), bit for bit what the producer's own dequantizer
+        returns."""
         import torch
 
         from lora_cli.io import quant
 
         bf16 = torch.bfloat16
-        weight = raw.read(self.parts["weight"])
-        scale = raw.read(self.parts["scale"])
+        if rows is not None and not self.reads_rows:
+            return self.decode(raw)[rows[0] : rows[1]].contiguous()
+        weight = raw.read(self.parts["weight"], rows=rows)
         if self.scheme == FP8_BLOCK:
             assert self.block is not None
-            return quant.fp8_block_dequant(weight, scale, self.block, bf16)
+            first = rows[0] if rows else 0
+            scale_rows = (first // self.block[0], -(-(first + len(weight)) // self.block[0]))
+            scale = raw.read(self.parts["scale"], rows=scale_rows)
+            return quant.fp8_block_dequant(weight, scale, self.block, bf16, first)
+        scale = raw.read(self.parts["scale"], rows=rows if self.scheme == CT_PACKED else None)
         if self.scheme == MXFP4:
             return quant.mxfp4_dequant(weight, scale, bf16).transpose(1, 2).contiguous()
         zp = raw.read(self.parts["zero_point"]) if "zero_point" in self.parts else None
         g_idx = raw.read(self.parts["g_idx"]) if "g_idx" in self.parts else None
         if self.scheme == CT_PACKED:
-            rows, cols = self.shape
+            out_features, cols = self.shape
             weight = quant.unpack_int4(weight, cols)
             if zp is not None:  # packed along the output dim
-                zp = quant.unpack_int4(zp.T.contiguous(), rows).T
+                zp = quant.unpack_int4(zp.T.contiguous(), out_features).T
         return quant.ct_dequant(weight, scale, zp, block=self.block, g_idx=g_idx, out_dtype=bf16)
 
     def encode(self, merged: torch.Tensor, raw: TensorSource) -> dict[str, torch.Tensor]:
@@ -310,8 +323,11 @@ class DequantizedSource(TensorSource):
         qt = self.exposed.get(name)
         if qt is None:
             return self.raw.read(name, pin=pin, out=out, rows=rows)
-        value = qt.decode(self.raw)
-        return value[rows[0] : rows[1]].contiguous() if rows else value
+        return qt.decode(self.raw, rows)
+
+    def reads_rows(self, name: str) -> bool:
+        qt = self.exposed.get(name)
+        return qt.reads_rows if qt is not None else self.raw.reads_rows(name)
 
     def close(self) -> None:
         self.raw.close()

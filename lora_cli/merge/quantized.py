@@ -148,9 +148,10 @@ def _change_cosine(group: QuantGroup, merged: torch.Tensor, base: torch.Tensor) 
     qt = group.tensor
 
     class Parts:  # decode the fresh parts through the same codec as the base
-        def read(self, name: str) -> torch.Tensor:
+        def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
             role = next(r for r, n in qt.parts.items() if n == name)
-            return group._parts[role] if role in group._parts else raw.read(name)
+            t = group._parts[role] if role in group._parts else raw.read(name)
+            return t[rows[0] : rows[1]] if rows else t
 
     achieved = qt.decode(Parts()).float() - base.float()  # type: ignore[arg-type]
     intended = merged.float() - base.float()

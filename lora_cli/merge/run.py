@@ -195,7 +195,7 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
         or act.loras[0].kind != "linear"
         or act.loras[0].fan_in_fan_out
         or "lora_magnitude_vector" in act.loras[0].module.parts
-        or info.raw_offset is None
+        or not plan.base.reads_rows(info.name)
         or info.dtype != act.dtype
         or len(info.shape) != 2
         or info.nbytes <= BLOCK_BYTES

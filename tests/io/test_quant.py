@@ -110,3 +110,35 @@ def test_mxfp4_requantize_keeps_values() -> None:
     # values survive; bytes may not (a block whose max became 3·2^k re-encodes as 6·2^(k-1),
     # and -0 comes back as +0), which is why untouched tensors are copied, never re-encoded
     assert torch.equal(again, values)
+
+
+@pytest.mark.parametrize("rows", [(0, 576), (100, 300), (500, 576), (128, 256), (7, 8)])
+def test_quantized_view_decodes_row_blocks(tmp_path, rows) -> None:
+    """Big quantized tensors merge in row blocks: rows decode exactly like the whole."""
+    from safetensors.torch import save_file
+
+    from lora_cli.io.quantized import DequantizedSource, detect
+    from lora_cli.io.reader import open_source
+
+    q, s = _fp8_base(576, 200)
+    torch.manual_seed(2)
+    packed = quant.pack_int4(torch.randint(-8, 8, (576, 64), dtype=torch.int8))
+    scale = (torch.rand(576, 2) / 10).to(torch.bfloat16)
+    save_file(
+        {
+            "a.weight": q,
+            "a.weight_scale_inv": s,
+            "b.weight_packed": packed,
+            "b.weight_scale": scale,
+            "b.weight_shape": torch.tensor([576, 64]),
+        },
+        tmp_path / "model.safetensors",
+    )
+    config = {"quantization_config": {"quant_method": "compressed-tensors"}}
+    with open_source(tmp_path / "model.safetensors") as raw:
+        scheme = detect(raw, config)
+        view = DequantizedSource(raw, scheme, {"a.weight", "b.weight"})
+        for name in ("a.weight", "b.weight"):
+            assert view.reads_rows(name)
+            whole = view.read(name)
+            assert torch.equal(view.read(name, rows=rows), whole[rows[0] : rows[1]])

@@ -319,3 +319,16 @@ def test_gpt_oss_mxfp4_experts(tmp_path) -> None:
         assert ((got - want).abs() <= step).all()
         again = mxfp4_dequant(kept[f"{name}_blocks"], kept[f"{name}_scales"], torch.float32)
         assert torch.equal(again.transpose(1, 2), got)
+
+
+def test_fp8_merge_in_row_blocks_gives_the_same_bytes(deepseek, tmp_path, monkeypatch) -> None:
+    """Big quantized weights stream through in row blocks (decoded rows + their scale rows);
+    with tiny blocks every touched tensor here takes that path, ragged blocks included."""
+    import lora_cli.merge.run as run
+
+    monkeypatch.setattr(run, "BLOCK_BYTES", 4096)
+    merge(deepseek["fp8"], deepseek["adapter"], tmp_path / "out", device="cpu")
+    ours, whole = load_folder(tmp_path / "out"), load_folder(deepseek["merged"])
+    assert ours.keys() == whole.keys()
+    for name, t in ours.items():
+        assert raw_bytes(t) == raw_bytes(whole[name]), name

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from lora_cli.adapters.expert_factors import expand_expert_factors
 from lora_cli.adapters.peft import Adapter
 from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.quantized import DequantizedSource, QuantizedTensor, QuantScheme, detect
@@ -47,6 +48,7 @@ def plan_merge(
     """``build_plan``, aware of quantized bases (a plain base gets exactly ``build_plan``)."""
     if quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown --quantize {quantize!r}", "use bf16 or keep")
+    expand_expert_factors(adapter, base)  # Tinker's 3-D expert factors → per-expert modules
     scheme = detect(base, load_base_config(base))
     if scheme.whole is not None:
         fmt, key = scheme.whole

@@ -332,3 +332,71 @@ def test_fp8_merge_in_row_blocks_gives_the_same_bytes(deepseek, tmp_path, monkey
     assert ours.keys() == whole.keys()
     for name, t in ours.items():
         assert raw_bytes(t) == raw_bytes(whole[name]), name
+
+
+def test_tinker_3d_expert_factors_into_per_expert_fp8(deepseek, tmp_path) -> None:
+    """Tinker's ``experts.w1/w2/w3`` factors (E or 1, …): shared A for gate/up, shared B for
+    down (Kimi's layout), merged into the per-expert FP8 experts; the oracle is PEFT on
+    per-expert ``nn.Linear``s holding the golden weights."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from torch import nn
+
+    experts, r, alpha = 4, 4, 8
+    torch.manual_seed(3)
+    owner = "model.layers.1.mlp.experts"
+    factors = {}
+    for w, (out_f, in_f) in {"w1": (128, 256), "w3": (128, 256), "w2": (256, 128)}.items():
+        shared_a = w != "w2"
+        factors[w] = (
+            torch.randn(1 if shared_a else experts, r, in_f) / 16,
+            torch.randn(experts if shared_a else 1, out_f, r) / 16,
+        )
+    adapter = tmp_path / "tinker"
+    adapter.mkdir()
+    save_file(
+        {
+            f"base_model.model.{owner}.{w}.lora_{ab}.weight": t
+            for w, pair in factors.items()
+            for ab, t in zip("AB", pair, strict=True)
+        },
+        adapter / "adapter_model.safetensors",
+    )
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": ["w1", "w2", "w3"],
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    merge(deepseek["fp8"], adapter, tmp_path / "out", device="cpu")
+    ours = load_folder(tmp_path / "out")
+
+    golden = load_folder(deepseek["golden"])
+    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    module = nn.ModuleList()
+    for e in range(experts):
+        expert = nn.Module()
+        for leaf in names.values():
+            weight = golden[f"{owner}.{e}.{leaf}.weight"]
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16)
+            linear.weight.data.copy_(weight)
+            setattr(expert, leaf, linear)
+        module.append(expert)
+    peft_model = get_peft_model(
+        module, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(names.values()))
+    )
+    with torch.no_grad():
+        for e in range(experts):
+            for w, leaf in names.items():
+                layer = getattr(peft_model.base_model.model[e], leaf)
+                a, b = factors[w]
+                layer.lora_A["default"].weight.copy_(a[e if a.shape[0] > 1 else 0])
+                layer.lora_B["default"].weight.copy_(b[e if b.shape[0] > 1 else 0])
+    merged = peft_model.merge_and_unload()
+    for e in range(experts):
+        for leaf in names.values():
+            name = f"{owner}.{e}.{leaf}.weight"
+            want = getattr(merged[e], leaf).weight.detach()
+            assert ours[name].dtype == torch.bfloat16
+            assert ulp_diff(ours[name], want) == 0, name

@@ -154,6 +154,12 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
         f"name resolution: {result.rule}; device {result.device}; "
         f"{result.seconds:.2f}s, {human_bytes(result.throughput)}/s"
     )
+    cosines = [q["cosine"] for q in result.quantized if q["cosine"] is not None]
+    if cosines:
+        output.out().print(
+            f"re-quantized {len(result.quantized)} merged tensors into the base's format; "
+            f"change kept with cosine {min(cosines):.3f} (worst) to {max(cosines):.3f}"
+        )
 
 
 def merge_json(result: Any) -> dict[str, Any]:

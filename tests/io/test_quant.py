@@ -142,3 +142,34 @@ def test_quantized_view_decodes_row_blocks(tmp_path, rows) -> None:
             assert view.reads_rows(name)
             whole = view.read(name)
             assert torch.equal(view.read(name, rows=rows), whole[rows[0] : rows[1]])
+
+
+@pytest.mark.parametrize("strategy", ["block", "channel", "tensor"])
+def test_ct_float_quantized_matches_compressed_tensors(strategy) -> None:
+    """FP8 ``float-quantized`` (tinker's FP8 export, RedHat FP8 models): scale and bytes as
+    compressed-tensors' own quantize makes them, and its dequantize read back exactly."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    extra = {"block_structure": [128, 128]} if strategy == "block" else {}
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy, **extra)
+    torch.manual_seed(0)
+    w = (torch.randn(576, 200) * 0.02).to(torch.bfloat16)
+    if strategy == "block":
+        padded = torch.zeros(640, 256, dtype=torch.bfloat16)
+        padded[:576, :200] = w
+        blocks = padded.reshape(5, 128, 2, 128)
+        lo, hi = blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+    elif strategy == "channel":
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    else:
+        lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+    scale, zp = calculate_qparams(lo, hi, args)
+    q = quantize(w, scale, zp, args, dtype=torch.float8_e4m3fn)
+    block = (128, 128) if strategy == "block" else None
+    ours_q, ours_s = quant.ct_float_quant(w, tuple(scale.shape), block, torch.bfloat16)
+    assert torch.equal(ours_s, scale)
+    assert torch.equal(ours_q.view(torch.uint8), q.view(torch.uint8))
+    decoded = quant.ct_dequant(q, scale, None, block=block, g_idx=None, out_dtype=torch.bfloat16)
+    assert torch.equal(decoded, dequantize(q, scale, zp, args).to(torch.bfloat16))

@@ -68,15 +68,15 @@ def expand_expert_factors(adapter: Adapter, base: TensorSource) -> None:
         if not a_key or not b_key:
             continue
         a, b = src.info(a_key).shape, src.info(b_key).shape
-        if len(a) != 3 and len(b) != 3:
-            continue
-        experts = max(a[0], b[0]) if len(a) == 3 == len(b) else 0
-        if not experts or a[0] not in (1, experts) or b[0] not in (1, experts) or a[1] != b[2]:
+        owner, leaf = path.rsplit(".", 1) if "." in path else ("", path)
+        if len(a) != 3 or len(b) != 3 or not owner.endswith("experts"):
+            continue  # (3-D factors elsewhere are Conv1d LoRAs)
+        experts = max(a[0], b[0])
+        if a[0] not in (1, experts) or b[0] not in (1, experts) or a[1] != b[2]:
             raise FormatError(
                 f"{a_key}: 3-D expert factors A {list(a)} / B {list(b)} do not pair up",
                 "expected A (E or 1, r, in) and B (E or 1, out, r)",
             )
-        owner, leaf = path.rsplit(".", 1)
         if f"{owner}.0.{leaf}" not in modules_in_base:
             leaf = RENAMES.get(leaf, leaf)
         del adapter.modules[path]

@@ -177,9 +177,12 @@ def _fits_grid(shape: tuple[int, ...], grid: tuple[int, ...], block: tuple[int, 
     return len(shape) == 2 and tuple(grid) == (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
 
 
-def detect(source: TensorSource, config: dict[str, Any] | None) -> QuantScheme:
-    """Classify every quantized tensor of ``source`` from its headers (no tensor data read
-    except the few ``weight_shape`` and scale values some decisions need)."""
+def detect(
+    source: TensorSource, config: dict[str, Any] | None, *, values: bool = True
+) -> QuantScheme:
+    """Classify every quantized tensor of ``source`` from its headers. With ``values`` (what a
+    merge needs) the small ``weight_shape`` tensors and FP8 scales are read too, for the exact
+    dequantized shape and the power-of-two test; without, ``inspect`` stays header-only."""
     qc = (config or {}).get("quantization_config") or {}
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     scheme = QuantScheme(method=method)
@@ -217,7 +220,7 @@ def detect(source: TensorSource, config: dict[str, Any] | None) -> QuantScheme:
             )
         elif name.endswith(".weight_packed") and method == "compressed-tensors":
             module = name.removesuffix(".weight_packed")
-            scheme.tensors[f"{module}.weight"] = _ct_packed(source, module)
+            scheme.tensors[f"{module}.weight"] = _ct_packed(source, module, values)
         elif (
             name.endswith(".weight")
             and f"{name}_scale" in names
@@ -240,9 +243,10 @@ def detect(source: TensorSource, config: dict[str, Any] | None) -> QuantScheme:
                 param, MXFP4, (e, groups * 32, out), {"weight": name, "scale": f"{param}_scales"}
             )
         elif info.dtype in ("F8_E4M3", "F4") and name.endswith(".weight"):
-            fmt = f"{info.dtype} without a scale"
+            fmt = f"{info.dtype} weight ({method or 'no quantization_config'}, no known scale)"
             scheme.unsupported.setdefault(name.removesuffix(".weight"), (fmt, name))
-    _check_pow2(source, scheme)
+    if values:
+        _check_pow2(source, scheme)
     return scheme
 
 
@@ -252,7 +256,7 @@ def _optional(parts: dict[str, str], names: dict[str, TensorInfo], module: str) 
             parts[role] = f"{module}.weight_{role}"
 
 
-def _ct_packed(source: TensorSource, module: str) -> QuantizedTensor:
+def _ct_packed(source: TensorSource, module: str, values: bool) -> QuantizedTensor:
     from lora_cli.errors import FormatError
 
     parts = {"weight": f"{module}.weight_packed", "scale": f"{module}.weight_scale"}
@@ -263,7 +267,11 @@ def _ct_packed(source: TensorSource, module: str) -> QuantizedTensor:
         )
     parts["shape"] = f"{module}.weight_shape"
     _optional(parts, source.infos, module)
-    rows, cols = (int(v) for v in source.read(parts["shape"]).tolist())
+    if values:
+        rows, cols = (int(v) for v in source.read(parts["shape"]).tolist())
+    else:  # header only: the packed width bounds the column count
+        rows, words = source.info(parts["weight"]).shape
+        cols = words * 8
     return QuantizedTensor(f"{module}.weight", CT_PACKED, (rows, cols), parts)
 
 

@@ -198,7 +198,7 @@ def quantization_details(source: TensorSource, config: Any) -> dict[str, Any] | 
     """Quantized tensor families found in the headers, and what ``merge`` does with them."""
     from lora_cli.io.quantized import detect
 
-    scheme = detect(source, config)
+    scheme = detect(source, config, values=False)
     if scheme.whole is not None:
         fmt, key = scheme.whole
         return {

@@ -83,10 +83,27 @@ class QuantizedTensor:
                 zp = quant.unpack_int4(zp.T.contiguous(), out_features).T
         return quant.ct_dequant(weight, scale, zp, block=self.block, g_idx=g_idx, out_dtype=bf16)
 
+    def requant_problem(self, raw: TensorSource) -> str | None:
+        """Why ``encode`` cannot re-quantize this weight (checked before anything is written)."""
+        if self.scheme in (FP8_BLOCK, MXFP4):
+            return None
+        if "zero_point" in self.parts or "g_idx" in self.parts:
+            return "asymmetric or act-order compressed-tensors weights"
+        scale = raw.info(self.parts["scale"]).shape
+        if self.scheme == CT_PACKED:
+            if len(scale) != 2 or self.shape[1] % scale[1]:
+                return f"pack-quantized weights with a {list(scale)} scale"
+            return None
+        weight_dtype = raw.info(self.parts["weight"]).dtype
+        if weight_dtype != "F8_E4M3":
+            return f"{weight_dtype} compressed-tensors weights"
+        if self.block is None and len(scale) == 2 and scale[1] != 1:
+            return "group-strategy FP8 weights"
+        return None
+
     def encode(self, merged: torch.Tensor, raw: TensorSource) -> dict[str, torch.Tensor]:
         """Fresh raw tensors for ``merged`` (bf16, dequantized shape) by the producer's
         rules, with the scale dtype and grid shape read from the base."""
-        from lora_cli.errors import MergeError
         from lora_cli.io import quant
 
         scale_info = raw.info(self.parts["scale"])
@@ -98,12 +115,8 @@ class QuantizedTensor:
         if self.scheme == MXFP4:
             blocks, scales = quant.mxfp4_quant(merged.transpose(1, 2))
             return {"weight": blocks, "scale": scales}
-        if "zero_point" in self.parts or "g_idx" in self.parts:
-            raise MergeError(
-                f"{self.name}: --quantize keep cannot re-quantize asymmetric or act-order "
-                "compressed-tensors weights yet",
-                "merge without --quantize keep (writes bf16)",
-            )
+        problem = self.requant_problem(raw)
+        assert problem is None, problem  # the planner refused it already
         if self.scheme == CT_PACKED:
             rows, cols = self.shape
             group = cols // scale_info.shape[1]
@@ -113,13 +126,6 @@ class QuantizedTensor:
                 "scale": s,
                 "shape": raw.read(self.parts["shape"]),
             }
-        weight_dtype = raw.info(self.parts["weight"]).dtype
-        if weight_dtype != "F8_E4M3":
-            raise MergeError(
-                f"{self.name}: --quantize keep cannot re-quantize {weight_dtype} "
-                "compressed-tensors weights yet",
-                "merge without --quantize keep (writes bf16)",
-            )
         q, s = quant.ct_float_quant(merged, tuple(scale_info.shape), self.block, scale_dtype)
         return {"weight": q, "scale": s.reshape(scale_info.shape)}
 

@@ -184,6 +184,12 @@ def _requantize_actions(plan: MergePlan, view: DequantizedSource) -> None:
             if qt is None:
                 actions.append(act)
                 continue
+            problem = qt.requant_problem(view.raw)
+            if problem:
+                raise MergeError(
+                    f"{qt.primary}: --quantize keep cannot re-quantize {problem} yet",
+                    "merge without --quantize keep (writes bf16)",
+                )
             group = QuantGroup(qt, replace(act), view)
             groups.append(group)
             for role, raw_name in qt.parts.items():

@@ -114,3 +114,22 @@ def test_inspect_reports_quantized_families(tmp_path, run_cli) -> None:
         "model.layers.N.mlp.experts.gate_up_proj",
         "model.layers.N.mlp.experts.down_proj",
     }
+
+
+def test_dtype_option_is_refused_for_a_quantized_base(llama, tmp_path, run_cli) -> None:
+    from lora_cli.io.quant import fp8_block_quant
+
+    base, adapter = llama
+    weight = load_file(base / "model.safetensors")[f"{Q_PROJ}.weight"]
+    q, s = fp8_block_quant(weight, (128, 128), torch.float32, pow2=False)
+    qc = {"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e4m3"}
+    replace = {f"{Q_PROJ}.weight": q, f"{Q_PROJ}.weight_scale_inv": s}
+    fp8 = _rewrite(base, tmp_path / "fp8", replace, f"{Q_PROJ}.weight", qc)
+    code, _, stderr = run_cli("merge", fp8, adapter, "-o", tmp_path / "out", "--dtype", "fp16")
+    assert code == 2 and "--dtype" in stderr and not (tmp_path / "out").exists()
+    code, _, stderr = run_cli("merge", fp8, adapter, "-o", tmp_path / "out", "--quantize", "x")
+    assert code == 2 and "--quantize" in stderr
+    code, stdout, _ = run_cli("merge", fp8, adapter, "-o", tmp_path / "out", "--json")
+    assert code == 0
+    # the only quantized weight was merged: the config no longer claims FP8
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())

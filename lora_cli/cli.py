@@ -132,6 +132,11 @@ def merge(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
+    quantize: str = typer.Option(
+        "bf16",
+        help="Quantized base (FP8, compressed-tensors, MXFP4): write merged weights as bf16, "
+        "or 'keep' to re-quantize them in the base's format.",
+    ),
 ) -> None:
     """Fold LoRA adapters into the base weights, streaming tensor by tensor."""
     with _expected_failures():
@@ -150,6 +155,7 @@ def merge(
                 dry_run=dry_run,
                 overwrite=overwrite,
                 progress_factory=factory,
+                quantize=quantize,
             )
         render.merge_result(result, json_out, quiet)
 

@@ -76,6 +76,13 @@ def inspect_report(report: Any, json_out: bool) -> None:
                 ("shared tensors", "; ".join(", ".join(g) for g in c["shared_tensors"]) or "-"),
             ],
         )
+        q = c.get("quantization")
+        if q:
+            output.table(
+                f"quantized tensors ({q['method'] or 'no quantization_config'})",
+                ["scheme", "family", "tensors", "merge"],
+                [[f["scheme"], f["family"], f["tensors"], f["merge"]] for f in q["families"]],
+            )
     for w in report.warnings:
         output.warn(w)
 
@@ -158,6 +165,12 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
         f"name resolution: {result.rule}; device {result.device}; "
         f"{result.seconds:.2f}s, {human_bytes(result.throughput)}/s"
     )
+    cosines = [q["cosine"] for q in result.quantized if q["cosine"] is not None]
+    if cosines:
+        output.out().print(
+            f"re-quantized {len(result.quantized)} merged tensors into the base's format; "
+            f"change kept with cosine {min(cosines):.3f} (worst) to {max(cosines):.3f}"
+        )
 
 
 def merge_json(result: Any) -> dict[str, Any]:
@@ -174,6 +187,7 @@ def merge_json(result: Any) -> dict[str, Any]:
         "untie_embeddings": result.untied,
         "config_updates": result.config_updates,
         "warnings": result.warnings,
+        "quantized": result.quantized,
         **({"adapters": result.adapters} if result.adapters else {}),
     }
 

@@ -247,6 +247,48 @@ def ensure_base(workdir: Path, spec: SizeSpec) -> tuple[Path, bool, float]:
     return base, False, time.perf_counter() - t0
 
 
+def ensure_fp8_base(workdir: Path, spec: SizeSpec, base: Path) -> Path:
+    """The FP8-block (DeepSeek-style) version of ``base``: every projection weight as
+    float8_e4m3fn with an F32 ``weight_scale_inv`` per 128×128 block, shard by shard."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_cli.io.quant import fp8_block_quant
+
+    path = workdir / f"base-{spec.name}-fp8"
+    stamp = workdir / f"base-{spec.name}-fp8.spec.json"
+    expected = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec), "fp8": [128, 128]}
+    if _spec_matches(stamp, expected) and path.is_dir():
+        return path
+    stamp.unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp = workdir / f"base-{spec.name}-fp8.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    for shard in sorted(base.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        for name in [n for n in tensors if n.endswith("_proj.weight")]:
+            q, s = fp8_block_quant(tensors[name], (128, 128), torch.float32, pow2=False)
+            tensors[name], tensors[f"{name}_scale_inv"] = q, s
+        weight_map.update(dict.fromkeys(tensors, shard.name))
+        save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
+        del tensors
+    config = llama_config(spec)
+    config["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = {"metadata": {}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    tmp.rename(path)
+    stamp.write_text(json.dumps(expected))
+    return path
+
+
 def module_shape(spec: SizeSpec, module: str) -> tuple[int, int]:
     """(out_features, in_features) of one Llama linear module."""
     h, i, d = spec.hidden, spec.intermediate, spec.head_dim
@@ -679,11 +721,18 @@ def library_versions() -> dict[str, Any]:
     return out
 
 
-def prepare(workdir: Path, spec: SizeSpec, kinds: list[str]) -> dict[str, Any]:
+def prepare(workdir: Path, spec: SizeSpec, kinds: list[str], fp8_too: bool) -> dict[str, Any]:
     """Helper task: make sure the base checkpoint and the adapters for one size exist."""
     base, reused, gen_s = ensure_base(workdir, spec)
     adapters = {k: str(ensure_adapter(workdir, spec, k, base)[0]) for k in kinds}
-    return {"base": str(base), "reused": reused, "generate_s": gen_s, "adapters": adapters}
+    fp8 = str(ensure_fp8_base(workdir, spec, base)) if fp8_too else None
+    return {
+        "base": str(base),
+        "reused": reused,
+        "generate_s": gen_s,
+        "adapters": adapters,
+        "fp8_base": fp8,
+    }
 
 
 def internal_task(task: str, payload: str) -> int:
@@ -694,7 +743,7 @@ def internal_task(task: str, payload: str) -> int:
     if task == "env":
         result = library_versions()
     elif task == "prepare":
-        result = prepare(Path(p["workdir"]), SIZES[p["size"]], p["adapters"])
+        result = prepare(Path(p["workdir"]), SIZES[p["size"]], p["adapters"], p["fp8"])
     elif task == "check":
         adapter = Path(p["adapter"]) if p["adapter"] else None
         result = check_output(
@@ -738,6 +787,7 @@ class Case:
     runs: list[RunResult] = field(default_factory=list)
     check: dict[str, Any] | None = None
     peft_phases: list[dict[str, float]] = field(default_factory=list)
+    base: Path | None = None  # the FP8 cases' own base (else the size's bf16 base)
 
     @property
     def failed(self) -> RunResult | None:
@@ -840,7 +890,17 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
 def checked_output(
     case: Case, base: Path, adapter: Path | None, out: Path, env: dict[str, str]
 ) -> dict[str, Any]:
-    """check_output in a helper child; a crashing check is reported, never fatal."""
+    """check_output in a helper child; a crashing check is reported, never fatal. An FP8-base
+    merge changes dtypes and drops scales, so it is checked by `lora validate --base --adapter`
+    (every merged tensor recomputed, untouched ones byte-compared) instead."""
+    if case.adapter.startswith("fp8:") and adapter is not None:
+        lora = Path(sys.executable).parent / "lora"
+        cmd = [str(lora), "validate", str(out), "--base", str(base), "--adapter", str(adapter)]
+        proc = subprocess.run(cmd + ["--json"], capture_output=True, env=env, check=False)
+        ok = proc.returncode == 0
+        return {"ok": ok, "validate_exit": proc.returncode} | (
+            {} if ok else {"problem": proc.stdout.decode()[-600:] + proc.stderr.decode()[-600:]}
+        )
     payload = {
         "contender": case.contender,
         "base": str(base),
@@ -892,6 +952,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--adapters", default="all-linear,qv", help="comma list of: all-linear, qv")
     ap.add_argument("--peft-large", action="store_true", help="also run PEFT at the large size")
     ap.add_argument(
+        "--no-fp8",
+        dest="fp8",
+        action="store_false",
+        help="skip the FP8-block base cases (cp, lora merge, lora merge --quantize keep)",
+    )
+    ap.add_argument(
         "--workdir", type=Path, default=REPO_ROOT / "bench-output", help="default: bench-output/"
     )
     ap.add_argument("--json", type=Path, default=None, help="default: WORKDIR/results.json")
@@ -926,6 +992,9 @@ def contender_cmd(case: Case, base: Path, adapter: Path | None, out: Path, lora:
         return ["cp", "-r", str(base), str(out)]
     if case.contender == "lora":
         return [str(lora), "merge", str(base), str(adapter), "-o", str(out), "--quiet"]
+    if case.contender == "lora-keep":  # FP8 base, merged weights re-quantized
+        cmd = [str(lora), "merge", str(base), str(adapter), "-o", str(out), "--quiet"]
+        return cmd + ["--quantize", "keep"]
     return helper_cmd("peft", {"base": str(base), "adapter": str(adapter), "out": str(out)})
 
 
@@ -947,11 +1016,12 @@ def run_repetitions(
             case = cases[key]
             if case.failed:
                 continue  # a broken contender is reported once, not re-run
-            adapter = adapters.get(case.adapter)
-            out = workdir / f"out-{case.size}-{case.adapter}-{case.contender}"
+            adapter = adapters.get(case.adapter.removeprefix("fp8:"))
+            case_base = case.base or base
+            out = workdir / f"out-{case.size}-{case.adapter.replace(':', '-')}-{case.contender}"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # start from no dirty pages left behind by the previous run
-            cmd = contender_cmd(case, base, adapter, out, lora)
+            cmd = contender_cmd(case, case_base, adapter, out, lora)
             r = run_measured(cmd, args.timeout, child_env, args.timed_sync)
             case.runs.append(r)
             tag = f"  rep {rep + 1}/{args.repeats} {case.adapter:<10} {case.contender:<5}"
@@ -961,7 +1031,7 @@ def run_repetitions(
                     if line.startswith("PEFT_PHASES "):
                         case.peft_phases.append(json.loads(line.split(" ", 1)[1]))
                 if case.check is None:
-                    case.check = checked_output(case, base, adapter, out, child_env)
+                    case.check = checked_output(case, case_base, adapter, out, child_env)
             else:
                 print(f"{tag} FAILED ({r.error}); output tail:", flush=True)
                 tail = (r.stderr_tail or r.stdout_tail or "(no output)")[-1200:]
@@ -1005,7 +1075,12 @@ def bench_size(
     if free < need:
         print(f"  skipped: not enough free disk ({free / GIB:.1f} GiB, need ~{need / GIB:.1f})")
         return [], [], None
-    payload = {"workdir": str(workdir), "size": size, "adapters": args.adapter_list}
+    payload = {
+        "workdir": str(workdir),
+        "size": size,
+        "adapters": args.adapter_list,
+        "fp8": args.fp8,
+    }
     prep = run_helper("prepare", payload, child_env)
     base = Path(prep["base"])
     adapters = {k: Path(v) for k, v in prep["adapters"].items()}
@@ -1033,8 +1108,38 @@ def bench_size(
         cases[(kind, "lora")] = Case(size, kind, "lora", base_bytes)
         if run_peft:
             cases[(kind, "peft")] = Case(size, kind, "peft", base_bytes)
+    fp8_kinds = []
+    if prep["fp8_base"]:  # the same merges into the FP8-block version of the base
+        fp8_base = Path(prep["fp8_base"])
+        fp8_bytes = dir_bytes(fp8_base)
+        warm_cache([fp8_base])
+        cases[("fp8", "cp")] = Case(size, "fp8", "cp", fp8_bytes, base=fp8_base)
+        for kind in args.adapter_list:
+            for contender in ("lora", "lora-keep"):
+                key = (f"fp8:{kind}", contender)
+                cases[key] = Case(size, f"fp8:{kind}", contender, fp8_bytes, base=fp8_base)
+            fp8_kinds.append(f"fp8:{kind}")
+        info["fp8_base_bytes"] = fp8_bytes
     run_repetitions(cases, base, adapters, workdir, lora, args, child_env)
-    return list(cases.values()), size_ratios(cases, size, args.adapter_list), info
+    ratios = size_ratios(cases, size, args.adapter_list)
+    cp8 = cases.get(("fp8", "cp"))
+    for kind in fp8_kinds:
+        for contender in ("lora", "lora-keep"):
+            case = cases[(kind, contender)]
+            ratio = _ratio(case.median_s(), cp8.median_s() if cp8 else None)
+            ratios.append(
+                {
+                    "size": size,
+                    "adapter": f"{kind} {contender}",
+                    "lora_over_cp": ratio,
+                    "lora_over_cp_rss": _ratio(
+                        case.peak_rss_mib(), cp8.peak_rss_mib() if cp8 else None
+                    ),
+                    "peft_over_lora": None,
+                    "peft_over_lora_rss": None,
+                }
+            )
+    return list(cases.values()), ratios, info
 
 
 def loadavg() -> str:

@@ -145,6 +145,10 @@ class TensorSource:
             return buf.view(dtype)
         return buf.view(dtype).reshape(shape)
 
+    def reads_rows(self, name: str) -> bool:
+        """Whether ``read(name, rows=…)`` reads only those rows (not the whole tensor)."""
+        return self.infos[name].raw_offset is not None
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -64,6 +64,7 @@ class TensorAction:
     bias: LoraModule | None = None  # lora_B.bias added to this bias
     rows: tuple[str, list[int]] | None = None
     experts: list[ExpertOp] = field(default_factory=list)  # target_parameters deltas
+    quant: Any = None  # a part of a re-quantized weight (merge/quantized.py QuantPart)
 
     @property
     def kind(self) -> str:
@@ -94,6 +95,7 @@ class MergePlan:
     untied: bool
     warnings: list[str]
     combined: list[tuple[Adapter, float]] = field(default_factory=list)  # several adapters
+    quantized: list[Any] = field(default_factory=list)  # QuantGroups of --quantize keep
 
     def actions(self) -> list[TensorAction]:
         return [a for s in self.shards for a in s.actions]

@@ -73,6 +73,8 @@ def compute_tensor(
     ``buffer``: scratch memory to read the starting value into (may hold the result).
     ``rows``: only those output rows (for actions where ``row_blocks`` allows it).
     """
+    if action.quant is not None:  # one part of a re-quantized weight (merge/quantized.py)
+        return action.quant.take(lambda merge: compute_tensor(plan, merge, device))
     src = plan.adapter.source
     cuda = device.startswith("cuda")
     if action.replacement:
@@ -153,6 +155,7 @@ class MergeResult:
     config_updates: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     adapters: list[dict[str, Any]] = field(default_factory=list)  # several: path and weight
+    quantized: list[dict[str, Any]] = field(default_factory=list)  # --quantize keep fidelity
 
     @property
     def throughput(self) -> float:
@@ -214,7 +217,7 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
         or (len(act.loras) > 1 and any(op.weight is None for op in act.loras))
         or any(op.kind != "linear" or op.fan_in_fan_out or op.block for op in act.loras)
         or any("lora_magnitude_vector" in op.module.parts for op in act.loras)
-        or info.raw_offset is None
+        or not plan.base.reads_rows(info.name)
         or info.dtype != act.dtype
         or len(info.shape) != 2
         or info.nbytes <= BLOCK_BYTES
@@ -341,6 +344,8 @@ def run_merge(
         if plan.config is not None:
             config = dict(plan.config)
             config.update(plan.config_updates)
+            for key in [k for k, v in plan.config_updates.items() if v is None]:
+                del config[key]  # e.g. quantization_config once nothing quantized remains
             if "tie_word_embeddings" in plan.config_updates and isinstance(
                 config.get("text_config"), dict
             ):

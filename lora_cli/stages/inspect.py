@@ -21,6 +21,7 @@ from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.plan import load_base_config
 
 SCHEMA = "lora-inspect/1"
+SUPPORTED_SCHEMES = ("fp8-block", "ct-pack-quantized", "ct-float-quantized", "mxfp4")
 
 
 @dataclass
@@ -193,4 +194,31 @@ def _checkpoint_details(source: TensorSource) -> dict[str, Any]:
         "has_lm_head": OUTPUT_EMBEDDING in source,
         "index": source.index_path.name if source.index_path else None,
         "shared_tensors": groups,
+        "quantization": quantization_details(source, config),
     }
+
+
+def quantization_details(source: TensorSource, config: Any) -> dict[str, Any] | None:
+    """Quantized tensor families found in the headers, and what ``merge`` does with them."""
+    from lora_cli.io.quantized import detect
+
+    scheme = detect(source, config, values=False)
+    if scheme.whole is not None:
+        fmt, key = scheme.whole
+        return {
+            "method": scheme.method,
+            "families": [{"scheme": fmt, "family": key, "tensors": None, "merge": "refused"}],
+        }
+    if not scheme.tensors and not scheme.unsupported:
+        return None
+    families = []
+    for entry in scheme.families().values():
+        supported = entry["scheme"] in SUPPORTED_SCHEMES
+        entry["merge"] = (
+            "touched: dequantized, merged in fp32, written bf16 (or re-quantized with "
+            "--quantize keep); untouched: copied byte for byte"
+            if supported
+            else "untouched: copied byte for byte; touched: refused (format not supported)"
+        )
+        families.append(entry)
+    return {"method": scheme.method, "families": families}

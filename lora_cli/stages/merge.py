@@ -13,7 +13,8 @@ from lora_cli.io.layout import parse_size
 from lora_cli.io.reader import open_source
 from lora_cli.io.writer import check_destination
 from lora_cli.merge.combine import build_combined_plan, parse_weights
-from lora_cli.merge.plan import MergePlan, build_plan
+from lora_cli.merge.plan import MergePlan
+from lora_cli.merge.quantized import fidelity, plan_merge, refuse_quantized_base
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
 
 
@@ -63,6 +64,7 @@ def merge(
     dry_run: bool = False,
     overwrite: bool = False,
     progress_factory: Any = None,
+    quantize: str = "bf16",
 ) -> MergeResult | DryRun:
     """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
 
@@ -86,10 +88,15 @@ def merge(
             for path in adapters:
                 opened.append(load_adapter(path))
             if len(opened) == 1 and weights is None:
-                plan = build_plan(
-                    base_src, opened[0], out_dtype=out_dtype, max_shard_size=shard_limit
+                plan = plan_merge(
+                    base_src,
+                    opened[0],
+                    out_dtype=out_dtype,
+                    max_shard_size=shard_limit,
+                    quantize=quantize,
                 )
             else:
+                refuse_quantized_base(base_src, "several adapters in one pass")
                 plan = build_combined_plan(
                     base_src,
                     opened,
@@ -105,6 +112,8 @@ def merge(
                 plan, Path(output), device=dev, overwrite=overwrite, progress=progress
             )
             result.adapters = combined_json(plan).get("adapters", [])
+            result.quantized, low = fidelity(plan)
+            result.warnings = result.warnings + low
             return result
         finally:
             for ad in opened:

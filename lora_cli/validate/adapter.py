@@ -116,9 +116,9 @@ def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> N
 
 
 def _adapter_against_base(r: ValidateReport, adapter: Any, base: Path, tensors_ok: bool) -> None:
-    """The merge preflight (``build_plan``) of ``adapter`` on ``base``, as a finding."""
+    """The merge preflight (``plan_merge``) of ``adapter`` on ``base``, as a finding."""
     from lora_cli.errors import MergeError
-    from lora_cli.merge.plan import build_plan
+    from lora_cli.merge.quantized import plan_merge
 
     if not tensors_ok:
         r.notes.append("adapter not checked against --base: fix the tensor findings first")
@@ -126,6 +126,6 @@ def _adapter_against_base(r: ValidateReport, adapter: Any, base: Path, tensors_o
     r.ran("adapter-base")
     with open_source(base) as base_src:
         try:
-            build_plan(base_src, adapter)
+            plan_merge(base_src, adapter)  # (quantized bases included)
         except MergeError as exc:
             r.add(adapter.config_path, None, "adapter-base", exc.message)

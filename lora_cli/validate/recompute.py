@@ -48,7 +48,7 @@ class Recompute:
 
     def prepare(self, infos: dict[str, TensorInfo]) -> None:
         """Open BASE and ADAPTER, plan the merge, and choose the tensors to compare."""
-        from lora_cli.merge.plan import build_plan
+        from lora_cli.merge.quantized import plan_merge, quantize_mode_of
         from lora_cli.merge.run import resolve_device
 
         r = self.r
@@ -66,17 +66,27 @@ class Recompute:
                 f"every floating point tensor of PATH is {out_dtype} (BASE: "
                 f"{', '.join(sorted(base_floats))}): recomputed as `merge --dtype` {out_dtype}"
             )
+        quantize = quantize_mode_of(self.base_src, infos)
+        if quantize == "keep":
+            r.notes.append(
+                "PATH keeps the base's quantization: recomputed as `merge --quantize keep`"
+            )
+            out_dtype = None  # re-quantized weights are not a --dtype
         if len(self.adapter_objs) == 1 and r.weights is None:
-            self.plan = build_plan(self.base_src, self.adapter_objs[0], out_dtype=out_dtype)
+            self.plan = plan_merge(
+                self.base_src, self.adapter_objs[0], out_dtype=out_dtype, quantize=quantize
+            )
         else:  # several adapters: the same combined plan as `merge A1 A2 … --weights`
             from lora_cli.merge.combine import build_combined_plan
 
+            refuse_quantized_base(self.base_src, "several adapters in one pass")
             self.plan = build_combined_plan(
                 self.base_src,
                 self.adapter_objs,
                 r.weights or [1.0] * len(self.adapter_objs),
                 out_dtype=out_dtype,
             )
+        self.base_src = self.plan.base  # the (possibly dequantizing) view the plan reads
         self.actions = {a.name: a for a in self.plan.actions()}
         touched = [n for n, a in self.actions.items() if a.kind != "copy"]
         untouched = [n for n, a in self.actions.items() if a.kind == "copy"]
@@ -227,6 +237,8 @@ class Recompute:
                 config = None
             for key, value in self.plan.config_updates.items():
                 got = (config or {}).get(key, "<absent>")
+                if value is None and got == "<absent>":  # the merge removes this key
+                    continue
                 if got != value:
                     r.add(
                         config_path,

@@ -1,0 +1,347 @@
+"""Quantized base checkpoints seen as ordinary tensors: detection per tensor, and a
+``TensorSource`` that presents chosen quantized weights as the bf16 tensors their
+producer's dequantizer gives (so name resolution, planning and the merge math work
+unchanged), while every other tensor (scales included) stays raw and is copied as bytes.
+
+Detection reads headers only and decides per tensor, never from the config's lists
+(docs/quantized-bases.md §5): a scale may sit in another shard, and configs' skip-lists
+are incomplete. What cannot be decoded yet (NVFP4, AWQ/GPTQ ``qweight``,
+bitsandbytes) is recorded so that a merge touching it is refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lora_cli.io.dtypes import to_torch
+from lora_cli.io.reader import TensorInfo, TensorSource
+
+if TYPE_CHECKING:
+    import torch
+
+FP8_BLOCK = "fp8-block"  # DeepSeek / Qwen3 / FineGrainedFP8: weight + weight_scale_inv
+CT_PACKED = "ct-pack-quantized"  # compressed-tensors INT4: weight_packed/scale/shape
+CT_FLOAT = "ct-float-quantized"  # compressed-tensors FP8 (or int8): weight + weight_scale
+MXFP4 = "mxfp4"  # gpt-oss: <param>_blocks + <param>_scales
+
+BNB_MARKERS = (".absmax", ".quant_map", ".SCB", ".quant_state.bitsandbytes__nf4")
+
+
+@dataclass
+class QuantizedTensor:
+    """One quantized weight: its bf16 name and shape, and the raw tensors that encode it."""
+
+    name: str  # the name a bf16 checkpoint gives it (``X.weight``, ``…experts.gate_up_proj``)
+    scheme: str
+    shape: tuple[int, ...]  # dequantized shape
+    parts: dict[str, str]  # role (weight, scale, zero_point, g_idx, shape) → raw tensor name
+    block: tuple[int, int] | None = None
+    pow2: bool = False  # FP8 scales are powers of two: re-quantize them so
+
+    @property
+    def module(self) -> str:
+        return self.name.removesuffix(".weight")
+
+    @property
+    def primary(self) -> str:
+        return self.parts["weight"]
+
+    @property
+    def reads_rows(self) -> bool:
+        """Whether ``decode(rows=…)`` reads only those rows' bytes and scales."""
+        if self.scheme == CT_PACKED:
+            return "zero_point" not in self.parts
+        return self.scheme == FP8_BLOCK
+
+    def decode(self, raw: TensorSource, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The bf16 tensor (or rows of it), bit for bit what the producer's own dequantizer
+        returns."""
+        import torch
+
+        from lora_cli.io import quant
+
+        bf16 = torch.bfloat16
+        if rows is not None and not self.reads_rows:
+            return self.decode(raw)[rows[0] : rows[1]].contiguous()
+        weight = raw.read(self.parts["weight"], rows=rows)
+        if self.scheme == FP8_BLOCK:
+            assert self.block is not None
+            first = rows[0] if rows else 0
+            scale_rows = (first // self.block[0], -(-(first + len(weight)) // self.block[0]))
+            scale = raw.read(self.parts["scale"], rows=scale_rows)
+            return quant.fp8_block_dequant(weight, scale, self.block, bf16, first)
+        scale = raw.read(self.parts["scale"], rows=rows if self.scheme == CT_PACKED else None)
+        if self.scheme == MXFP4:
+            return quant.mxfp4_dequant(weight, scale, bf16).transpose(1, 2).contiguous()
+        zp = raw.read(self.parts["zero_point"]) if "zero_point" in self.parts else None
+        g_idx = raw.read(self.parts["g_idx"]) if "g_idx" in self.parts else None
+        if self.scheme == CT_PACKED:
+            out_features, cols = self.shape
+            weight = quant.unpack_int4(weight, cols)
+            if zp is not None:  # packed along the output dim
+                zp = quant.unpack_int4(zp.T.contiguous(), out_features).T
+        return quant.ct_dequant(weight, scale, zp, block=self.block, g_idx=g_idx, out_dtype=bf16)
+
+    def requant_problem(self, raw: TensorSource) -> str | None:
+        """Why ``encode`` cannot re-quantize this weight (checked before anything is written)."""
+        if self.scheme in (FP8_BLOCK, MXFP4):
+            return None
+        if "zero_point" in self.parts or "g_idx" in self.parts:
+            return "asymmetric or act-order compressed-tensors weights"
+        scale = raw.info(self.parts["scale"]).shape
+        if self.scheme == CT_PACKED:
+            if len(scale) != 2 or self.shape[1] % scale[1]:
+                return f"pack-quantized weights with a {list(scale)} scale"
+            return None
+        weight_dtype = raw.info(self.parts["weight"]).dtype
+        if weight_dtype != "F8_E4M3":
+            return f"{weight_dtype} compressed-tensors weights"
+        if self.block is None and len(scale) == 2 and scale[1] != 1:
+            return "group-strategy FP8 weights"
+        return None
+
+    def encode(self, merged: torch.Tensor, raw: TensorSource) -> dict[str, torch.Tensor]:
+        """Fresh raw tensors for ``merged`` (bf16, dequantized shape) by the producer's
+        rules, with the scale dtype and grid shape read from the base."""
+        from lora_cli.io import quant
+
+        scale_info = raw.info(self.parts["scale"])
+        scale_dtype = to_torch(scale_info.dtype)
+        if self.scheme == FP8_BLOCK:
+            assert self.block is not None
+            q, s = quant.fp8_block_quant(merged, self.block, scale_dtype, pow2=self.pow2)
+            return {"weight": q, "scale": s.reshape(scale_info.shape)}
+        if self.scheme == MXFP4:
+            blocks, scales = quant.mxfp4_quant(merged.transpose(1, 2))
+            return {"weight": blocks, "scale": scales}
+        problem = self.requant_problem(raw)
+        assert problem is None, problem  # the planner refused it already
+        if self.scheme == CT_PACKED:
+            rows, cols = self.shape
+            group = cols // scale_info.shape[1]
+            q, s = quant.ct_int_quant(merged, group, scale_dtype)
+            return {
+                "weight": quant.pack_int4(q),
+                "scale": s,
+                "shape": raw.read(self.parts["shape"]),
+            }
+        q, s = quant.ct_float_quant(merged, tuple(scale_info.shape), self.block, scale_dtype)
+        return {"weight": q, "scale": s.reshape(scale_info.shape)}
+
+
+@dataclass
+class QuantScheme:
+    """What a base checkpoint holds, per tensor."""
+
+    method: str | None  # quantization_config.quant_method, if any
+    tensors: dict[str, QuantizedTensor] = field(default_factory=dict)  # by bf16 name
+    unsupported: dict[str, tuple[str, str]] = field(default_factory=dict)  # module → (fmt, key)
+    whole: tuple[str, str] | None = None  # a format that rules out any merge (bitsandbytes)
+
+    def families(self) -> dict[str, dict[str, Any]]:
+        """Tensors grouped by scheme and layer-independent name (for ``inspect``)."""
+        import re
+
+        out: dict[str, dict[str, Any]] = {}
+        for qt in self.tensors.values():
+            family = re.sub(r"\.\d+\.", ".N.", qt.name)
+            key = f"{qt.scheme} {family}"
+            entry = out.setdefault(
+                key,
+                {
+                    "scheme": qt.scheme,
+                    "family": family,
+                    "tensors": 0,
+                    "block": list(qt.block) if qt.block else None,
+                    "pow2_scales": qt.pow2,
+                },
+            )
+            entry["tensors"] += 1
+        for module, (fmt, key) in self.unsupported.items():
+            family = re.sub(r"\.\d+\.", ".N.", module)
+            entry = out.setdefault(
+                f"{fmt} {family}", {"scheme": fmt, "family": family, "tensors": 0, "example": key}
+            )
+            entry["tensors"] += 1
+        return out
+
+
+def _config_block(qc: dict[str, Any]) -> tuple[int, int] | None:
+    block = qc.get("weight_block_size")
+    if isinstance(block, list | tuple) and len(block) == 2:
+        return int(block[0]), int(block[1])
+    for group in (qc.get("config_groups") or {}).values():
+        weights = (group or {}).get("weights") or {}
+        structure = weights.get("block_structure")
+        if isinstance(structure, list | tuple) and len(structure) == 2:
+            return int(structure[0]), int(structure[1])
+    return None
+
+
+def _fits_grid(shape: tuple[int, ...], grid: tuple[int, ...], block: tuple[int, int]) -> bool:
+    return len(shape) == 2 and tuple(grid) == (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+
+
+def detect(
+    source: TensorSource, config: dict[str, Any] | None, *, values: bool = True
+) -> QuantScheme:
+    """Classify every quantized tensor of ``source`` from its headers. With ``values`` (what a
+    merge needs) the small ``weight_shape`` tensors and FP8 scales are read too, for the exact
+    dequantized shape and the power-of-two test; without, ``inspect`` stays header-only."""
+    qc = (config or {}).get("quantization_config") or {}
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    scheme = QuantScheme(method=method)
+    names = source.infos
+    if method == "bitsandbytes" or any(n.endswith(BNB_MARKERS) for n in names):
+        key = next((n for n in names if n.endswith(BNB_MARKERS)), "quantization_config")
+        scheme.whole = ("bitsandbytes", key)
+        return scheme
+    block_cfg = _config_block(qc) if isinstance(qc, dict) else None
+    ct_format = str(qc.get("format", "")) if method == "compressed-tensors" else ""
+    for name, info in names.items():
+        if name.endswith(".qweight"):
+            scheme.unsupported[name.removesuffix(".qweight")] = ("AWQ/GPTQ qweight", name)
+        elif name.endswith((".weight_global_scale", ".weight_scale_2")):
+            scheme.unsupported[name.rsplit(".", 1)[0]] = ("NVFP4", name)
+        elif name.endswith(".weight_packed") and ("fp4" in ct_format or info.dtype == "U8"):
+            fmt = "NVFP4" if "nvfp4" in ct_format else f"FP4 ({ct_format or 'packed U8'})"
+            scheme.unsupported.setdefault(name.removesuffix(".weight_packed"), (fmt, name))
+        elif name.endswith(".weight") and f"{name}_scale_inv" in names:
+            scale = names[f"{name}_scale_inv"]
+            block = block_cfg or (128, 128)
+            if info.dtype != "F8_E4M3" or not _fits_grid(info.shape, scale.shape, block):
+                scheme.unsupported[name.removesuffix(".weight")] = (
+                    f"{info.dtype} weight with a {list(scale.shape)} scale grid",
+                    name,
+                )
+                continue
+            scheme.tensors[name] = QuantizedTensor(
+                name,
+                FP8_BLOCK,
+                info.shape,
+                {"weight": name, "scale": f"{name}_scale_inv"},
+                block=block,
+                pow2=scale.dtype == "F8_E8M0" or qc.get("scale_fmt") == "ue8m0",
+            )
+        elif name.endswith(".weight_packed") and method == "compressed-tensors":
+            module = name.removesuffix(".weight_packed")
+            scheme.tensors[f"{module}.weight"] = _ct_packed(source, module, values)
+        elif (
+            name.endswith(".weight")
+            and f"{name}_scale" in names
+            and info.dtype in ("F8_E4M3", "I8")
+            and method == "compressed-tensors"
+        ):
+            module = name.removesuffix(".weight")
+            parts = {"weight": name, "scale": f"{name}_scale"}
+            _optional(parts, names, module)
+            scale = names[f"{name}_scale"].shape
+            # tensor (1,), channel (out, 1), group (out, in/g) or block (⌈out/b0⌉, ⌈in/b1⌉)
+            block = None
+            if len(scale) == 2 and scale[0] != info.shape[0]:
+                block = block_cfg or (128, 128)
+            scheme.tensors[name] = QuantizedTensor(name, CT_FLOAT, info.shape, parts, block=block)
+        elif name.endswith("_blocks") and f"{name[:-7]}_scales" in names and info.dtype == "U8":
+            param = name[: -len("_blocks")]
+            e, out, groups, _ = info.shape
+            scheme.tensors[param] = QuantizedTensor(
+                param, MXFP4, (e, groups * 32, out), {"weight": name, "scale": f"{param}_scales"}
+            )
+        elif info.dtype in ("F8_E4M3", "F4") and name.endswith(".weight"):
+            fmt = f"{info.dtype} weight ({method or 'no quantization_config'}, no known scale)"
+            scheme.unsupported.setdefault(name.removesuffix(".weight"), (fmt, name))
+    if values:
+        _check_pow2(source, scheme)
+    return scheme
+
+
+def _optional(parts: dict[str, str], names: dict[str, TensorInfo], module: str) -> None:
+    for role in ("zero_point", "g_idx"):
+        if f"{module}.weight_{role}" in names:
+            parts[role] = f"{module}.weight_{role}"
+
+
+def _ct_packed(source: TensorSource, module: str, values: bool) -> QuantizedTensor:
+    from lora_cli.errors import FormatError
+
+    parts = {"weight": f"{module}.weight_packed", "scale": f"{module}.weight_scale"}
+    if f"{module}.weight_shape" not in source or parts["scale"] not in source:
+        raise FormatError(
+            f"{source.root}: {module}.weight_packed has no weight_scale/weight_shape",
+            "the compressed-tensors checkpoint is incomplete",
+        )
+    parts["shape"] = f"{module}.weight_shape"
+    _optional(parts, source.infos, module)
+    if values:
+        rows, cols = (int(v) for v in source.read(parts["shape"]).tolist())
+    else:  # header only: the packed width bounds the column count
+        rows, words = source.info(parts["weight"]).shape
+        cols = words * 8
+    return QuantizedTensor(f"{module}.weight", CT_PACKED, (rows, cols), parts)
+
+
+def _check_pow2(source: TensorSource, scheme: QuantScheme) -> None:
+    """FP8 scales stored wider than e8m0 but all powers of two (DeepSeek V3.1) stay so."""
+    from lora_cli.io.quant import is_power_of_two
+
+    for qt in scheme.tensors.values():
+        if qt.scheme == FP8_BLOCK and not qt.pow2:
+            qt.pow2 = is_power_of_two(source.read(qt.parts["scale"]))
+
+
+class DequantizedSource(TensorSource):
+    """``raw`` with the quantized weights named in ``expose`` replaced by their bf16 value.
+
+    The raw parts of an exposed weight (scales, packing, shapes) disappear from the
+    listing; everything else, untouched quantized weights included, is the raw tensor.
+    """
+
+    def __init__(self, raw: TensorSource, scheme: QuantScheme, expose: set[str]) -> None:
+        self.raw = raw
+        self.scheme = scheme
+        self.exposed = {n: scheme.tensors[n] for n in expose}
+        hidden = {p: qt for qt in self.exposed.values() for p in qt.parts.values()}
+        infos: dict[str, TensorInfo] = {}
+        for name, info in raw.infos.items():
+            qt = hidden.get(name)
+            if qt is None:
+                infos[name] = info
+            elif name == qt.primary:
+                numel = 1
+                for d in qt.shape:
+                    numel *= d
+                infos[qt.name] = TensorInfo(qt.name, "BF16", qt.shape, numel * 2, info.file)
+        super().__init__(
+            raw.root,
+            raw.format,
+            raw.files,
+            infos,
+            index_path=raw.index_path,
+            index_map=raw.index_map,
+            file_metadata=raw.file_metadata,
+            skipped=raw.skipped,
+        )
+
+    def fd(self, path: Any) -> int:
+        return self.raw.fd(path)
+
+    def read(
+        self,
+        name: str,
+        *,
+        pin: bool = False,
+        out: torch.Tensor | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        qt = self.exposed.get(name)
+        if qt is None:
+            return self.raw.read(name, pin=pin, out=out, rows=rows)
+        return qt.decode(self.raw, rows)
+
+    def reads_rows(self, name: str) -> bool:
+        qt = self.exposed.get(name)
+        return qt.reads_rows if qt is not None else self.raw.reads_rows(name)
+
+    def close(self) -> None:
+        self.raw.close()

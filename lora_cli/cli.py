@@ -125,6 +125,12 @@ def merge(
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    part: str | None = typer.Option(
+        None, "--part", metavar="I/N", help="Write only part I of N (into OUT.lora-parts/)."
+    ),
+    join: bool = typer.Option(
+        False, "--join", help="Check the parts written with --part and publish OUT."
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
 ) -> None:
@@ -144,6 +150,8 @@ def merge(
                 dry_run=dry_run,
                 overwrite=overwrite,
                 progress_factory=factory,
+                part=part,
+                join=join,
             )
         render.merge_result(result, json_out, quiet)
 
@@ -163,6 +171,9 @@ def validate(
         None, help="Recompute only N untouched tensors (plus every adapter-touched one)."
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] for recomputation."),
+    part: str | None = typer.Option(
+        None, "--part", metavar="I/N", help="Read only part I of N of the weight files."
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Check integrity and numbers; exit 0 valid, 1 findings, 2 could not run."""
@@ -178,6 +189,7 @@ def validate(
             rtol=rtol,
             sample=sample,
             device=device,
+            part=part,
         )
         code = render.validate_report(report, json_out)
         raise typer.Exit(code)

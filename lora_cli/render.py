@@ -141,6 +141,8 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
     if quiet:
         return
     c = result.counts
+    if result.part is not None:
+        output.out().print(f"part {result.part}: {', '.join(result.files)}")
     output.out().print(
         f"merged {c['merge']} tensors, replaced {c['replace']}, token rows {c['rows']}, "
         f"copied {c['copy']} → {result.output}\n"
@@ -163,6 +165,7 @@ def merge_json(result: Any) -> dict[str, Any]:
         "untie_embeddings": result.untied,
         "config_updates": result.config_updates,
         "warnings": result.warnings,
+        "part": result.part,
     }
 
 

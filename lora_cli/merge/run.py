@@ -26,7 +26,7 @@ from lora_cli.io.layout import (
 )
 from lora_cli.io.writer import OutputDir, ShardWriter
 from lora_cli.merge import math as lora_math
-from lora_cli.merge.plan import MergePlan, TensorAction, shard_plans
+from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
 
 if TYPE_CHECKING:
     import torch
@@ -132,6 +132,7 @@ class MergeResult:
     untied: bool
     config_updates: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    part: str | None = None  # "I/N" for `merge --part`, "joined N" for `merge --join`
 
     @property
     def throughput(self) -> float:
@@ -261,29 +262,29 @@ def _needs_decode(plan: MergePlan, act: TensorAction) -> bool:
     return info is None or info.raw_offset is None or info.dtype != act.dtype
 
 
-def run_merge(
+def write_shards(
     plan: MergePlan,
-    output: Path,
+    shards: list[ShardOut],
+    folder: Path,
     *,
     device: str = "cpu",
-    overwrite: bool = False,
     progress: Progress | None = None,
-) -> MergeResult:
-    start = time.perf_counter()
+) -> tuple[int, dict[str, str]]:
+    """Write ``shards`` of the plan into ``folder``; (bytes written, file name → sha256).
+
+    Each finished shard is fsynced and hashed on a spare thread while the next one is
+    written. ``merge --part`` calls this with its share of the plan's shards.
+    """
     written = 0
-    files: list[str] = []
     digests: dict[str, Future] = {}
-    with (
-        OutputDir(output, overwrite) as out,
-        ThreadPoolExecutor(1) as workers,
-        ThreadPoolExecutor(1) as hasher,
-    ):
+    specs = {s.filename: s for s in shard_plans(plan)}
+    with ThreadPoolExecutor(1) as workers, ThreadPoolExecutor(1) as hasher:
         buffers = BufferPool(pin=device.startswith("cuda"))
-        for shard, spec in zip(plan.shards, shard_plans(plan), strict=True):
+        for shard in shards:
             meta = dict(shard.metadata)
             if plan.untied:
                 meta.pop("lm_head.weight", None)
-            writer = ShardWriter(out.path / shard.filename, spec.specs, meta)
+            writer = ShardWriter(folder / shard.filename, specs[shard.filename].specs, meta)
             try:
                 order = sorted(shard.actions, key=lambda a: writer.entries[a.name].start)
                 for act, rows, value in _computed(plan, order, device, workers, buffers):
@@ -307,33 +308,62 @@ def run_merge(
             except BaseException:
                 writer.abort()
                 raise
-            files.append(shard.filename)
             digests[shard.filename] = hasher.submit(fsync_and_hash, writer.path)
-        specs = shard_plans(plan)
-        if len(specs) > 1 or plan.base.index_path is not None:
-            index = write_index(out.path, specs) if len(specs) > 1 else None
-            if index:
-                files.append(index.name)
-        skip = {"config.json"} if plan.config is not None else set()
-        files += copy_side_files(plan.base.root, out.path, skip=skip | {MANIFEST_NAME})
-        if plan.config is not None:
-            config = dict(plan.config)
-            config.update(plan.config_updates)
-            if "tie_word_embeddings" in plan.config_updates and isinstance(
-                config.get("text_config"), dict
-            ):
-                config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
-            write_json(out.path / "config.json", config)
-            files.append("config.json")
-        write_manifest(out.path, {name: f.result() for name, f in digests.items()})
-        files.append(MANIFEST_NAME)
+        return written, {name: f.result() for name, f in digests.items()}
+
+
+def finish_output(plan: MergePlan, folder: Path, digests: dict[str, str]) -> list[str]:
+    """Everything but the shards: index, side files, config.json and the checksum manifest
+    (``digests``: the shards' sha256, already known). Returns the names written."""
+    files = list(digests)
+    specs = shard_plans(plan)
+    if len(specs) > 1 or plan.base.index_path is not None:
+        index = write_index(folder, specs) if len(specs) > 1 else None
+        if index:
+            files.append(index.name)
+    skip = {"config.json"} if plan.config is not None else set()
+    files += copy_side_files(plan.base.root, folder, skip=skip | {MANIFEST_NAME})
+    if plan.config is not None:
+        config = dict(plan.config)
+        config.update(plan.config_updates)
+        if "tie_word_embeddings" in plan.config_updates and isinstance(
+            config.get("text_config"), dict
+        ):
+            config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
+        write_json(folder / "config.json", config)
+        files.append("config.json")
+    write_manifest(folder, digests)
+    files.append(MANIFEST_NAME)
+    return sorted(set(files))
+
+
+def run_merge(
+    plan: MergePlan,
+    output: Path,
+    *,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    start = time.perf_counter()
+    with OutputDir(output, overwrite) as out:
+        written, digests = write_shards(
+            plan, plan.shards, out.path, device=device, progress=progress
+        )
+        files = finish_output(plan, out.path, digests)
+    return merge_result(plan, output, files, device, time.perf_counter() - start, written)
+
+
+def merge_result(
+    plan: MergePlan, output: Path, files: list[str], device: str, seconds: float, written: int
+) -> MergeResult:
     return MergeResult(
         output=Path(output),
-        files=sorted(set(files)),
+        files=files,
         counts=plan.counts(),
         rule=plan.rule,
         device=device,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         bytes_written=written,
         untied=plan.untied,
         config_updates=plan.config_updates,

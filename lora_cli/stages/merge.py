@@ -11,6 +11,7 @@ from lora_cli.io.dtypes import parse_dtype_option
 from lora_cli.io.layout import parse_size
 from lora_cli.io.reader import open_source
 from lora_cli.io.writer import check_destination
+from lora_cli.merge.parts import parse_part, part_actions, run_join, run_part
 from lora_cli.merge.plan import MergePlan, build_plan
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
 
@@ -52,10 +53,20 @@ def merge(
     dry_run: bool = False,
     overwrite: bool = False,
     progress_factory: Any = None,
+    part: str | None = None,
+    join: bool = False,
 ) -> MergeResult | DryRun:
-    """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback."""
+    """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
+
+    ``part="I/N"`` writes only part I of a split merge, ``join`` publishes the parts
+    (``merge/parts.py``)."""
     out_dtype = parse_dtype_option(dtype)
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
+    split = parse_part(part) if part is not None else None
+    if split and (join or dry_run):
+        from lora_cli.errors import UsageError
+
+        raise UsageError("--part goes without --join and --dry-run", "run parts, then one join")
     if not dry_run:
         if output is None:
             from lora_cli.errors import UsageError
@@ -70,8 +81,14 @@ def merge(
             plan = build_plan(base_src, ad, out_dtype=out_dtype, max_shard_size=shard_limit)
             if dry_run:
                 return DryRun(plan)
-            total = sum(_nbytes(a) for a in plan.actions())
+            options = {"dtype": out_dtype, "max_shard_size": shard_limit}
+            if join:
+                return run_join(plan, Path(output), options, overwrite=overwrite)
+            acts = plan.actions() if split is None else part_actions(plan, split)
+            total = sum(_nbytes(a) for a in acts)
             progress: Progress | None = progress_factory(total) if progress_factory else None
+            if split is not None:
+                return run_part(plan, Path(output), split, options, device=dev, progress=progress)
             return run_merge(plan, Path(output), device=dev, overwrite=overwrite, progress=progress)
         finally:
             ad.close()

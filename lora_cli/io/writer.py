@@ -17,16 +17,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_cli.errors import FormatError, LoraError, UsageError
+from lora_cli.io import sysio
 from lora_cli.io.safetensors_format import TensorEntry, plan_header
 
 if TYPE_CHECKING:
     import torch
 
 TMP_MARK = ".lora-tmp-"
-COPY_CHUNK = 64 << 20
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there: never guess, keep it
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -284,36 +286,20 @@ def copy_file(src: Path, dst: Path) -> None:
 
 
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int) -> None:
-    """Kernel-side copy when possible (copy_file_range), else a bounded buffer loop."""
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while done < nbytes:
-                n = os.copy_file_range(
-                    src_fd, dst_fd, min(nbytes - done, 1 << 30), src_off + done, dst_off + done
-                )
-                if n == 0:
-                    raise FormatError("source file ended early while copying tensor bytes")
-                done += n
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-    while done < nbytes:
-        chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), src_off + done)
-        if not chunk:
-            raise FormatError("source file ended early while copying tensor bytes")
-        _pwrite_all(dst_fd, memoryview(chunk), dst_off + done, None)
-        done += len(chunk)
+    """Kernel-side copy where the platform has one, else a bounded buffer (``io/sysio.py``)."""
+    try:
+        sysio.copy_range(src_fd, src_off, dst_fd, dst_off, nbytes)
+    except sysio.ShortCopy:
+        raise FormatError("source file ended early while copying tensor bytes") from None
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int, path: Path | None) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+    sysio.write_all(fd, view, offset)
 
 
 def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a folder as a file; NTFS journals renames
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

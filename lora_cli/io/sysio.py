@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import errno
 import io
+import mmap
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 COPY_CHUNK = 8 << 20
 
@@ -91,6 +93,30 @@ def _copy_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: i
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
     _copy_buffered(src_fd, src_off + done, dst_fd, dst_off + done, nbytes - done)
+
+
+def hash_range(h: Any, fd: int, offset: int, nbytes: int) -> None:
+    """Feed ``nbytes`` of a file to hash ``h`` straight from the page cache through a
+    read-only memory map (no copy into a buffer); plain reads where mapping fails."""
+    if nbytes <= 0:
+        return
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapped = mmap.mmap(fd, offset + nbytes - start, access=mmap.ACCESS_READ, offset=start)
+    except (OSError, ValueError, OverflowError):
+        mapped = None
+    if mapped is not None:
+        with mapped, memoryview(mapped) as view:
+            h.update(view[offset - start :])
+        return
+    buf = memoryview(bytearray(min(COPY_CHUNK, nbytes)))
+    done = 0
+    while done < nbytes:
+        n = read_at(fd, buf[: min(len(buf), nbytes - done)], offset + done)
+        if n <= 0:
+            raise ShortCopy
+        h.update(buf[:n])
+        done += n
 
 
 def _pick(fast: Callable, name: str, fallback: Callable) -> Callable:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import FormatError, LoraError, UsageError
 from lora_cli.io import sysio
@@ -139,6 +140,10 @@ class ShardWriter:
         self.size = self.data_start + (entries[-1].end if entries else 0)
         self._pending = set(self.entries)
         self._partial: dict[str, int] = {}  # bytes written so far by write_rows
+        # sha256 of the file, fed while the bytes are hot as long as they arrive in file
+        # order (merge writes that way); anything else drops it and the digest is None.
+        self._sha: Any = hashlib.sha256(header)
+        self._hashed = len(header)
         self.fd = -1
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -176,6 +181,7 @@ class ShardWriter:
             import torch
 
             view = memoryview(data.view(torch.uint8).numpy())
+            self._hash(view, self.data_start + entry.start)
             try:
                 _pwrite_all(self.fd, view, self.data_start + entry.start, self.path)
             except OSError as exc:
@@ -210,6 +216,7 @@ class ShardWriter:
         import torch
 
         view = memoryview(data.view(torch.uint8).numpy())
+        self._hash(view, self.data_start + entry.start + first_row * row_bytes)
         try:
             _pwrite_all(self.fd, view, self.data_start + entry.start + first_row * row_bytes, None)
         except OSError as exc:
@@ -224,11 +231,32 @@ class ShardWriter:
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy bytes already in safetensors layout straight from another file."""
         entry = self._entry(name, nbytes)
+        if self._sha is not None and self._hashed == self.data_start + entry.start:
+            try:
+                sysio.hash_range(self._sha, src_fd, src_offset, nbytes)
+                self._hashed += nbytes
+            except (OSError, ValueError, sysio.ShortCopy):
+                self._sha = None  # the copy below reports a real problem
+        else:
+            self._sha = None
         try:
             copy_range(src_fd, src_offset, self.fd, self.data_start + entry.start, nbytes)
         except OSError as exc:
             raise io_error(self.path, exc) from None
         self._pending.discard(name)
+
+    def _hash(self, view: memoryview, offset: int) -> None:
+        if self._sha is not None and offset == self._hashed:
+            self._sha.update(view)
+            self._hashed += len(view)
+        else:
+            self._sha = None
+
+    def digest(self) -> str | None:
+        """sha256 of the whole file when every byte was hashed on its way out, else None."""
+        if self._sha is None or self._hashed != self.size:
+            return None
+        return self._sha.hexdigest()
 
     def close(self, *, sync: bool = True) -> None:
         """Check completeness and close; ``sync=False`` leaves the fsync to the caller

@@ -7,6 +7,9 @@ written one at a time while the next one is read ahead on a second thread.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +23,7 @@ from lora_cli.io.layout import (
     MANIFEST_NAME,
     copy_side_files,
     fsync_and_hash,
+    fsync_file,
     write_index,
     write_json,
     write_manifest,
@@ -172,6 +176,18 @@ class BufferPool:
 
 
 BLOCK_BYTES = 16 << 20
+AHEAD_BYTES = 64 << 20  # merged blocks computed ahead of the writer, all workers together
+
+
+def cpu_workers() -> int:
+    """Merge-math threads on the CPU: one per core this process may use (``taskset``, cgroup
+    cpusets), each running torch single-threaded. Tensors in parallel beat torch's own
+    intra-op threads here: its OpenMP workers spin between the many small ops."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | None:
@@ -221,8 +237,10 @@ def _computed(
     device: str,
     workers: ThreadPoolExecutor,
     buffers: BufferPool,
+    depth: int = 1,
 ) -> Iterator[tuple[TensorAction, tuple[int, int] | None, torch.Tensor | None]]:
-    """Yield (action, rows, value) in write order, computing the next item ahead of time.
+    """Yield (action, rows, value) in write order, computing up to ``depth`` items ahead
+    (one per worker thread) while at most ``AHEAD_BYTES`` of them wait in memory.
 
     ``value`` is None for tensors copied file-to-file. A value's buffer goes back to
     the pool when the caller asks for the next item, i.e. after it has been written.
@@ -233,24 +251,30 @@ def _computed(
             items.append((act, None))
         else:
             items += [(act, r) for r in (row_blocks(plan, act) or [None])]
-    todo = iter(i for i in items if i[0].kind != "copy" or _needs_decode(plan, i[0]))
+    todo = [i for i in items if i[0].kind != "copy" or _needs_decode(plan, i[0])]
+    todo.reverse()
     pending: list[tuple[Future, torch.Tensor]] = []
 
-    def submit_next() -> None:
-        nxt = next(todo, None)
-        if nxt is not None:
-            act, rows = nxt
-            buf = buffers.take(_start_bytes(plan, act, rows))
+    def submit_more() -> None:
+        ahead = sum(b.numel() for _, b in pending)
+        while todo and len(pending) < depth:
+            act, rows = todo[-1]
+            nbytes = _start_bytes(plan, act, rows)
+            if pending and ahead + nbytes > AHEAD_BYTES:
+                return
+            todo.pop()
+            buf = buffers.take(nbytes)
             job = workers.submit(compute_tensor, plan, act, device, buf, rows)
             pending.append((job, buf))
+            ahead += buf.numel()
 
-    submit_next()
+    submit_more()
     for act, rows in items:
         if act.kind == "copy" and not _needs_decode(plan, act):
             yield act, rows, None
             continue
         job, buf = pending.pop(0)
-        submit_next()
+        submit_more()
         try:
             yield act, rows, job.result()
         finally:
@@ -275,11 +299,21 @@ def write_shards(
     Each finished shard is fsynced and hashed on a spare thread while the next one is
     written. ``merge --part`` calls this with its share of the plan's shards.
     """
+    import torch
+
     written = 0
     digests: dict[str, Future] = {}
     specs = {s.filename: s for s in shard_plans(plan)}
-    with ThreadPoolExecutor(1) as workers, ThreadPoolExecutor(1) as hasher:
-        buffers = BufferPool(pin=device.startswith("cuda"))
+    cuda = device.startswith("cuda")
+    depth = 1 if cuda else cpu_workers()
+    intra = torch.get_num_threads() if cuda else 1
+    gc.freeze()  # torch's import left ~10⁵ objects that every collection would walk again
+    with (
+        ThreadPoolExecutor(depth, initializer=torch.set_num_threads, initargs=(intra,)) as workers,
+        ThreadPoolExecutor(1) as hasher,
+        _torch_threads(intra),
+    ):
+        buffers = BufferPool(pin=cuda, keep=depth + 3)
         for shard in shards:
             meta = dict(shard.metadata)
             if plan.untied:
@@ -287,7 +321,7 @@ def write_shards(
             writer = ShardWriter(folder / shard.filename, specs[shard.filename].specs, meta)
             try:
                 order = sorted(shard.actions, key=lambda a: writer.entries[a.name].start)
-                for act, rows, value in _computed(plan, order, device, workers, buffers):
+                for act, rows, value in _computed(plan, order, device, workers, buffers, depth):
                     if value is None:
                         info = plan.base.info(act.base)
                         fd = plan.base.fd(info.file)
@@ -308,8 +342,30 @@ def write_shards(
             except BaseException:
                 writer.abort()
                 raise
-            digests[shard.filename] = hasher.submit(fsync_and_hash, writer.path)
+            digest = writer.digest()  # hashed on the way out: only the fsync is left
+            digests[shard.filename] = (
+                hasher.submit(fsync_only, writer.path, digest)
+                if digest
+                else hasher.submit(fsync_and_hash, writer.path)
+            )
         return written, {name: f.result() for name, f in digests.items()}
+
+
+def fsync_only(path: Path, digest: str) -> str:
+    fsync_file(path)
+    return digest
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def finish_output(plan: MergePlan, folder: Path, digests: dict[str, str]) -> list[str]:

@@ -159,6 +159,8 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
             markup=False,
         )
     c = result.counts
+    if result.part is not None:
+        output.out().print(f"part {result.part}: {', '.join(result.files)}")
     output.out().print(
         f"merged {c['merge']} tensors, replaced {c['replace']}, token rows {c['rows']}, "
         f"copied {c['copy']} → {result.output}\n"
@@ -189,6 +191,7 @@ def merge_json(result: Any) -> dict[str, Any]:
         "warnings": result.warnings,
         "quantized": result.quantized,
         **({"adapters": result.adapters} if result.adapters else {}),
+        "part": result.part,
     }
 
 

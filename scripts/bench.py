@@ -456,6 +456,13 @@ class RunResult:
     rusage_children_maxrss_mib: float  # cumulative over all children so far
     returncode: int | None
     rss_samples: int
+    # the child's own CPU and kernel counters from wait4 (whole process tree it waited for)
+    user_s: float = 0.0
+    sys_s: float = 0.0
+    minor_faults: int = 0
+    major_faults: int = 0
+    vol_ctx_switches: int = 0
+    invol_ctx_switches: int = 0
     stdout_tail: str = ""
     stderr_tail: str = ""
     error: str = ""
@@ -530,6 +537,12 @@ def run_measured(
         rusage_children_maxrss_mib=children / 1024,
         returncode=rc,
         rss_samples=poller.samples,
+        user_s=usage.ru_utime,
+        sys_s=usage.ru_stime,
+        minor_faults=usage.ru_minflt,
+        major_faults=usage.ru_majflt,
+        vol_ctx_switches=usage.ru_nvcsw,
+        invol_ctx_switches=usage.ru_nivcsw,
         stdout_tail=_tail(stdout),
         stderr_tail=_tail(stderr),
         error=error,
@@ -622,7 +635,7 @@ def check_output(
     if not res["tensors_match"]:
         missing = sorted(set(base_table) - set(out_table))[:3]
         res["problem"] = f"tensor set differs (e.g. missing {missing})"
-    if contender in ("cp", "lora"):
+    if contender == "cp" or contender.startswith("lora"):
         names = sorted(p.name for p in base.glob("*.safetensors"))
         res["shard_names_match"] = names == sorted(p.name for p in out.glob("*.safetensors"))
     else:
@@ -797,6 +810,16 @@ class Case:
         ok = [r.wall_s for r in self.runs if r.ok]
         return statistics.median(ok) if ok and not self.failed else None
 
+    def median_of(self, attr: str) -> float | None:
+        ok = [getattr(r, attr) for r in self.runs if r.ok]
+        return statistics.median(ok) if ok and not self.failed else None
+
+    def cpu_s(self) -> float | None:
+        """Median user+sys CPU seconds of the contender (wall time is noisy on a shared box;
+        CPU time is what a lever changes)."""
+        ok = [r.user_s + r.sys_s for r in self.runs if r.ok]
+        return statistics.median(ok) if ok and not self.failed else None
+
     def peak_rss_mib(self) -> float | None:
         # Max over repetitions: peak memory decides whether a merge fits, so be conservative.
         ok = [r.peak_rss_mib for r in self.runs if r.ok]
@@ -814,6 +837,11 @@ class Case:
             "min_s": min(ok_runs) if ok_runs else None,
             "max_s": max(ok_runs) if ok_runs else None,
             "peak_rss_mib": self.peak_rss_mib(),
+            "cpu_s": self.cpu_s(),
+            "user_s": self.median_of("user_s"),
+            "sys_s": self.median_of("sys_s"),
+            "cpu_s_per_gib": self.cpu_s() / (self.base_bytes / GIB) if self.cpu_s() else None,
+            "minor_faults": self.median_of("minor_faults"),
             "hwm_sum_mib": max((r.hwm_sum_mib for r in self.runs if r.ok), default=None),
             "throughput_gb_s": self.base_bytes / med / 1e9 if med else None,
             "base_bytes": self.base_bytes,
@@ -845,7 +873,8 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
     """Plain-text table (pastes cleanly into issues and reports) plus ratio lines and failures."""
     head = (
         f"{'size':<6} {'adapter':<10} {'contender':<9} {'median s':>9} {'min..max s':>15} "
-        f"{'peak RSS MiB':>12} {'HWM-sum MiB':>11} {'GB/s':>6}  check"
+        f"{'peak RSS MiB':>12} {'HWM-sum MiB':>11} {'GB/s':>6} {'cpu s':>6} {'usr':>5} "
+        f"{'sys':>5} {'cpu-s/GiB':>9} {'minflt':>8}  check"
     )
     lines = [head, "-" * len(head)]
     for c in cases:
@@ -860,14 +889,18 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
         lines.append(
             f"{c.size:<6} {c.adapter:<10} {c.contender:<9} {_fmt(s['median_s'], '9.2f')} "
             f"{rng:>15} {_fmt(s['peak_rss_mib'], '12.0f')} {_fmt(s['hwm_sum_mib'], '11.0f')} "
-            f"{_fmt(s['throughput_gb_s'], '6.3f')}  {chk}"
+            f"{_fmt(s['throughput_gb_s'], '6.3f')} {_fmt(s['cpu_s'], '6.2f')} "
+            f"{_fmt(s['user_s'], '5.1f')} {_fmt(s['sys_s'], '5.1f')} "
+            f"{_fmt(s['cpu_s_per_gib'], '9.2f')} {_fmt(s['minor_faults'], '8.0f')}  {chk}"
         )
     lines.append("")
     lines.append("ratios (median wall time; RSS = polled process-tree peak):")
     for r in ratios:
         lines.append(
-            f"  {r['size']:<6} {r['adapter']:<10} lora/cp {_x(r['lora_over_cp'])}   "
-            f"PEFT/lora {_x(r['peft_over_lora'])} time, {_x(r['peft_over_lora_rss'])} peak RSS"
+            f"  {r['size']:<6} {r['adapter']:<10} {r['lora']}/cp {_x(r['lora_over_cp'])}   "
+            f"PEFT/lora {_x(r['peft_over_lora'])} time, {_x(r['peft_over_lora_rss'])} peak RSS; "
+            f"cpu-s/GiB {r['lora']} {_fmt(r['lora_cpu_s_per_gib'], '.2f')}, "
+            f"cp {_fmt(r['cp_cpu_s_per_gib'], '.2f')}"
         )
     if help_s.get("ok"):
         lines.append(f"\n`lora --help`: median {help_s['median_s']:.3f} s over 5 runs")
@@ -966,8 +999,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per contender run")
     ap.add_argument(
         "--timed-sync",
-        action="store_true",
-        help="include sync(2) in each timed run, charging write-back to the contender",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include sync(2) in each timed run, charging write-back to the contender "
+        "(default: on, so `cp -r` pays for durability as `lora` does with fsync)",
+    )
+    ap.add_argument(
+        "--cpus",
+        default=None,
+        help="comma list of core counts, e.g. 1,2: run `lora merge` pinned with taskset to "
+        "that many cores (one row each, 'lora@N'); default: the cores this bench may use",
+    )
+    ap.add_argument(
+        "--lora-args",
+        default="",
+        help="extra options for every `lora merge` run (e.g. '--no-checksums')",
     )
     ap.add_argument("--internal", nargs=2, metavar=("TASK", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -983,18 +1029,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"unknown adapter {a!r} (choose from {', '.join(ADAPTER_TARGETS)})")
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    allowed = sorted(os.sched_getaffinity(0))
+    args.cpu_list = []
+    if args.cpus:
+        for c in args.cpus.split(","):
+            if not c.strip().isdigit() or not 1 <= int(c) <= len(allowed):
+                ap.error(f"--cpus {c!r}: between 1 and the {len(allowed)} cores allowed")
+            args.cpu_list.append(int(c))
+        if not shutil.which("taskset"):
+            ap.error("--cpus needs taskset (util-linux)")
+    args.allowed_cpus = allowed
     return args
 
 
-def contender_cmd(case: Case, base: Path, adapter: Path | None, out: Path, lora: Path) -> list[str]:
+def contender_cmd(
+    case: Case, base: Path, adapter: Path | None, out: Path, lora: Path, args: argparse.Namespace
+) -> list[str]:
     """The exact command line each contender runs (the PEFT one re-enters this script)."""
     if case.contender == "cp":
         return ["cp", "-r", str(base), str(out)]
-    if case.contender == "lora":
-        return [str(lora), "merge", str(base), str(adapter), "-o", str(out), "--quiet"]
-    if case.contender == "lora-keep":  # FP8 base, merged weights re-quantized
+    if case.contender.startswith("lora"):
         cmd = [str(lora), "merge", str(base), str(adapter), "-o", str(out), "--quiet"]
-        return cmd + ["--quantize", "keep"]
+        cmd += args.lora_args.split()
+        if case.contender == "lora-keep":  # FP8 base, merged weights re-quantized
+            cmd += ["--quantize", "keep"]
+        if "@" in case.contender:  # lora@N: pinned to the first N allowed cores
+            n = int(case.contender.split("@")[1])
+            cores = ",".join(str(c) for c in args.allowed_cpus[:n])
+            cmd = ["taskset", "-c", cores, *cmd]
+        return cmd
     return helper_cmd("peft", {"base": str(base), "adapter": str(adapter), "out": str(out)})
 
 
@@ -1021,7 +1084,7 @@ def run_repetitions(
             out = workdir / f"out-{case.size}-{case.adapter.replace(':', '-')}-{case.contender}"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # start from no dirty pages left behind by the previous run
-            cmd = contender_cmd(case, case_base, adapter, out, lora)
+            cmd = contender_cmd(case, case_base, adapter, out, lora, args)
             r = run_measured(cmd, args.timeout, child_env, args.timed_sync)
             case.runs.append(r)
             tag = f"  rep {rep + 1}/{args.repeats} {case.adapter:<10} {case.contender:<5}"
@@ -1046,13 +1109,18 @@ def size_ratios(
     """lora/cp and PEFT/lora per adapter; None where a side failed or did not run."""
     cp = cases[("-", "cp")]
     out: list[dict[str, Any]] = []
-    for kind in kinds:
-        lc = cases[(kind, "lora")]
+    gib = cp.base_bytes / GIB
+    for (kind, contender), lc in cases.items():
+        if kind not in kinds or not contender.startswith("lora"):
+            continue
         pc = cases.get((kind, "peft"))
         out.append(
             {
                 "size": size,
                 "adapter": kind,
+                "lora": contender,
+                "lora_cpu_s_per_gib": lc.cpu_s() / gib if lc.cpu_s() else None,
+                "cp_cpu_s_per_gib": cp.cpu_s() / gib if cp.cpu_s() else None,
                 "lora_over_cp": _ratio(lc.median_s(), cp.median_s()),
                 "lora_over_cp_rss": _ratio(lc.peak_rss_mib(), cp.peak_rss_mib()),
                 "peft_over_lora": _ratio(pc.median_s(), lc.median_s()) if pc else None,
@@ -1106,6 +1174,8 @@ def bench_size(
     cases: dict[tuple[str, str], Case] = {("-", "cp"): Case(size, "-", "cp", base_bytes)}
     for kind in args.adapter_list:
         cases[(kind, "lora")] = Case(size, kind, "lora", base_bytes)
+        for n in args.cpu_list:
+            cases[(kind, f"lora@{n}")] = Case(size, kind, f"lora@{n}", base_bytes)
         if run_peft:
             cases[(kind, "peft")] = Case(size, kind, "peft", base_bytes)
     fp8_kinds = []
@@ -1177,7 +1247,8 @@ def main(argv: list[str] | None = None) -> int:
     env["loadavg_start"] = loadavg()
     env["torch_import_s"] = time_torch_import(child_env)
     print(
-        f"bench: {env['cpu_model']}, {env['cpu_affinity']} cores, RAM {env['ram_total']}, "
+        f"bench: {env['cpu_model']}, {env['cpu_affinity']} cores allowed "
+        f"({env['cpu_count']} online), RAM {env['ram_total']}, "
         f"torch {env['torch']} ({env['torch_threads']} threads), python {env['python']}, "
         f"load {env['loadavg_start']}"
     )

@@ -137,3 +137,23 @@ def run_cli():
         return result.exit_code, result.stdout, result.stderr
 
     return run
+
+
+FAST_IO = ("preadv", "pread", "pwrite", "copy_file_range")
+
+
+@pytest.fixture
+def no_fast_io(monkeypatch):
+    """A platform without os.preadv/pread/pwrite/copy_file_range (Windows has none of them):
+    ``lora_cli.io.sysio`` chooses its implementations at import, so it is re-imported."""
+    import importlib
+
+    from lora_cli.io import sysio
+
+    for name in FAST_IO:
+        monkeypatch.delattr(os, name, raising=False)
+    importlib.reload(sysio)
+    assert sysio.fast_paths() == {k: f.__name__ for k, f in sysio.FALLBACKS.items()}
+    yield sysio
+    monkeypatch.undo()
+    importlib.reload(sysio)

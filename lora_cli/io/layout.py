@@ -214,8 +214,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_and_hash(path: Path) -> str:
-    """Flush a finished file to disk and return its sha256 (read back from the page cache)."""
+def fsync_file(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -224,6 +223,11 @@ def fsync_and_hash(path: Path) -> str:
             os.close(fd)
     except OSError as exc:
         raise io_error(path, exc) from None
+
+
+def fsync_and_hash(path: Path) -> str:
+    """Flush a finished file to disk and return its sha256 (read back from the page cache)."""
+    fsync_file(path)
     return sha256_file(path)
 
 

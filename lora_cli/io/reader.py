@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import FormatError
+from lora_cli.io import sysio
 from lora_cli.io.dtypes import itemsize_bits
 from lora_cli.io.safetensors_format import read_header
 
@@ -164,11 +165,11 @@ class TensorSource:
 
 
 def read_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """pread until ``view`` is full; a short file is a format error, not a hang."""
+    """Positional reads until ``view`` is full; a short file is a format error, not a hang."""
     done = 0
     total = len(view)
     while done < total:
-        n = os.preadv(fd, [view[done:]], offset + done)
+        n = sysio.read_at(fd, view[done:], offset + done)
         if n <= 0:
             raise FormatError(f"{path}: file ends early (expected {total} bytes at {offset})")
         done += n

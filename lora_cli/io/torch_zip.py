@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import FormatError, UnsafePickleError
+from lora_cli.io import sysio
 from lora_cli.io.dtypes import SAFETENSORS_DTYPES, itemsize_bits, nbytes_of, to_torch
 
 if TYPE_CHECKING:
@@ -371,10 +372,10 @@ class TorchZipFile:
         if end == start:
             return torch.empty(rec.shape, dtype=dtype)
         buf = bytearray(end - start)
-        # pread, not seek+read: merge reads ahead on a worker thread
+        # positional reads, not seek+read: merge reads ahead on a worker thread
         done, view, offset = 0, memoryview(buf), rec.data_offset + start
         while done < len(buf):
-            n = os.preadv(self._fh.fileno(), [view[done:]], offset + done)
+            n = sysio.read_at(self._fh.fileno(), view[done:], offset + done)
             if n <= 0:
                 raise self._error(f"tensor {name!r}: file ended early (truncated?)")
             done += n

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import FormatError, LoraError, UsageError
+from lora_cli.io import sysio
 from lora_cli.io.safetensors_format import TensorEntry, plan_header
 
 if TYPE_CHECKING:
     import torch
 
 TMP_MARK = ".lora-tmp-"
-COPY_CHUNK = 64 << 20
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there: never guess, keep it
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,6 +140,10 @@ class ShardWriter:
         self.size = self.data_start + (entries[-1].end if entries else 0)
         self._pending = set(self.entries)
         self._partial: dict[str, int] = {}  # bytes written so far by write_rows
+        # sha256 of the file, fed while the bytes are hot as long as they arrive in file
+        # order (merge writes that way); anything else drops it and the digest is None.
+        self._sha: Any = hashlib.sha256(header)
+        self._hashed = len(header)
         self.fd = -1
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -174,6 +181,7 @@ class ShardWriter:
             import torch
 
             view = memoryview(data.view(torch.uint8).numpy())
+            self._hash(view, self.data_start + entry.start)
             try:
                 _pwrite_all(self.fd, view, self.data_start + entry.start, self.path)
             except OSError as exc:
@@ -208,6 +216,7 @@ class ShardWriter:
         import torch
 
         view = memoryview(data.view(torch.uint8).numpy())
+        self._hash(view, self.data_start + entry.start + first_row * row_bytes)
         try:
             _pwrite_all(self.fd, view, self.data_start + entry.start + first_row * row_bytes, None)
         except OSError as exc:
@@ -222,11 +231,32 @@ class ShardWriter:
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy bytes already in safetensors layout straight from another file."""
         entry = self._entry(name, nbytes)
+        if self._sha is not None and self._hashed == self.data_start + entry.start:
+            try:
+                sysio.hash_range(self._sha, src_fd, src_offset, nbytes)
+                self._hashed += nbytes
+            except (OSError, ValueError, sysio.ShortCopy):
+                self._sha = None  # the copy below reports a real problem
+        else:
+            self._sha = None
         try:
             copy_range(src_fd, src_offset, self.fd, self.data_start + entry.start, nbytes)
         except OSError as exc:
             raise io_error(self.path, exc) from None
         self._pending.discard(name)
+
+    def _hash(self, view: memoryview, offset: int) -> None:
+        if self._sha is not None and offset == self._hashed:
+            self._sha.update(view)
+            self._hashed += len(view)
+        else:
+            self._sha = None
+
+    def digest(self) -> str | None:
+        """sha256 of the whole file when every byte was hashed on its way out, else None."""
+        if self._sha is None or self._hashed != self.size:
+            return None
+        return self._sha.hexdigest()
 
     def close(self, *, sync: bool = True) -> None:
         """Check completeness and close; ``sync=False`` leaves the fsync to the caller
@@ -284,36 +314,20 @@ def copy_file(src: Path, dst: Path) -> None:
 
 
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int) -> None:
-    """Kernel-side copy when possible (copy_file_range), else a bounded buffer loop."""
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while done < nbytes:
-                n = os.copy_file_range(
-                    src_fd, dst_fd, min(nbytes - done, 1 << 30), src_off + done, dst_off + done
-                )
-                if n == 0:
-                    raise FormatError("source file ended early while copying tensor bytes")
-                done += n
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-    while done < nbytes:
-        chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), src_off + done)
-        if not chunk:
-            raise FormatError("source file ended early while copying tensor bytes")
-        _pwrite_all(dst_fd, memoryview(chunk), dst_off + done, None)
-        done += len(chunk)
+    """Kernel-side copy where the platform has one, else a bounded buffer (``io/sysio.py``)."""
+    try:
+        sysio.copy_range(src_fd, src_off, dst_fd, dst_off, nbytes)
+    except sysio.ShortCopy:
+        raise FormatError("source file ended early while copying tensor bytes") from None
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int, path: Path | None) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+    sysio.write_all(fd, view, offset)
 
 
 def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a folder as a file; NTFS journals renames
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

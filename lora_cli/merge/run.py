@@ -7,6 +7,9 @@ written one at a time while the next one is read ahead on a second thread.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,13 +23,14 @@ from lora_cli.io.layout import (
     MANIFEST_NAME,
     copy_side_files,
     fsync_and_hash,
+    fsync_file,
     write_index,
     write_json,
     write_manifest,
 )
 from lora_cli.io.writer import OutputDir, ShardWriter
 from lora_cli.merge import math as lora_math
-from lora_cli.merge.plan import MergePlan, TensorAction, shard_plans
+from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
 
 if TYPE_CHECKING:
     import torch
@@ -156,6 +160,7 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     adapters: list[dict[str, Any]] = field(default_factory=list)  # several: path and weight
     quantized: list[dict[str, Any]] = field(default_factory=list)  # --quantize keep fidelity
+    part: str | None = None  # "I/N" for `merge --part`, "joined N" for `merge --join`
 
     @property
     def throughput(self) -> float:
@@ -195,6 +200,18 @@ class BufferPool:
 
 
 BLOCK_BYTES = 16 << 20
+AHEAD_BYTES = 64 << 20  # merged blocks computed ahead of the writer, all workers together
+
+
+def cpu_workers() -> int:
+    """Merge-math threads on the CPU: one per core this process may use (``taskset``, cgroup
+    cpusets), each running torch single-threaded. Tensors in parallel beat torch's own
+    intra-op threads here: its OpenMP workers spin between the many small ops."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | None:
@@ -245,8 +262,10 @@ def _computed(
     device: str,
     workers: ThreadPoolExecutor,
     buffers: BufferPool,
+    depth: int = 1,
 ) -> Iterator[tuple[TensorAction, tuple[int, int] | None, torch.Tensor | None]]:
-    """Yield (action, rows, value) in write order, computing the next item ahead of time.
+    """Yield (action, rows, value) in write order, computing up to ``depth`` items ahead
+    (one per worker thread) while at most ``AHEAD_BYTES`` of them wait in memory.
 
     ``value`` is None for tensors copied file-to-file. A value's buffer goes back to
     the pool when the caller asks for the next item, i.e. after it has been written.
@@ -257,24 +276,30 @@ def _computed(
             items.append((act, None))
         else:
             items += [(act, r) for r in (row_blocks(plan, act) or [None])]
-    todo = iter(i for i in items if i[0].kind != "copy" or _needs_decode(plan, i[0]))
+    todo = [i for i in items if i[0].kind != "copy" or _needs_decode(plan, i[0])]
+    todo.reverse()
     pending: list[tuple[Future, torch.Tensor]] = []
 
-    def submit_next() -> None:
-        nxt = next(todo, None)
-        if nxt is not None:
-            act, rows = nxt
-            buf = buffers.take(_start_bytes(plan, act, rows))
+    def submit_more() -> None:
+        ahead = sum(b.numel() for _, b in pending)
+        while todo and len(pending) < depth:
+            act, rows = todo[-1]
+            nbytes = _start_bytes(plan, act, rows)
+            if pending and ahead + nbytes > AHEAD_BYTES:
+                return
+            todo.pop()
+            buf = buffers.take(nbytes)
             job = workers.submit(compute_tensor, plan, act, device, buf, rows)
             pending.append((job, buf))
+            ahead += buf.numel()
 
-    submit_next()
+    submit_more()
     for act, rows in items:
         if act.kind == "copy" and not _needs_decode(plan, act):
             yield act, rows, None
             continue
         job, buf = pending.pop(0)
-        submit_next()
+        submit_more()
         try:
             yield act, rows, job.result()
         finally:
@@ -286,32 +311,42 @@ def _needs_decode(plan: MergePlan, act: TensorAction) -> bool:
     return info is None or info.raw_offset is None or info.dtype != act.dtype
 
 
-def run_merge(
+def write_shards(
     plan: MergePlan,
-    output: Path,
+    shards: list[ShardOut],
+    folder: Path,
     *,
     device: str = "cpu",
-    overwrite: bool = False,
     progress: Progress | None = None,
-) -> MergeResult:
-    start = time.perf_counter()
+) -> tuple[int, dict[str, str]]:
+    """Write ``shards`` of the plan into ``folder``; (bytes written, file name → sha256).
+
+    Each finished shard is fsynced and hashed on a spare thread while the next one is
+    written. ``merge --part`` calls this with its share of the plan's shards.
+    """
+    import torch
+
     written = 0
-    files: list[str] = []
     digests: dict[str, Future] = {}
+    specs = {s.filename: s for s in shard_plans(plan)}
+    cuda = device.startswith("cuda")
+    depth = 1 if cuda else cpu_workers()
+    intra = torch.get_num_threads() if cuda else 1
+    gc.freeze()  # torch's import left ~10⁵ objects that every collection would walk again
     with (
-        OutputDir(output, overwrite) as out,
-        ThreadPoolExecutor(1) as workers,
+        ThreadPoolExecutor(depth, initializer=torch.set_num_threads, initargs=(intra,)) as workers,
         ThreadPoolExecutor(1) as hasher,
+        _torch_threads(intra),
     ):
-        buffers = BufferPool(pin=device.startswith("cuda"))
-        for shard, spec in zip(plan.shards, shard_plans(plan), strict=True):
+        buffers = BufferPool(pin=cuda, keep=depth + 3)
+        for shard in shards:
             meta = dict(shard.metadata)
             if plan.untied:
                 meta.pop("lm_head.weight", None)
-            writer = ShardWriter(out.path / shard.filename, spec.specs, meta)
+            writer = ShardWriter(folder / shard.filename, specs[shard.filename].specs, meta)
             try:
                 order = sorted(shard.actions, key=lambda a: writer.entries[a.name].start)
-                for act, rows, value in _computed(plan, order, device, workers, buffers):
+                for act, rows, value in _computed(plan, order, device, workers, buffers, depth):
                     if value is None:
                         info = plan.base.info(act.base)
                         fd = plan.base.fd(info.file)
@@ -332,35 +367,86 @@ def run_merge(
             except BaseException:
                 writer.abort()
                 raise
-            files.append(shard.filename)
-            digests[shard.filename] = hasher.submit(fsync_and_hash, writer.path)
-        specs = shard_plans(plan)
-        if len(specs) > 1 or plan.base.index_path is not None:
-            index = write_index(out.path, specs) if len(specs) > 1 else None
-            if index:
-                files.append(index.name)
-        skip = {"config.json"} if plan.config is not None else set()
-        files += copy_side_files(plan.base.root, out.path, skip=skip | {MANIFEST_NAME})
-        if plan.config is not None:
-            config = dict(plan.config)
-            config.update(plan.config_updates)
-            for key in [k for k, v in plan.config_updates.items() if v is None]:
-                del config[key]  # e.g. quantization_config once nothing quantized remains
-            if "tie_word_embeddings" in plan.config_updates and isinstance(
-                config.get("text_config"), dict
-            ):
-                config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
-            write_json(out.path / "config.json", config)
-            files.append("config.json")
-        write_manifest(out.path, {name: f.result() for name, f in digests.items()})
-        files.append(MANIFEST_NAME)
+            digest = writer.digest()  # hashed on the way out: only the fsync is left
+            digests[shard.filename] = (
+                hasher.submit(fsync_only, writer.path, digest)
+                if digest
+                else hasher.submit(fsync_and_hash, writer.path)
+            )
+        return written, {name: f.result() for name, f in digests.items()}
+
+
+def fsync_only(path: Path, digest: str) -> str:
+    fsync_file(path)
+    return digest
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def finish_output(plan: MergePlan, folder: Path, digests: dict[str, str]) -> list[str]:
+    """Everything but the shards: index, side files, config.json and the checksum manifest
+    (``digests``: the shards' sha256, already known). Returns the names written."""
+    files = list(digests)
+    specs = shard_plans(plan)
+    if len(specs) > 1 or plan.base.index_path is not None:
+        index = write_index(folder, specs) if len(specs) > 1 else None
+        if index:
+            files.append(index.name)
+    skip = {"config.json"} if plan.config is not None else set()
+    files += copy_side_files(plan.base.root, folder, skip=skip | {MANIFEST_NAME})
+    if plan.config is not None:
+        config = dict(plan.config)
+        config.update(plan.config_updates)
+        for key in [k for k, v in plan.config_updates.items() if v is None]:
+            del config[key]  # e.g. quantization_config once nothing quantized remains
+        if "tie_word_embeddings" in plan.config_updates and isinstance(
+            config.get("text_config"), dict
+        ):
+            config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
+        write_json(folder / "config.json", config)
+        files.append("config.json")
+    write_manifest(folder, digests)
+    files.append(MANIFEST_NAME)
+    return sorted(set(files))
+
+
+def run_merge(
+    plan: MergePlan,
+    output: Path,
+    *,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    start = time.perf_counter()
+    with OutputDir(output, overwrite) as out:
+        written, digests = write_shards(
+            plan, plan.shards, out.path, device=device, progress=progress
+        )
+        files = finish_output(plan, out.path, digests)
+    return merge_result(plan, output, files, device, time.perf_counter() - start, written)
+
+
+def merge_result(
+    plan: MergePlan, output: Path, files: list[str], device: str, seconds: float, written: int
+) -> MergeResult:
     return MergeResult(
         output=Path(output),
-        files=sorted(set(files)),
+        files=files,
         counts=plan.counts(),
         rule=plan.rule,
         device=device,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         bytes_written=written,
         untied=plan.untied,
         config_updates=plan.config_updates,

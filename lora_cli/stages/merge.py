@@ -13,6 +13,7 @@ from lora_cli.io.layout import parse_size
 from lora_cli.io.reader import open_source
 from lora_cli.io.writer import check_destination
 from lora_cli.merge.combine import build_combined_plan, parse_weights
+from lora_cli.merge.parts import parse_part, part_actions, run_join, run_part
 from lora_cli.merge.plan import MergePlan
 from lora_cli.merge.quantized import fidelity, plan_merge, refuse_quantized_base
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
@@ -65,15 +66,24 @@ def merge(
     overwrite: bool = False,
     progress_factory: Any = None,
     quantize: str = "bf16",
+    part: str | None = None,
+    join: bool = False,
 ) -> MergeResult | DryRun:
     """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
 
     Several adapters (or ``weights``) merge their weighted sum in one pass
     (``merge.combine``); one adapter without weights takes the single-adapter plan.
+    ``part="I/N"`` writes only part I of a split merge, ``join`` publishes the parts
+    (``merge/parts.py``).
     """
     adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
     out_dtype = parse_dtype_option(dtype)
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
+    split = parse_part(part) if part is not None else None
+    if split and (join or dry_run):
+        from lora_cli.errors import UsageError
+
+        raise UsageError("--part goes without --join and --dry-run", "run parts, then one join")
     if not dry_run:
         if output is None:
             from lora_cli.errors import UsageError
@@ -106,8 +116,19 @@ def merge(
                 )
             if dry_run:
                 return DryRun(plan)
-            total = sum(_nbytes(a) for a in plan.actions())
+            options = {
+                "dtype": out_dtype,
+                "max_shard_size": shard_limit,
+                "quantize": quantize,
+                "weights": [w for _, w in plan.combined],
+            }
+            if join:
+                return run_join(plan, Path(output), options, overwrite=overwrite)
+            acts = plan.actions() if split is None else part_actions(plan, split)
+            total = sum(_nbytes(a) for a in acts)
             progress: Progress | None = progress_factory(total) if progress_factory else None
+            if split is not None:
+                return run_part(plan, Path(output), split, options, device=dev, progress=progress)
             result = run_merge(
                 plan, Path(output), device=dev, overwrite=overwrite, progress=progress
             )

@@ -41,6 +41,7 @@ def validate(
     rtol: float = 0.0,
     sample: int | None = None,
     device: str = "auto",
+    part: str | None = None,
 ) -> ValidateReport:
     """Validate ``path`` (an adapter, a checkpoint or a weights file); with ``base`` and
     ``adapter``, also recompute it as their merge. Raises ``LoraError`` when impossible.
@@ -61,6 +62,11 @@ def validate(
     for name, value in (("--atol", atol), ("--rtol", rtol)):
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{name} {value} must be a finite number ≥ 0")
+    split = None
+    if part is not None:
+        from lora_cli.merge.parts import parse_part
+
+        split = parse_part(part)
     if sample is not None and sample < 0:
         raise UsageError(f"--sample {sample} must be ≥ 0")
     if not path.exists():
@@ -74,6 +80,8 @@ def validate(
             )
         if recompute_options:
             raise UsageError("--sample, --atol and --rtol apply to --base with --adapter")
+        if split is not None:
+            raise UsageError("--part splits a checkpoint's weight files; an adapter is one")
         report = ValidateReport(path, "adapter", base=Path(base) if base else None)
         validate_adapter(report, path, Path(base) if base else None)
         return report
@@ -94,6 +102,7 @@ def validate(
         atol=atol,
         rtol=rtol,
         sample=sample,
+        part=split.label if split else None,
     )
-    WeightsCheck(report, path, device).run()
+    WeightsCheck(report, path, device, split).run()
     return report

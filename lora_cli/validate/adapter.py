@@ -75,7 +75,7 @@ def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> N
     if path.is_dir():
         check_manifest(r, root)
     else:
-        check_manifest(r, root, weights.name)
+        check_manifest(r, root, {weights.name})
     if config is None or src is None:
         return
     try:

@@ -61,20 +61,28 @@ def check_finite(report: ValidateReport, file: Path, info: TensorInfo, t: torch.
     return not (nan or inf)
 
 
-def check_manifest(report: ValidateReport, root: Path, only: str | None = None) -> None:
-    """Verify ``lora-checksums.sha256`` when there is one; ``only``: one file's line."""
+def check_manifest(
+    report: ValidateReport,
+    root: Path,
+    only: set[str] | None = None,
+    *,
+    skip: set[str] = frozenset(),
+    extra: bool = True,
+) -> None:
+    """Verify ``lora-checksums.sha256`` when there is one; ``only``: those files' lines;
+    ``skip``: files another ``--part`` checks; ``extra``: note files the manifest misses."""
     try:
         entries = read_manifest(root)
     except (LoraError, OSError, UnicodeDecodeError) as exc:
         report.add(MANIFEST_NAME, None, "manifest", getattr(exc, "message", str(exc)))
         return
     if entries is None:
-        if only is None:
+        if only is None and extra:
             report.notes.append(f"no checksum manifest ({MANIFEST_NAME}) to verify")
         return
     report.ran("manifest")
     for name, digest in entries.items():
-        if only is not None and name != only:
+        if (only is not None and name not in only) or name in skip:
             continue
         p = root / name
         if "/" in name or name in (".", "..") or not p.is_file():
@@ -91,8 +99,10 @@ def check_manifest(report: ValidateReport, root: Path, only: str | None = None) 
                 "changed after it was written",
             )
     if only is not None:
-        if only not in entries:
-            report.notes.append(f"{only} is not listed in {MANIFEST_NAME}")
+        for name in sorted(only - set(entries)):
+            report.notes.append(f"{name} is not listed in {MANIFEST_NAME}")
+        return
+    if not extra:
         return
     extra = sorted(
         p.name

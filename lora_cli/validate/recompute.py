@@ -48,7 +48,7 @@ class Recompute:
 
     def prepare(self, infos: dict[str, TensorInfo]) -> None:
         """Open BASE and ADAPTER, plan the merge, and choose the tensors to compare."""
-        from lora_cli.merge.quantized import plan_merge, quantize_mode_of
+        from lora_cli.merge.quantized import plan_merge, quantize_mode_of, refuse_quantized_base
         from lora_cli.merge.run import resolve_device
 
         r = self.r

@@ -85,6 +85,7 @@ class ValidateReport:
     atol: float = 0.0
     rtol: float = 0.0
     sample: int | None = None
+    part: str | None = None  # "I/N": only part I's weight files were read
     findings: list[Finding] = field(default_factory=list)
     recomputed: list[Recomputed] = field(default_factory=list)
     checks: dict[str, str] = field(default_factory=dict)  # check → ok | failed
@@ -111,7 +112,8 @@ class ValidateReport:
         compared = (
             f", {len(self.recomputed)} compared with BASE + ADAPTER" if self.recomputed else ""
         )
-        head = f"{self.path} ({self.kind}): {self.tensors_checked} tensors read{compared}"
+        part = f", part {self.part}" if self.part else ""
+        head = f"{self.path} ({self.kind}{part}): {self.tensors_checked} tensors read{compared}"
         if self.valid:
             return f"valid: {head}; checks passed: {', '.join(self.checks)}"
         failed = [c for c, s in self.checks.items() if s == "failed"]
@@ -134,6 +136,7 @@ class ValidateReport:
             ),
             "tolerance": {"ulp": DEFAULT_ULPS, "atol": self.atol, "rtol": self.rtol},
             "sample": self.sample,
+            "part": self.part,
             "tensors_checked": self.tensors_checked,
             "checks": dict(self.checks),
             "findings": [f.to_json() for f in self.findings],

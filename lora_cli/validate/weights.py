@@ -26,6 +26,7 @@ from lora_cli.io.reader import (
     find_weight_files,
     open_source,
 )
+from lora_cli.merge.parts import Part, split_by_bytes
 from lora_cli.merge.resolve import INPUT_EMBEDDING_SUFFIXES
 from lora_cli.validate.files import check_finite, check_manifest, ensure_readable, split_error
 from lora_cli.validate.numeric import compare
@@ -53,8 +54,11 @@ def _close_all(sources: dict[Path, TensorSource]) -> None:
 class WeightsCheck:
     """The structural checks of PATH, in order, and the scan that feeds ``Recompute``."""
 
-    def __init__(self, report: ValidateReport, path: Path, device: str) -> None:
+    def __init__(
+        self, report: ValidateReport, path: Path, device: str, part: Part | None = None
+    ) -> None:
         self.r = report
+        self.part = part
         self.path = path
         self.root = path if path.is_dir() else path.parent
         self.device = device
@@ -65,6 +69,7 @@ class WeightsCheck:
         self.single: Path | None = None
         self.files: list[Path] = []
         self.recompute: Recompute | None = None  # with --base and --adapter
+        self.scanned: list[Path] = []  # the files whose tensors are read (all, or --part's)
 
     # layout ---------------------------------------------------------------------------
     def _discover(self) -> None:
@@ -305,11 +310,25 @@ class WeightsCheck:
         return next(s for s in self.sources.values() if s.infos.get(info.name) is info)
 
     # scan -----------------------------------------------------------------------------
+    def _choose_part(self) -> None:
+        """With ``--part I/N``, the weight files part I reads: the split ``merge --part``
+        uses (balanced by bytes), so N parallel jobs read each file once between them."""
+        self.scanned = list(self.files)
+        if self.part is None:
+            return
+        sizes = [f.stat().st_size if f.is_file() else 0 for f in self.files]
+        mine = split_by_bytes(sizes, self.part.count)[self.part.index - 1]
+        self.scanned = [self.files[i] for i in mine]
+        self.r.notes.append(
+            f"part {self.part.label}: reads {len(self.scanned)} of {len(self.files)} weight "
+            "files; headers, index and config are checked for all"
+        )
+
     def _scan(self) -> None:
         r = self.r
         r.ran("shapes")
         r.ran("finite")
-        for f in self.files:
+        for f in self.scanned:
             src = self.sources.get(f)
             if src is None:
                 continue
@@ -343,10 +362,20 @@ class WeightsCheck:
             self._check_index()
             if self.single is None:
                 self._check_config()
-            check_manifest(r, self.root, self.single.name if self.single else None)
+            self._choose_part()
+            if self.single is not None:
+                check_manifest(r, self.root, {self.single.name})
+            elif self.part is not None:
+                others = {f.name for f in self.files} - {f.name for f in self.scanned}
+                check_manifest(r, self.root, skip=others, extra=self.part.index == 1)
+            else:
+                check_manifest(r, self.root)
             if r.base is not None:
                 self.recompute = Recompute(r, self.device)
                 self.recompute.prepare(self._infos())
+                for f, src in self.sources.items():  # other parts compare these
+                    if f not in self.scanned:
+                        self.recompute.seen.update(src.names())
             self._scan()
             if self.recompute is not None:
                 self.recompute.finish(self.index or self.path, self.root, self.incomplete)

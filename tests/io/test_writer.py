@@ -203,8 +203,7 @@ def test_copy_range_refuses_a_short_source(tmp_path):
         os.close(dfd)
 
 
-def test_copy_range_fallback_without_copy_file_range(tmp_path, monkeypatch):
-    monkeypatch.delattr(os, "copy_file_range", raising=False)
+def test_copy_range_fallback_without_copy_file_range(tmp_path, no_fast_io):
     src = tmp_path / "src.bin"
     src.write_bytes(bytes(range(256)) * 3)
     dst = tmp_path / "dst.bin"

@@ -34,6 +34,7 @@ DOWN0 = "model.layers.0.mlp.down_proj.weight"
 TOP_KEYS = {
     "schema",
     "path",
+    "part",
     "kind",
     "valid",
     "exit_code",

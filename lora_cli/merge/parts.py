@@ -1,0 +1,361 @@
+"""Split one merge across processes, machines or CI jobs, then join the parts.
+
+``merge --part I/N`` writes only part I's output shards, chosen by a deterministic split
+of the plan's shards balanced by bytes, into ``OUT.lora-parts/part-I-of-N/`` together with
+a part record (``part.json``) that binds them to the inputs, the options and the lora
+version. ``merge --join`` checks that every part is there, complete and from the same
+inputs, then builds the output folder in a temporary sibling (shards hard-linked, or
+copied where links are impossible), writes the index, config, side files and checksum
+manifest, and renames it into place: the result is byte-identical to a one-process merge.
+
+No scheduler of our own: parts only need a shared folder (or artifacts gathered into
+one), so a GitHub Actions matrix, a Slurm array or a Kubernetes Indexed Job can run them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_cli import __version__
+from lora_cli.errors import LoraError, UsageError
+from lora_cli.io.layout import read_json, write_json
+from lora_cli.io.safetensors_format import plan_header
+from lora_cli.io.writer import TMP_MARK, OutputDir, _pid_alive, copy_file, io_error
+from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
+from lora_cli.merge.run import MergeResult, Progress, finish_output, merge_result, write_shards
+
+SCHEMA = "lora-part/1"
+RECORD_NAME = "part.json"
+PARTS_SUFFIX = ".lora-parts"
+SAMPLE_BLOCKS = 16  # sampled 64 KiB blocks per base file in the fingerprint
+SAMPLE_BYTES = 64 << 10
+_PART_RE = re.compile(r"^part-(\d+)-of-(\d+)$")
+
+
+class PartError(LoraError):
+    """A part is missing, incomplete, duplicated, stale or from other inputs."""
+
+
+@dataclass(frozen=True)
+class Part:
+    index: int  # 1-based
+    count: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def dirname(self) -> str:
+        return f"part-{self.index}-of-{self.count}"
+
+
+def parse_part(text: str, option: str = "--part") -> Part:
+    """``"2/8"`` → Part(2, 8); 1-based, like ``--array=1-8`` in Slurm."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise UsageError(f"{option} {text!r}: expected I/N, e.g. 2/8", "parts count from 1")
+    index, count = int(m.group(1)), int(m.group(2))
+    if count < 1 or not 1 <= index <= count:
+        raise UsageError(
+            f"{option} {text}: I must be between 1 and N", "parts count from 1: 1/N … N/N"
+        )
+    return Part(index, count)
+
+
+def split_by_bytes(sizes: list[int], count: int) -> list[list[int]]:
+    """Indices of ``sizes`` for each of ``count`` parts: largest first onto the lightest part
+    (ties: lower index). Deterministic, so every job computes the same split on its own."""
+    parts: list[list[int]] = [[] for _ in range(count)]
+    load = [0] * count
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        target = min(range(count), key=lambda p: (load[p], p))
+        parts[target].append(i)
+        load[target] += sizes[i]
+    return [sorted(p) for p in parts]
+
+
+def part_shards(plan: MergePlan, part: Part) -> list[ShardOut]:
+    """The plan's shards that ``part`` writes, in plan order."""
+    sizes = [p.nbytes for p in shard_plans(plan)]
+    return [plan.shards[i] for i in split_by_bytes(sizes, part.count)[part.index - 1]]
+
+
+def parts_folder(output: Path) -> Path:
+    output = Path(output).absolute()
+    return output.parent / f"{output.name}{PARTS_SUFFIX}"
+
+
+# -- what binds a part to its inputs ---------------------------------------------------------
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sample(path: Path) -> str:
+    """Size, header and evenly spaced sampled blocks: tells two checkpoints of one
+    architecture apart (same headers, other values) without reading the whole base."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(min(size, 1 << 20)))  # the header, whatever its length, mostly
+        for k in range(SAMPLE_BLOCKS):
+            f.seek(max(0, (size - SAMPLE_BYTES) * k // max(1, SAMPLE_BLOCKS - 1)))
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256(f"{path.name}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(plan: MergePlan, options: dict[str, Any]) -> dict[str, str]:
+    """What a part is made from: lora version, options, the base (sampled), the adapter
+    (in full: it is small) and the shard plan. Compared field by field at the join."""
+    base_files = [p for p in plan.base.files]
+    if plan.base.index_path is not None:
+        base_files.append(plan.base.index_path)
+    if plan.config is not None:
+        base_files.append(plan.base.root / "config.json")
+    adapters = [ad for ad, _ in plan.combined] or [plan.adapter]
+    adapter_files = [p for ad in adapters for p in sorted({ad.weights_file, ad.config_path})]
+    layout = [
+        [s.filename, s.metadata, [[n, d, list(sh)] for n, d, sh in s.specs]]
+        for s in shard_plans(plan)
+    ]
+    try:
+        base = _sha("\n".join(_file_sample(p) for p in base_files).encode())
+        adapter = _sha("\n".join(_file_digest(p) for p in adapter_files).encode())
+    except OSError as exc:
+        raise LoraError(f"cannot read the inputs to fingerprint them ({exc})") from None
+    return {
+        "lora_version": __version__,
+        "options": json.dumps(options, sort_keys=True),
+        "base": base,
+        "adapter": adapter,
+        "plan": _sha(json.dumps(layout, sort_keys=True).encode()),
+    }
+
+
+# -- writing one part ------------------------------------------------------------------------
+def run_part(
+    plan: MergePlan,
+    output: Path,
+    part: Part,
+    options: dict[str, Any],
+    *,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Write part ``part``'s shards and its record; a rerun replaces the part."""
+    start = time.perf_counter()
+    shards = part_shards(plan, part)
+    record = {
+        "schema": SCHEMA,
+        "part": part.index,
+        "of": part.count,
+        "fingerprint": fingerprint(plan, options),
+        "shards": {},
+    }
+    folder = parts_folder(output)
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise io_error(folder, exc) from None
+    with OutputDir(folder / part.dirname, overwrite=True) as out:
+        written, digests = write_shards(plan, shards, out.path, device=device, progress=progress)
+        record["shards"] = {
+            name: {"bytes": (out.path / name).stat().st_size, "sha256": digest}
+            for name, digest in digests.items()
+        }
+        write_json(out.path / RECORD_NAME, record)
+    files = [f"{folder.name}/{part.dirname}/{n}" for n in [*digests, RECORD_NAME]]
+    result = merge_result(plan, output, files, device, time.perf_counter() - start, written)
+    result.part = part.label
+    result.counts = {k: 0 for k in result.counts}
+    for act in part_actions(plan, part):
+        result.counts[act.kind] += 1
+    return result
+
+
+# -- joining ---------------------------------------------------------------------------------
+_WHAT = {
+    "lora_version": "another lora version",
+    "options": "other merge options",
+    "base": "another base checkpoint",
+    "adapter": "another adapter",
+    "plan": "another shard layout",
+}
+
+
+def _collect(folder: Path, fp: dict[str, str]) -> tuple[Part, dict[int, dict]]:
+    """Every part record in ``folder``, checked; the split they share."""
+    if not folder.is_dir():
+        raise PartError(
+            f"{folder}: no parts to join",
+            "run `lora merge BASE ADAPTER -o OUT --part I/N` for every I first",
+        )
+    entries: dict[int, Path] = {}
+    counts: dict[int, list[str]] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".part-") and TMP_MARK in entry.name:
+            pid = entry.name.rpartition(TMP_MARK)[2].split(".")[0]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                raise PartError(
+                    f"{entry}: a part is still being written (process {pid})",
+                    "wait for every part to finish, then join",
+                )
+            continue
+        m = _PART_RE.match(entry.name)
+        if m:
+            counts.setdefault(int(m.group(2)), []).append(entry.name)
+            entries[int(m.group(1))] = entry
+    if not counts:
+        raise PartError(
+            f"{folder}: no parts to join",
+            "run `lora merge BASE ADAPTER -o OUT --part I/N` for every I first",
+        )
+    if len(counts) > 1:
+        split = ", ".join(f"{names[0]} (N={n})" for n, names in sorted(counts.items()))
+        raise PartError(
+            f"{folder}: parts from different splits: {split}",
+            "remove the stale parts; every part of one merge uses the same N",
+        )
+    count = next(iter(counts))
+    found: dict[int, tuple[Path, dict]] = {}
+    for index, entry in sorted(entries.items()):
+        record_path = entry / RECORD_NAME
+        if not record_path.is_file():
+            raise PartError(
+                f"{entry}: part {index}/{count} is incomplete (no {RECORD_NAME})",
+                f"rerun it: lora merge … --part {index}/{count}",
+            )
+        record = read_json(record_path, "part record")
+        if record.get("schema") != SCHEMA or (record.get("part"), record.get("of")) != (
+            index,
+            count,
+        ):
+            raise PartError(
+                f"{record_path}: not the record of part {index}/{count} "
+                f"(it says part {record.get('part')}/{record.get('of')}): a duplicated part?",
+                "keep one folder per part, named part-I-of-N",
+            )
+        found[index] = (entry, record)
+    for index in range(1, count + 1):
+        if index not in found:
+            raise PartError(
+                f"{folder}: part {index}/{count} is missing",
+                f"run: lora merge BASE ADAPTER -o OUT --part {index}/{count}",
+            )
+    for index, (entry, record) in sorted(found.items()):
+        theirs = record.get("fingerprint") or {}
+        for key, what in _WHAT.items():
+            if theirs.get(key) != fp[key]:
+                extra = f" {theirs.get(key)}, not {fp[key]}" if key == "lora_version" else ""
+                raise PartError(
+                    f"{entry}: part {index}/{count} is stale or foreign: made from {what}{extra}",
+                    f"rerun it with the join's inputs and options: lora merge … --part "
+                    f"{index}/{count}",
+                )
+    return Part(1, count), {i: r for i, (_, r) in found.items()}
+
+
+def _check_shards(folder: Path, plan: MergePlan, count: int, records: dict[int, dict]) -> None:
+    """Each part holds exactly its planned shards, complete: size and header as planned."""
+    specs = {s.filename: s for s in shard_plans(plan)}
+    owner: dict[str, int] = {}
+    for index, record in sorted(records.items()):
+        part = Part(index, count)
+        want = [s.filename for s in part_shards(plan, part)]
+        have = record.get("shards") or {}
+        for name in have:
+            if name in owner:
+                raise PartError(
+                    f"{folder / part.dirname}: shard {name} is also in part {owner[name]}/"
+                    f"{count} (duplicated)",
+                    "remove the stray copy; each shard belongs to one part",
+                )
+            owner[name] = index
+        if sorted(have) != sorted(want):
+            raise PartError(
+                f"{folder / part.dirname}: part {part.label} holds {sorted(have)}, planned {want}",
+                f"rerun it: lora merge … --part {part.label}",
+            )
+        for name in want:
+            path = folder / part.dirname / name
+            spec = specs[name]
+            header, entries = plan_header(spec.specs, _metadata(plan, name))
+            size = len(header) + (entries[-1].end if entries else 0)
+            ok = path.is_file() and path.stat().st_size == size == have[name].get("bytes")
+            if ok:
+                with open(path, "rb") as f:
+                    ok = f.read(len(header)) == header
+            if not ok:
+                raise PartError(
+                    f"{path}: shard of part {part.label} is missing, truncated or altered",
+                    f"rerun it: lora merge … --part {part.label}",
+                )
+
+
+def _metadata(plan: MergePlan, filename: str) -> dict[str, str]:
+    shard = next(s for s in plan.shards if s.filename == filename)
+    meta = dict(shard.metadata)
+    if plan.untied:
+        meta.pop("lm_head.weight", None)
+    return meta
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link costs no bytes; filesystems without links (or across devices) get a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        copy_file(src, dst)
+
+
+def run_join(
+    plan: MergePlan,
+    output: Path,
+    options: dict[str, Any],
+    *,
+    overwrite: bool = False,
+) -> MergeResult:
+    """Check every part, then publish the whole output folder at once."""
+    start = time.perf_counter()
+    folder = parts_folder(output)
+    fp = fingerprint(plan, options)
+    split, records = _collect(folder, fp)
+    _check_shards(folder, plan, split.count, records)
+    digests: dict[str, str] = {}
+    written = 0
+    with OutputDir(output, overwrite) as out:
+        for index, record in sorted(records.items()):
+            part = Part(index, split.count)
+            for name, entry in record["shards"].items():
+                _link_or_copy(folder / part.dirname / name, out.path / name)
+                digests[name] = entry["sha256"]
+                written += int(entry["bytes"])
+        order = [s.filename for s in plan.shards]
+        digests = {n: digests[n] for n in order}
+        files = finish_output(plan, out.path, digests)
+    shutil.rmtree(folder, ignore_errors=True)
+    result = merge_result(plan, output, files, "-", time.perf_counter() - start, written)
+    result.part = f"joined {split.count}"
+    return result
+
+
+def part_actions(plan: MergePlan, part: Part) -> list[TensorAction]:
+    """The tensors ``part`` writes (its progress total)."""
+    return [a for s in part_shards(plan, part) for a in s.actions]

@@ -36,7 +36,7 @@ from lora_cli.adapters.peft import Adapter, LoraModule
 from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo, TensorSource
-from lora_cli.merge.plan import LoraOp, MergePlan, TensorAction, _layout, build_plan
+from lora_cli.merge.plan import MergePlan, TensorAction, _layout, build_plan
 
 if TYPE_CHECKING:
     import torch
@@ -251,7 +251,13 @@ def _join(
     for i, op in loras:
         module = _rekey(op.module, i)
         weight = None if op.module.has_dora else weights[i]
-        out.loras.append(LoraOp(module, op.kind, op.fan_in_fan_out, weight))
+        if weight is not None and (op.rounding != "once" or op.block):
+            raise MergeError(
+                f"{name}: {names[i]} is a {adapters[i].variant.name} adapter whose "
+                "merge rounds differently; it cannot join a weighted sum",
+                FIX,
+            )
+        out.loras.append(replace(op, module=module, weight=weight))
     return out
 
 

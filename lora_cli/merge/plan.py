@@ -254,7 +254,8 @@ def _lora_op(module: LoraModule, act: TensorAction, adapter: Adapter, mt: Any) -
         a, b = factor_infos(module, adapter)
         ffo = bool(fan_in_fan_out(module, w, a, b, adapter, mt))
     block = variant.block_factor(module.path)
-    return LoraOp(module, kind, ffo, rounding, block, variant.bd_nblocks if block else 0)
+    nblocks = variant.bd_nblocks if block else 0
+    return LoraOp(module, kind, ffo, rounding=rounding, block=block, nblocks=nblocks)
 
 
 def _layout(

@@ -131,11 +131,11 @@ def classify(config: dict[str, Any], tensor_names: list[str] | tuple[str, ...] =
         if config.get(key):
             return Variant(name, refusal=why)
     if any(n.endswith("." + KASA_PART) or f".{KASA_PART}." in n for n in tensor_names):
-        return Variant("KaSA", refusal=dict((k, w) for k, _, w in _REFUSED)["kasa_config"])
+        return Variant("KaSA", refusal=next(w for k, _, w in _REFUSED if k == "kasa_config"))
     bd = config.get("use_bdlora")
     if bd:
         spec = bd if isinstance(bd, dict) else {}
-        nblocks = int(spec.get("nblocks") or 0)
+        nblocks = int(spec.get("nblocks", 1))  # BdLoraConfig's default
         if nblocks <= 0:
             return Variant("BD-LoRA", refusal="use_bdlora gives no positive nblocks")
         return Variant(

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
         ({"peft_type": "LORA", "velora_config": {"num_groups": 2}}, "VeLoRA", True),
         ({"peft_type": "LORA", "monteclora_config": {"num_samples": 2}}, "MonteCLoRA", True),
         ({"peft_type": "LORA", "use_bdlora": {"nblocks": 2}}, "BD-LoRA", True),
+        ({"peft_type": "LORA", "use_bdlora": {"nblocks": 0}}, "BD-LoRA", False),
         ({"peft_type": "LORA", "init_lora_weights": "mica"}, "MiCA", True),
         ({"peft_type": "LORA", "kasa_config": {}}, "LoRA", True),  # empty dict: not set
         ({"peft_type": "LORA", "kasa_config": {"x": 1}}, "KaSA", False),

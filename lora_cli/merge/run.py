@@ -191,6 +191,7 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
         or act.bias
         or act.rows
         or act.experts
+        or act.quant is not None  # re-quantized: encoded from the whole merged tensor
         or len(act.loras) != 1
         or act.loras[0].kind != "linear"
         or act.loras[0].fan_in_fan_out

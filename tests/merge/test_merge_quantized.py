@@ -335,6 +335,13 @@ def test_fp8_merge_in_row_blocks_gives_the_same_bytes(deepseek, tmp_path, monkey
     assert ours.keys() == whole.keys()
     for name, t in ours.items():
         assert raw_bytes(t) == raw_bytes(whole[name]), name
+    # re-quantized weights are encoded whole, whatever the block size
+    merge(deepseek["fp8"], deepseek["adapter"], tmp_path / "keep", device="cpu", quantize="keep")
+    monkeypatch.setattr(run, "BLOCK_BYTES", 16 << 20)
+    merge(deepseek["fp8"], deepseek["adapter"], tmp_path / "keep2", device="cpu", quantize="keep")
+    ours, whole = load_folder(tmp_path / "keep"), load_folder(tmp_path / "keep2")
+    for name, t in ours.items():
+        assert raw_bytes(t) == raw_bytes(whole[name]), name
 
 
 def test_tinker_3d_expert_factors_into_per_expert_fp8(deepseek, tmp_path) -> None:

@@ -244,4 +244,4 @@ def quantize_mode_of(base: TensorSource, merged: dict[str, Any]) -> str:
         info = merged.get(qt.name)
         if info is not None and info.dtype == "BF16":
             return "bf16"
-    return "keep"
+    return "keep" if scheme.tensors else "bf16"

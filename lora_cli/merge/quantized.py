@@ -6,9 +6,11 @@ splitting then need no quantization knowledge), and once on a view where only th
 dequantized. Untouched tensors, quantized or not, are then plain copies of their bytes.
 
 A touched weight is written as bf16 by default (its scales and packing tensors dropped,
-``quantization_config`` updated), or with ``--quantize keep`` re-encoded into the base's
-own format by ``QuantGroup``: the merged bf16 value is computed once, encoded, and its
-parts (weight, scale, …) handed to the writer one by one. Re-quantizing can erase a small
+``quantization_config`` updated; the other experts of a touched expert module too, since
+loaders fuse them into one module that is quantized or not as a whole), or with
+``--quantize keep`` re-encoded into the base's own format by ``QuantGroup``: the merged
+bf16 value is computed once, encoded, and its parts (weight, scale, …) handed to the writer
+one by one. Re-quantizing can erase a small
 delta, so each group records the cosine between the intended change (merged − base) and
 the change that survives (decode(encode(merged)) − base).
 """
@@ -71,6 +73,8 @@ def plan_merge(
         raise
     touched = {a.name for a in first.actions() if a.kind != "copy" and a.name in scheme.tensors}
     _refuse_unsupported(scheme, adapter)
+    if quantize == "bf16":
+        touched |= _same_module(scheme, touched)
     view = DequantizedSource(base, scheme, touched)
     plan = build_plan(view, adapter, max_shard_size=max_shard_size)
     if quantize == "keep":
@@ -89,6 +93,21 @@ def refuse_quantized_base(base: TensorSource, what: str) -> None:
             "into a quantized base is not supported",
             "merge the adapters one at a time, or into the bf16 checkpoint",
         )
+
+
+def expert_unit(name: str) -> str | None:
+    """The expert module a weight loads into: transformers v5 fuses ``experts.{e}.*`` (and
+    gpt-oss ``experts.gate_up_proj``/``down_proj``) into one ``…experts`` module, which is
+    quantized or not as a whole."""
+    parts = name.split(".")
+    return ".".join(parts[: parts.index("experts") + 1]) if "experts" in parts[:-1] else None
+
+
+def _same_module(scheme: QuantScheme, touched: set[str]) -> set[str]:
+    """Quantized weights that must be written as bf16 along with the touched ones: every
+    tensor of a touched expert module (a half-quantized fused module would not load)."""
+    units = {u for u in map(expert_unit, touched) if u}
+    return {n for n in scheme.tensors if expert_unit(n) in units}
 
 
 def _refuse_unsupported(scheme: QuantScheme, adapter: Adapter) -> None:
@@ -112,7 +131,8 @@ def _config_update(plan: MergePlan, scheme: QuantScheme, touched: set[str]) -> d
         return {}
     if set(scheme.tensors) <= touched and not scheme.unsupported:
         return {"quantization_config": None}
-    modules = sorted(scheme.tensors[n].module for n in touched)
+    modules = {scheme.tensors[n].module for n in touched}
+    modules = sorted(modules | {u for u in map(expert_unit, touched) if u})
     qc = dict(qc)
     if qc.get("quant_method") == "compressed-tensors":
         key = "ignore"
@@ -235,4 +255,4 @@ def quantize_mode_of(base: TensorSource, merged: dict[str, Any]) -> str:
         info = merged.get(qt.name)
         if info is not None and info.dtype == "BF16":
             return "bf16"
-    return "keep"
+    return "keep" if scheme.tensors else "bf16"

@@ -230,6 +230,7 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
         or act.bias
         or act.rows
         or act.experts
+        or act.quant is not None  # re-quantized: encoded from the whole merged tensor
         or not act.loras
         or (len(act.loras) > 1 and any(op.weight is None for op in act.loras))
         or any(op.kind != "linear" or op.fan_in_fan_out or op.block for op in act.loras)

@@ -91,8 +91,9 @@ def test_fp8_bf16_merge_equals_golden_plus_peft(deepseek) -> None:
     base = load_folder(deepseek["fp8"])
     theirs = _peft_merged(deepseek["golden"], deepseek["adapter"], deepseek["root"] / "peft")
     changed = _changed(ours, base)
-    # 3 MLA projections × 2 layers + gate/up of 4 per-expert FP8 experts in layer 1
-    assert len(changed) == 6 + 8
+    # 3 MLA projections × 2 layers + gate/up of 4 per-expert FP8 experts in layer 1, and their
+    # down_proj too (decoded, unchanged): transformers v5 loads a layer's experts as one module
+    assert len(changed) == 6 + 12
     assert "model.layers.1.self_attn.kv_a_proj_with_mqa.weight" in changed  # 576 rows: ragged
     for name in changed:
         assert ours[name].dtype == torch.bfloat16
@@ -100,13 +101,15 @@ def test_fp8_bf16_merge_equals_golden_plus_peft(deepseek) -> None:
         assert f"{name}_scale_inv" not in ours  # the merged weight's scale is gone
     # untouched FP8 weights and their scales (layer 1's live in the other shard) are bytes
     untouched = set(base) - {f"{n}_scale_inv" for n in changed} - set(changed)
-    assert "model.layers.1.mlp.experts.0.down_proj.weight_scale_inv" in untouched
+    assert "model.layers.1.self_attn.q_b_proj.weight_scale_inv" in untouched  # other shard
     assert untouched <= set(ours)
     index = json.loads((deepseek["merged"] / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(ours)
     qc = json.loads((deepseek["merged"] / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.self_attn.kv_a_proj_with_mqa" in qc["modules_to_not_convert"]
     assert "model.layers.1.mlp.experts.3.up_proj" in qc["modules_to_not_convert"]
+    assert "model.layers.1.mlp.experts" in qc["modules_to_not_convert"]
+    assert "model.layers.0.mlp.down_proj" not in qc["modules_to_not_convert"]
 
 
 def test_fp8_mixed_output_loads_in_transformers(deepseek) -> None:
@@ -206,7 +209,7 @@ def test_fp8_scale_dtypes(deepseek, tmp_path, scale_dtype) -> None:
     ours = load_folder(tmp_path / "out")
     theirs = _peft_merged(golden, deepseek["adapter"], tmp_path / "peft")
     changed = _changed(ours, load_folder(base))
-    assert len(changed) == 14
+    assert len(changed) == 18
     for name in changed:
         assert ulp_diff(ours[name], theirs[name]) == 0, name
 
@@ -330,6 +333,13 @@ def test_fp8_merge_in_row_blocks_gives_the_same_bytes(deepseek, tmp_path, monkey
     merge(deepseek["fp8"], deepseek["adapter"], tmp_path / "out", device="cpu")
     ours, whole = load_folder(tmp_path / "out"), load_folder(deepseek["merged"])
     assert ours.keys() == whole.keys()
+    for name, t in ours.items():
+        assert raw_bytes(t) == raw_bytes(whole[name]), name
+    # re-quantized weights are encoded whole, whatever the block size
+    merge(deepseek["fp8"], deepseek["adapter"], tmp_path / "keep", device="cpu", quantize="keep")
+    monkeypatch.setattr(run, "BLOCK_BYTES", 16 << 20)
+    merge(deepseek["fp8"], deepseek["adapter"], tmp_path / "keep2", device="cpu", quantize="keep")
+    ours, whole = load_folder(tmp_path / "keep"), load_folder(tmp_path / "keep2")
     for name, t in ours.items():
         assert raw_bytes(t) == raw_bytes(whole[name]), name
 

@@ -68,6 +68,7 @@ CHECKPOINT_KEYS = {
     "has_lm_head",
     "index",
     "shared_tensors",
+    "quantization",
 }
 
 
@@ -333,6 +334,7 @@ def test_checkpoint_json(llama, tmp_path, run_cli):
     assert c["tie_word_embeddings"] is False and c["has_lm_head"] is True
     assert c["index"] == "model.safetensors.index.json"
     assert c["shared_tensors"] == []
+    assert c["quantization"] is None  # a plain bf16 checkpoint
     state = llama.state_dict()
     assert doc["tensors"] == len(state)
     assert doc["parameters"] == sum(t.numel() for t in state.values())

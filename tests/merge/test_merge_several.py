@@ -386,6 +386,13 @@ def test_weights_must_fit_the_adapters(tmp_path: Path, run_cli, two_adapters) ->
         code, _, err = run_cli("merge", base_dir, *adapters, "-o", tmp_path / "o", "--weights", bad)
         assert code == 2 and "--weights" in err, (bad, err)
     assert not (tmp_path / "o").exists()
+    code, _, err = run_cli("validate", base_dir, "--weights", "1,1")
+    assert code == 2 and "--weights applies to --base with --adapter" in err
+    code, stdout, _ = run_cli(
+        "merge", base_dir, *adapters, "-o", tmp_path / "o", "--weights", "2,1"
+    )
+    assert code == 0 and "adapters (weighted sum, one pass)" in stdout
+    assert "× 2" in stdout and "× 1" in stdout
 
 
 def test_json_and_validate_recompute_several(tmp_path: Path, run_cli, two_adapters) -> None:

@@ -135,6 +135,19 @@ def test_conv_and_embedding_modules_equal_peft_cat(tmp_path: Path, dtype) -> Non
     assert_matches_peft(ours, theirs, model.state_dict(), changed_min=7)  # the union
 
 
+def test_dtype_option_merges_in_the_output_dtype(tmp_path: Path, two_adapters) -> None:
+    """``--dtype fp32`` on a half-precision base: like PEFT on the base loaded in fp32."""
+    dtype, model, base_dir, adapters = two_adapters
+    if dtype == torch.float32:
+        pytest.skip("the base is fp32 already")
+    merge(base_dir, adapters, tmp_path / "out", weights=WEIGHTS, dtype="fp32", device="cpu")
+    ours = merged_tensors(tmp_path / "out")
+    assert {t.dtype for t in ours.values()} == {torch.float32}
+    base = {k: v.float() for k, v in model.state_dict().items()}
+    theirs = peft_cat_state(base_dir, adapters, WEIGHTS, torch.float32)
+    assert_matches_peft(ours, theirs, base, changed_min=7)
+
+
 def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch, two_adapters) -> None:
     import lora_cli.merge.run as run
 

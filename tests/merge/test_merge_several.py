@@ -363,6 +363,12 @@ REFUSALS = {
         None,
         "PEFT cannot combine the two on one embedding",
     ),
+    "trained-bias-weighted": (
+        dict(target_modules=["q_proj"], bias="lora_only"),  # saves q_proj.base_layer.bias
+        dict(target_modules=["v_proj"]),
+        "0.5,1",
+        "cannot be weighted",
+    ),
     "lora-bias": (
         dict(target_modules=["q_proj"]),
         dict(target_modules=["v_proj"], lora_bias=True),
@@ -375,7 +381,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_refuses_what_has_no_single_meaning(tmp_path: Path, run_cli, case: str) -> None:
     first, second, weights, reason = REFUSALS[case]
-    kind = "qwen2" if case == "lora-bias" else "llama"
+    kind = "qwen2" if "bias" in case else "llama"
     model = tiny_model(kind, torch.bfloat16)
     base_dir = save_model(model, tmp_path / "base")
     peft_adapter(model, tmp_path / "a0", **first)
@@ -389,7 +395,7 @@ def test_refuses_what_has_no_single_meaning(tmp_path: Path, run_cli, case: str) 
     assert code == MergeError.exit_code, err
     assert reason in err
     named = [a for a in ("/a0", "/a1") if a in err]
-    assert len(named) == (1 if "weighted" in case or case == "lora-bias" else 2), err
+    assert len(named) == (1 if "weighted" in case or "bias" in case else 2), err
     assert not (tmp_path / "out").exists()
 
 

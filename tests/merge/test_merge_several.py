@@ -80,15 +80,25 @@ def peft_cat_state(base_dir, adapters: list[Path], weights, dtype, *, fp32=True)
     return {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
 
 
-@pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
-def two_adapters(request, tmp_path_factory):
-    dtype = getattr(torch, request.param)
-    root = tmp_path_factory.mktemp(f"several-{request.param}")
+def build_two_adapters(root: Path, dtype: torch.dtype):
     model = tiny_model("llama", dtype)
     base_dir = save_model(model, root / "base")
     peft_adapter(model, root / "a0", **FIRST)
     peft_adapter(model, root / "a1", **SECOND)
     return dtype, model, base_dir, [root / "a0", root / "a1"]
+
+
+@pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
+def two_adapters(request, tmp_path_factory):
+    """The numerics, in every floating point dtype a base comes in."""
+    root = tmp_path_factory.mktemp(f"several-{request.param}")
+    return build_two_adapters(root, getattr(torch, request.param))
+
+
+@pytest.fixture(scope="module")
+def bf16_adapters(tmp_path_factory):
+    """The plumbing (CLI, streaming, reads), in one dtype."""
+    return build_two_adapters(tmp_path_factory.mktemp("several-cli"), torch.bfloat16)
 
 
 def test_weighted_merge_equals_peft_cat(tmp_path: Path, two_adapters) -> None:
@@ -148,10 +158,10 @@ def test_dtype_option_merges_in_the_output_dtype(tmp_path: Path, two_adapters) -
     assert_matches_peft(ours, theirs, base, changed_min=7)
 
 
-def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch, two_adapters) -> None:
+def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch, bf16_adapters) -> None:
     import lora_cli.merge.run as run
 
-    _, _, base_dir, adapters = two_adapters
+    _, _, base_dir, adapters = bf16_adapters
     merge(base_dir, adapters, tmp_path / "whole", weights=WEIGHTS, device="cpu")
     monkeypatch.setattr(run, "BLOCK_BYTES", 100)
     blocks: list[int] = []
@@ -166,12 +176,12 @@ def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch, two_adapter
         assert torch.equal(t.view(torch.uint8), got[name].view(torch.uint8)), name
 
 
-def test_each_base_tensor_is_read_once(tmp_path: Path, monkeypatch, two_adapters) -> None:
+def test_each_base_tensor_is_read_once(tmp_path: Path, monkeypatch, bf16_adapters) -> None:
     """One pass: every tensor some adapter touches is read from the base exactly once
     (untouched ones are copied file-to-file), whatever the number of adapters."""
     from lora_cli.io.reader import TensorSource
 
-    _, _, base_dir, adapters = two_adapters
+    _, _, base_dir, adapters = bf16_adapters
     reads: list[str] = []
     real = TensorSource.read
 
@@ -399,8 +409,8 @@ def test_refuses_what_has_no_single_meaning(tmp_path: Path, run_cli, case: str) 
     assert not (tmp_path / "out").exists()
 
 
-def test_weights_must_fit_the_adapters(tmp_path: Path, run_cli, two_adapters) -> None:
-    _, _, base_dir, adapters = two_adapters
+def test_weights_must_fit_the_adapters(tmp_path: Path, run_cli, bf16_adapters) -> None:
+    _, _, base_dir, adapters = bf16_adapters
     for bad in ("0.5", "0.5,x", "1,nan"):
         code, _, err = run_cli("merge", base_dir, *adapters, "-o", tmp_path / "o", "--weights", bad)
         assert code == 2 and "--weights" in err, (bad, err)
@@ -414,10 +424,8 @@ def test_weights_must_fit_the_adapters(tmp_path: Path, run_cli, two_adapters) ->
     assert "× 2" in stdout and "× 1" in stdout
 
 
-def test_json_and_validate_recompute_several(tmp_path: Path, run_cli, two_adapters) -> None:
-    dtype, _, base_dir, adapters = two_adapters
-    if dtype != torch.bfloat16:
-        pytest.skip("one dtype is enough for the CLI round trip")
+def test_json_and_validate_recompute_several(tmp_path: Path, run_cli, bf16_adapters) -> None:
+    _, _, base_dir, adapters = bf16_adapters
     out = tmp_path / "out"
     code, stdout, err = run_cli(
         "merge", base_dir, *adapters, "-o", out, "--weights", "0.7,-0.3", "--json"

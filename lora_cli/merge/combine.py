@@ -217,7 +217,7 @@ def _join(
         for j, other in replaced:
             # the copy of the base PEFT saves beside an embedding LoRA is where its weighted
             # delta starts from; a modules_to_save module is a value that cannot be weighted
-            if ".base_layer." not in str(other.replacement):
+            if not _is_base_copy(str(other.replacement)):
                 _needs_unit_weight(weights, j, names, name, "its full replacement")
 
     seen: dict[int, int] = {}
@@ -261,9 +261,15 @@ def _join(
     return out
 
 
+def _is_base_copy(key: str) -> bool:
+    """The embedding copy PEFT saves beside an embedding LoRA (not a trained ``bias="all"``
+    bias, which PEFT also saves under ``base_layer``)."""
+    return key.endswith(".base_layer.weight")
+
+
 def _conflict(tensor: str, a: tuple[str, str], b: tuple[str, str]) -> MergeError:
     """Two adapters that start ``tensor`` from different values: say which kind each is."""
-    copies = [".base_layer." in key for _, key in (a, b)]
+    copies = [_is_base_copy(key) for _, key in (a, b)]
     if all(copies):
         return MergeError(
             f"{tensor}: {a[0]} and {b[0]} adapt it from different copies of it (a resized or "

@@ -80,15 +80,25 @@ def peft_cat_state(base_dir, adapters: list[Path], weights, dtype, *, fp32=True)
     return {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
 
 
-@pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
-def two_adapters(request, tmp_path_factory):
-    dtype = getattr(torch, request.param)
-    root = tmp_path_factory.mktemp(f"several-{request.param}")
+def build_two_adapters(root: Path, dtype: torch.dtype):
     model = tiny_model("llama", dtype)
     base_dir = save_model(model, root / "base")
     peft_adapter(model, root / "a0", **FIRST)
     peft_adapter(model, root / "a1", **SECOND)
     return dtype, model, base_dir, [root / "a0", root / "a1"]
+
+
+@pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
+def two_adapters(request, tmp_path_factory):
+    """The numerics, in every floating point dtype a base comes in."""
+    root = tmp_path_factory.mktemp(f"several-{request.param}")
+    return build_two_adapters(root, getattr(torch, request.param))
+
+
+@pytest.fixture(scope="module")
+def bf16_adapters(tmp_path_factory):
+    """The plumbing (CLI, streaming, reads), in one dtype."""
+    return build_two_adapters(tmp_path_factory.mktemp("several-cli"), torch.bfloat16)
 
 
 def test_weighted_merge_equals_peft_cat(tmp_path: Path, two_adapters) -> None:
@@ -135,10 +145,23 @@ def test_conv_and_embedding_modules_equal_peft_cat(tmp_path: Path, dtype) -> Non
     assert_matches_peft(ours, theirs, model.state_dict(), changed_min=7)  # the union
 
 
-def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch, two_adapters) -> None:
+def test_dtype_option_merges_in_the_output_dtype(tmp_path: Path, two_adapters) -> None:
+    """``--dtype fp32`` on a half-precision base: like PEFT on the base loaded in fp32."""
+    dtype, model, base_dir, adapters = two_adapters
+    if dtype == torch.float32:
+        pytest.skip("the base is fp32 already")
+    merge(base_dir, adapters, tmp_path / "out", weights=WEIGHTS, dtype="fp32", device="cpu")
+    ours = merged_tensors(tmp_path / "out")
+    assert {t.dtype for t in ours.values()} == {torch.float32}
+    base = {k: v.float() for k, v in model.state_dict().items()}
+    theirs = peft_cat_state(base_dir, adapters, WEIGHTS, torch.float32)
+    assert_matches_peft(ours, theirs, base, changed_min=7)
+
+
+def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch, bf16_adapters) -> None:
     import lora_cli.merge.run as run
 
-    _, _, base_dir, adapters = two_adapters
+    _, _, base_dir, adapters = bf16_adapters
     merge(base_dir, adapters, tmp_path / "whole", weights=WEIGHTS, device="cpu")
     monkeypatch.setattr(run, "BLOCK_BYTES", 100)
     blocks: list[int] = []
@@ -153,12 +176,12 @@ def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch, two_adapter
         assert torch.equal(t.view(torch.uint8), got[name].view(torch.uint8)), name
 
 
-def test_each_base_tensor_is_read_once(tmp_path: Path, monkeypatch, two_adapters) -> None:
+def test_each_base_tensor_is_read_once(tmp_path: Path, monkeypatch, bf16_adapters) -> None:
     """One pass: every tensor some adapter touches is read from the base exactly once
     (untouched ones are copied file-to-file), whatever the number of adapters."""
     from lora_cli.io.reader import TensorSource
 
-    _, _, base_dir, adapters = two_adapters
+    _, _, base_dir, adapters = bf16_adapters
     reads: list[str] = []
     real = TensorSource.read
 
@@ -350,6 +373,12 @@ REFUSALS = {
         None,
         "PEFT cannot combine the two on one embedding",
     ),
+    "trained-bias-weighted": (
+        dict(target_modules=["q_proj"], bias="lora_only"),  # saves q_proj.base_layer.bias
+        dict(target_modules=["v_proj"]),
+        "0.5,1",
+        "cannot be weighted",
+    ),
     "lora-bias": (
         dict(target_modules=["q_proj"]),
         dict(target_modules=["v_proj"], lora_bias=True),
@@ -362,7 +391,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_refuses_what_has_no_single_meaning(tmp_path: Path, run_cli, case: str) -> None:
     first, second, weights, reason = REFUSALS[case]
-    kind = "qwen2" if case == "lora-bias" else "llama"
+    kind = "qwen2" if "bias" in case else "llama"
     model = tiny_model(kind, torch.bfloat16)
     base_dir = save_model(model, tmp_path / "base")
     peft_adapter(model, tmp_path / "a0", **first)
@@ -376,22 +405,27 @@ def test_refuses_what_has_no_single_meaning(tmp_path: Path, run_cli, case: str) 
     assert code == MergeError.exit_code, err
     assert reason in err
     named = [a for a in ("/a0", "/a1") if a in err]
-    assert len(named) == (1 if "weighted" in case or case == "lora-bias" else 2), err
+    assert len(named) == (1 if "weighted" in case or "bias" in case else 2), err
     assert not (tmp_path / "out").exists()
 
 
-def test_weights_must_fit_the_adapters(tmp_path: Path, run_cli, two_adapters) -> None:
-    _, _, base_dir, adapters = two_adapters
+def test_weights_must_fit_the_adapters(tmp_path: Path, run_cli, bf16_adapters) -> None:
+    _, _, base_dir, adapters = bf16_adapters
     for bad in ("0.5", "0.5,x", "1,nan"):
         code, _, err = run_cli("merge", base_dir, *adapters, "-o", tmp_path / "o", "--weights", bad)
         assert code == 2 and "--weights" in err, (bad, err)
     assert not (tmp_path / "o").exists()
+    code, _, err = run_cli("validate", base_dir, "--weights", "1,1")
+    assert code == 2 and "--weights applies to --base with --adapter" in err
+    code, stdout, _ = run_cli(
+        "merge", base_dir, *adapters, "-o", tmp_path / "o", "--weights", "2,1"
+    )
+    assert code == 0 and "adapters (weighted sum, one pass)" in stdout
+    assert "× 2" in stdout and "× 1" in stdout
 
 
-def test_json_and_validate_recompute_several(tmp_path: Path, run_cli, two_adapters) -> None:
-    dtype, _, base_dir, adapters = two_adapters
-    if dtype != torch.bfloat16:
-        pytest.skip("one dtype is enough for the CLI round trip")
+def test_json_and_validate_recompute_several(tmp_path: Path, run_cli, bf16_adapters) -> None:
+    _, _, base_dir, adapters = bf16_adapters
     out = tmp_path / "out"
     code, stdout, err = run_cli(
         "merge", base_dir, *adapters, "-o", out, "--weights", "0.7,-0.3", "--json"

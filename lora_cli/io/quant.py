@@ -57,11 +57,19 @@ def fp8_block_dequant(
     if tuple(s.shape) != want:
         raise ValueError(f"scale grid {list(s.shape)} does not fit weight {[rows, cols]} ({block})")
     out = torch.empty(q.shape, dtype=out_dtype)
-    for i in range(want[0]):  # one block row at a time: the fp32 temporary stays small
-        r0 = max((top + i) * block[0] - first_row, 0)
-        r1 = min((top + i + 1) * block[0] - first_row, rows)
-        scale = s[i].float().repeat_interleave(block[1])[:cols]
-        out[r0:r1] = (q[r0:r1].float() * scale).to(out_dtype)
+    scales = s.float()
+    row_block = torch.arange(first_row, first_row + rows) // block[0] - top
+    full = cols // block[1] * block[1]  # columns in whole blocks; the rest is the ragged edge
+    step = max(1, (1 << 22) // max(cols, 1))  # ~16 MB of fp32 temporaries per chunk
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        x, srow = q[r0:r1].float(), scales[row_block[r0:r1]]
+        if full:
+            blocks = x[:, :full].reshape(r1 - r0, full // block[1], block[1])
+            blocks.mul_(srow[:, : full // block[1], None])
+            out[r0:r1, :full] = blocks.reshape(r1 - r0, full)
+        if full < cols:
+            out[r0:r1, full:] = x[:, full:] * srow[:, -1:]
     return out
 
 

@@ -55,6 +55,7 @@ def merge(
     progress_factory: Any = None,
     part: str | None = None,
     join: bool = False,
+    checksums: bool = True,
 ) -> MergeResult | DryRun:
     """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
 
@@ -81,7 +82,7 @@ def merge(
             plan = build_plan(base_src, ad, out_dtype=out_dtype, max_shard_size=shard_limit)
             if dry_run:
                 return DryRun(plan)
-            options = {"dtype": out_dtype, "max_shard_size": shard_limit}
+            options = {"dtype": out_dtype, "max_shard_size": shard_limit, "checksums": checksums}
             if join:
                 return run_join(plan, Path(output), options, overwrite=overwrite)
             acts = plan.actions() if split is None else part_actions(plan, split)
@@ -89,7 +90,14 @@ def merge(
             progress: Progress | None = progress_factory(total) if progress_factory else None
             if split is not None:
                 return run_part(plan, Path(output), split, options, device=dev, progress=progress)
-            return run_merge(plan, Path(output), device=dev, overwrite=overwrite, progress=progress)
+            return run_merge(
+                plan,
+                Path(output),
+                device=dev,
+                overwrite=overwrite,
+                progress=progress,
+                checksums=checksums,
+            )
         finally:
             ad.close()
     finally:

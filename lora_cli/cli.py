@@ -137,6 +137,9 @@ def merge(
     join: bool = typer.Option(
         False, "--join", help="Check the parts written with --part and publish OUT."
     ),
+    checksums: bool = typer.Option(
+        True, "--checksums/--no-checksums", help="Write lora-checksums.sha256 (sha256 per file)."
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
     quantize: str = typer.Option(
@@ -165,6 +168,7 @@ def merge(
                 quantize=quantize,
                 part=part,
                 join=join,
+                checksums=checksums,
             )
         render.merge_result(result, json_out, quiet)
 

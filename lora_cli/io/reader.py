@@ -99,12 +99,19 @@ class TensorSource:
 
     # -- reading -----------------------------------------------------------------------
     def fd(self, path: Path) -> int:
-        if path not in self._fds:
+        """One descriptor per file, shared by the merge's worker threads (positional reads
+        only); two threads opening the same file at once keep the first and close the other."""
+        fd = self._fds.get(path)
+        if fd is None:
             try:
-                self._fds[path] = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
             except OSError as exc:
                 raise FormatError(f"{path}: cannot open ({exc.strerror})") from None
-        return self._fds[path]
+            kept = self._fds.setdefault(path, fd)
+            if kept != fd:
+                os.close(fd)
+            fd = kept
+        return fd
 
     def read(
         self,

@@ -132,6 +132,8 @@ class ShardWriter:
         path: Path,
         specs: list[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
+        *,
+        hashed: bool = True,
     ) -> None:
         self.path = path
         header, entries = plan_header(specs, metadata)
@@ -142,7 +144,7 @@ class ShardWriter:
         self._partial: dict[str, int] = {}  # bytes written so far by write_rows
         # sha256 of the file, fed while the bytes are hot as long as they arrive in file
         # order (merge writes that way); anything else drops it and the digest is None.
-        self._sha: Any = hashlib.sha256(header)
+        self._sha: Any = hashlib.sha256(header) if hashed else None
         self._hashed = len(header)
         self.fd = -1
         try:

@@ -175,7 +175,10 @@ def run_part(
     except OSError as exc:
         raise io_error(folder, exc) from None
     with OutputDir(folder / part.dirname, overwrite=True) as out:
-        written, digests = write_shards(plan, shards, out.path, device=device, progress=progress)
+        written, digests = write_shards(
+            plan, shards, out.path, device=device, progress=progress,
+            checksums=options.get("checksums", True),
+        )  # fmt: skip
         record["shards"] = {
             name: {"bytes": (out.path / name).stat().st_size, "sha256": digest}
             for name, digest in digests.items()
@@ -349,7 +352,7 @@ def run_join(
                 written += int(entry["bytes"])
         order = [s.filename for s in plan.shards]
         digests = {n: digests[n] for n in order}
-        files = finish_output(plan, out.path, digests)
+        files = finish_output(plan, out.path, digests, options.get("checksums", True))
     shutil.rmtree(folder, ignore_errors=True)
     result = merge_result(plan, output, files, "-", time.perf_counter() - start, written)
     result.part = f"joined {split.count}"

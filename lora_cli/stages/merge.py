@@ -68,6 +68,7 @@ def merge(
     quantize: str = "bf16",
     part: str | None = None,
     join: bool = False,
+    checksums: bool = True,
 ) -> MergeResult | DryRun:
     """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
 
@@ -121,6 +122,7 @@ def merge(
                 "max_shard_size": shard_limit,
                 "quantize": quantize,
                 "weights": [w for _, w in plan.combined],
+                "checksums": checksums,
             }
             if join:
                 return run_join(plan, Path(output), options, overwrite=overwrite)
@@ -130,7 +132,12 @@ def merge(
             if split is not None:
                 return run_part(plan, Path(output), split, options, device=dev, progress=progress)
             result = run_merge(
-                plan, Path(output), device=dev, overwrite=overwrite, progress=progress
+                plan,
+                Path(output),
+                device=dev,
+                overwrite=overwrite,
+                progress=progress,
+                checksums=checksums,
             )
             result.adapters = combined_json(plan).get("adapters", [])
             result.quantized, low = fidelity(plan)

@@ -110,10 +110,13 @@ def convert(
 @app.command()
 def merge(
     base: Path = typer.Argument(
-        ..., metavar="BASE", help="Base checkpoint: folder, index or weights file."
+        ...,
+        metavar="[BASE]",
+        help="Base checkpoint: folder, index, weights file or Hub id (org/name[@revision]). "
+        "Omitted: the adapter's base_model_name_or_path.",
     ),
-    adapter: Path = typer.Argument(
-        ..., metavar="ADAPTER", help="Adapter folder or adapter weights file."
+    adapter: Path | None = typer.Argument(
+        None, metavar="ADAPTER", help="Adapter folder, adapter weights file or Hub id."
     ),
     output_path: Path | None = typer.Option(
         None, "-o", "--output", help="Output folder (must not exist unless --overwrite)."
@@ -129,6 +132,8 @@ def merge(
     quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
 ) -> None:
     """Fold a LoRA adapter into the base weights, streaming tensor by tensor."""
+    if adapter is None:  # `lora merge ADAPTER -o OUT`: the base comes from adapter_config.json
+        base, adapter = None, base
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.merge import merge as run_merge
@@ -144,6 +149,8 @@ def merge(
                 dry_run=dry_run,
                 overwrite=overwrite,
                 progress_factory=factory,
+                notice=None if quiet else output.info,
+                hub_progress=not quiet and not json_out,
             )
         render.merge_result(result, json_out, quiet)
 

@@ -24,8 +24,9 @@ from lora_cli.io.layout import (
     write_json,
     write_manifest,
 )
-from lora_cli.io.writer import OutputDir, ShardWriter
+from lora_cli.io.writer import OutputDir, ShardWriter, write_small_file
 from lora_cli.merge import math as lora_math
+from lora_cli.merge.card import CARD_NAME
 from lora_cli.merge.plan import MergePlan, TensorAction, shard_plans
 
 if TYPE_CHECKING:
@@ -268,7 +269,9 @@ def run_merge(
     device: str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    model_card: str | None = None,
 ) -> MergeResult:
+    """``model_card``: the output's README.md (the base's own card is then not copied)."""
     start = time.perf_counter()
     written = 0
     files: list[str] = []
@@ -315,6 +318,10 @@ def run_merge(
             if index:
                 files.append(index.name)
         skip = {"config.json"} if plan.config is not None else set()
+        if model_card is not None:
+            skip.add(CARD_NAME)
+            write_small_file(out.path / CARD_NAME, model_card.encode())
+            files.append(CARD_NAME)
         files += copy_side_files(plan.base.root, out.path, skip=skip | {MANIFEST_NAME})
         if plan.config is not None:
             config = dict(plan.config)

@@ -11,6 +11,7 @@ from lora_cli.io.dtypes import parse_dtype_option
 from lora_cli.io.layout import parse_size
 from lora_cli.io.reader import open_source
 from lora_cli.io.writer import check_destination
+from lora_cli.merge.inputs import Notice, merge_card, resolve_inputs
 from lora_cli.merge.plan import MergePlan, build_plan
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
 
@@ -42,8 +43,8 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
 
 
 def merge(
-    base: Path,
-    adapter: Path,
+    base: Path | str | None,
+    adapter: Path | str,
     output: Path | None,
     *,
     dtype: str = "keep",
@@ -52,8 +53,14 @@ def merge(
     dry_run: bool = False,
     overwrite: bool = False,
     progress_factory: Any = None,
+    notice: Notice | None = None,
+    hub_progress: bool = True,
 ) -> MergeResult | DryRun:
-    """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback."""
+    """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
+
+    ``base`` and ``adapter`` are paths or Hugging Face Hub ids (``io/hub.py``); ``base`` None
+    takes the adapter's ``base_model_name_or_path``. ``notice`` hears where inputs came from.
+    """
     out_dtype = parse_dtype_option(dtype)
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
     if not dry_run:
@@ -61,22 +68,41 @@ def merge(
             from lora_cli.errors import UsageError
 
             raise UsageError("no output folder given", "pass -o OUTPUT")
-        check_destination(output, overwrite, [Path(base), Path(adapter)])
+        local = [Path(p) for p in (base, adapter) if p is not None and Path(p).exists()]
+        check_destination(output, overwrite, local)  # before any download
     dev = resolve_device(device)
-    base_src = open_source(Path(base))
+    inputs = resolve_inputs(base, adapter, notice=notice, progress=hub_progress)
+    if not dry_run:
+        check_destination(Path(output), overwrite, [inputs.base, inputs.adapter])
+    base_src = open_source(inputs.base)
     try:
-        ad = load_adapter(Path(adapter))
+        ad = load_adapter(inputs.adapter)
         try:
             plan = build_plan(base_src, ad, out_dtype=out_dtype, max_shard_size=shard_limit)
             if dry_run:
                 return DryRun(plan)
             total = sum(_nbytes(a) for a in plan.actions())
             progress: Progress | None = progress_factory(total) if progress_factory else None
-            return run_merge(plan, Path(output), device=dev, overwrite=overwrite, progress=progress)
+            options = _card_options(dtype, max_shard_size)
+            card = merge_card(inputs, base, [(str(adapter), ad)], options)
+            return run_merge(
+                plan,
+                Path(output),
+                device=dev,
+                overwrite=overwrite,
+                progress=progress,
+                model_card=card,
+            )
         finally:
             ad.close()
     finally:
         base_src.close()
+
+
+def _card_options(dtype: str, max_shard_size: str | None) -> list[str]:
+    """The options that shape the output's bytes, as typed on the command line."""
+    options = [] if dtype == "keep" else ["--dtype", dtype]
+    return options + (["--max-shard-size", max_shard_size] if max_shard_size else [])
 
 
 def _nbytes(action: Any) -> int:

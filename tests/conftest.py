@@ -54,6 +54,14 @@ TINY = {
 }
 
 
+def load_owned(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, copied out of the file: before safetensors 0.8 the tensors map
+    the file, so a test that rewrites it afterwards would read truncated pages (SIGBUS)."""
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(path).items()}
+
+
 def dtype_kw(dtype: torch.dtype) -> dict:
     """The dtype argument of from_pretrained/from_config: ``dtype`` since transformers 4.56,
     ``torch_dtype`` before (scripts/test-oldest.sh runs the oldest declared transformers)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import peft_adapter, peft_merged_state, save_model, tiny_model, ulp_diff
+from conftest import load_owned, peft_adapter, peft_merged_state, save_model, tiny_model, ulp_diff
 from safetensors.torch import load_file
 
 from lora_cli.io.hub import cached_repo_id, parse_repo_ref, select_files
@@ -142,7 +142,7 @@ def hub_cache(tmp_path_factory):
     # a second revision of the adapter, reachable by tag: the other sign of lora_B
     v2 = root / "adapter-v2"
     shutil.copytree(adapter, v2)
-    tensors = load_file(v2 / "adapter_model.safetensors")
+    tensors = load_owned(v2 / "adapter_model.safetensors")
     from safetensors.torch import save_file
 
     save_file(

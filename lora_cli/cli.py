@@ -111,12 +111,15 @@ def convert(
 @app.command()
 def merge(
     base: Path = typer.Argument(
-        ..., metavar="BASE", help="Base checkpoint: folder, index or weights file."
-    ),
-    adapter: list[Path] = typer.Argument(
         ...,
-        metavar="ADAPTER",
-        help="Adapter folder or adapter weights file; several merge their weighted sum.",
+        metavar="[BASE]",
+        help="Base checkpoint: folder, index, weights file or Hub id (org/name[@revision]). "
+        "Omitted: the adapter's base_model_name_or_path.",
+    ),
+    adapter: list[Path] | None = typer.Argument(
+        None,
+        metavar="ADAPTER...",
+        help="Adapter folder, adapter weights file or Hub id; several merge their weighted sum.",
     ),
     output_path: Path | None = typer.Option(
         None, "-o", "--output", help="Output folder (must not exist unless --overwrite)."
@@ -149,6 +152,8 @@ def merge(
     ),
 ) -> None:
     """Fold LoRA adapters into the base weights, streaming tensor by tensor."""
+    if not adapter:  # `lora merge ADAPTER -o OUT`: the base comes from adapter_config.json
+        base, adapter = None, [base]
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.merge import merge as run_merge
@@ -169,6 +174,8 @@ def merge(
                 part=part,
                 join=join,
                 checksums=checksums,
+                notice=None if quiet else output.info,
+                hub_progress=not quiet and not json_out,
             )
         render.merge_result(result, json_out, quiet)
 

@@ -40,3 +40,7 @@ class MergeError(LoraError):
 
 class UsageError(LoraError):
     """Options or paths that make no sense together."""
+
+
+class HubError(LoraError):
+    """A Hugging Face Hub id that could not be resolved (missing, gated, offline, network)."""

@@ -104,18 +104,28 @@ def progress_bar(
         console=_err,
         transient=True,
     )
-    with bar:
+    # the live display starts with the first task, so that what runs before it (the Hub's
+    # own download bars) draws undisturbed
+    started = False
 
-        def factory(total: int) -> Callable[[int, str], None]:
-            task = bar.add_task(description, total=total, tensors=0)
-            count, last = 0, None
+    def factory(total: int) -> Callable[[int, str], None]:
+        nonlocal started
+        if not started:
+            bar.start()
+            started = True
+        task = bar.add_task(description, total=total, tensors=0)
+        count, last = 0, None
 
-            def update(nbytes: int, name: str) -> None:
-                nonlocal count, last
-                count += name != last  # a big tensor arrives in several row blocks
-                last = name
-                bar.update(task, advance=nbytes, tensors=count)
+        def update(nbytes: int, name: str) -> None:
+            nonlocal count, last
+            count += name != last  # a big tensor arrives in several row blocks
+            last = name
+            bar.update(task, advance=nbytes, tensors=count)
 
-            return update
+        return update
 
+    try:
         yield factory
+    finally:
+        if started:
+            bar.stop()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
@@ -65,6 +66,10 @@ def build_example() -> tuple[Path, Path, object]:
 
 
 def main() -> None:
+    from transformers.utils import logging as transformers_logging
+
+    # the demo tells its own story: no "Loading weights" / "Writing model shards" bars
+    transformers_logging.disable_progress_bar()
     if WORK.exists():
         shutil.rmtree(WORK)
     WORK.mkdir(parents=True)

@@ -54,6 +54,23 @@ TINY = {
 }
 
 
+def load_owned(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, copied out of the file: before safetensors 0.8 the tensors map
+    the file, so a test that rewrites it afterwards would read truncated pages (SIGBUS)."""
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(path).items()}
+
+
+def dtype_kw(dtype: torch.dtype) -> dict:
+    """The dtype argument of from_pretrained/from_config: ``dtype`` since transformers 4.56,
+    ``torch_dtype`` before (scripts/test-oldest.sh runs the oldest declared transformers)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
 def tiny_model(kind: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -61,7 +78,7 @@ def tiny_model(kind: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, **dtype_kw(dtype))
     with torch.no_grad():  # biases start at zero; make them count
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -103,7 +120,7 @@ def peft_merged_state(base_dir: Path, adapter_dir: Path, dtype=torch.bfloat16) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **dtype_kw(dtype))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from conftest import peft_adapter, save_model, tiny_model
-from safetensors.torch import load_file, save_file
+from conftest import load_owned, peft_adapter, save_model, tiny_model
+from safetensors.torch import save_file
 
 SHARD2 = "model-00002-of-00002.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -190,7 +190,7 @@ def corrupt(path: Path, case: str) -> str | None:
 # -- adapter surgery -----------------------------------------------------------------------
 def set_adapter_tensor(folder: Path, key_part: str, fn: Callable[[torch.Tensor], None]) -> str:
     path = folder / ADAPTER_FILE
-    tensors = load_file(path)
+    tensors = load_owned(path)
     key = sorted(k for k in tensors if key_part in k)[0]
     fn(tensors[key])
     save_file(tensors, path, metadata={"format": "pt"})

@@ -189,19 +189,6 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 OUTPUT_EMBEDDING = "lm_head.weight"  # the tensor transformers drops for tied embeddings
 
 
-def tie_setting(config: dict[str, Any] | None) -> bool | None:
-    """``tie_word_embeddings`` as transformers reads it (top level, else ``text_config``,
-    else the PretrainedConfig default True); None without a config."""
-    if config is None:
-        return None
-    if "tie_word_embeddings" in config:
-        return bool(config["tie_word_embeddings"])
-    text = config.get("text_config")
-    if isinstance(text, dict) and "tie_word_embeddings" in text:
-        return bool(text["tie_word_embeddings"])
-    return True
-
-
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     write_small_file(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
 

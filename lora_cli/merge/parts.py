@@ -334,6 +334,7 @@ def run_join(
     options: dict[str, Any],
     *,
     overwrite: bool = False,
+    model_card: str | None = None,
 ) -> MergeResult:
     """Check every part, then publish the whole output folder at once."""
     start = time.perf_counter()
@@ -352,7 +353,7 @@ def run_join(
                 written += int(entry["bytes"])
         order = [s.filename for s in plan.shards]
         digests = {n: digests[n] for n in order}
-        files = finish_output(plan, out.path, digests, options.get("checksums", True))
+        files = finish_output(plan, out.path, digests, options.get("checksums", True), model_card)
     shutil.rmtree(folder, ignore_errors=True)
     result = merge_result(plan, output, files, "-", time.perf_counter() - start, written)
     result.part = f"joined {split.count}"

@@ -25,8 +25,8 @@ from lora_cli.io.layout import (
     config_dtype_update,
     plan_shards,
     read_json,
-    tie_setting,
 )
+from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorInfo, TensorSource
 from lora_cli.merge.experts import ExpertOp, plan_parameters
 from lora_cli.merge.resolve import (
@@ -133,7 +133,7 @@ def build_plan(
     check_adapter_tensors(adapter)
     _check_mha_writer(adapter)
     config = load_base_config(base)
-    tied = bool(tie_setting(config)) and OUTPUT_EMBEDDING not in base
+    tied = bool(tie_word_embeddings(config)) and OUTPUT_EMBEDDING not in base
     embed = _input_embedding(base) if tied else None
     tied_head = tied and embed is not None
 

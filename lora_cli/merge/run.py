@@ -28,8 +28,9 @@ from lora_cli.io.layout import (
     write_json,
     write_manifest,
 )
-from lora_cli.io.writer import OutputDir, ShardWriter
+from lora_cli.io.writer import OutputDir, ShardWriter, write_small_file
 from lora_cli.merge import math as lora_math
+from lora_cli.merge.card import CARD_NAME
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
 
 if TYPE_CHECKING:
@@ -400,11 +401,16 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def finish_output(
-    plan: MergePlan, folder: Path, digests: dict[str, str], checksums: bool = True
+    plan: MergePlan,
+    folder: Path,
+    digests: dict[str, str],
+    checksums: bool = True,
+    model_card: str | None = None,
 ) -> list[str]:
-    """Everything but the shards: index, side files, config.json and the checksum manifest
-    (``digests``: the shards' sha256, already known; none with ``checksums=False``).
-    Returns the names written."""
+    """Everything but the shards: index, side files, config.json, the model card
+    (``model_card``: the output's README.md; the base's own card is then not copied) and the
+    checksum manifest (``digests``: the shards' sha256, already known; none with
+    ``checksums=False``). Returns the names written."""
     files = list(digests)
     specs = shard_plans(plan)
     if len(specs) > 1 or plan.base.index_path is not None:
@@ -412,6 +418,10 @@ def finish_output(
         if index:
             files.append(index.name)
     skip = {"config.json"} if plan.config is not None else set()
+    if model_card is not None:
+        skip.add(CARD_NAME)
+        write_small_file(folder / CARD_NAME, model_card.encode())
+        files.append(CARD_NAME)
     files += copy_side_files(plan.base.root, folder, skip=skip | {MANIFEST_NAME})
     if plan.config is not None:
         config = dict(plan.config)
@@ -438,13 +448,14 @@ def run_merge(
     overwrite: bool = False,
     progress: Progress | None = None,
     checksums: bool = True,
+    model_card: str | None = None,
 ) -> MergeResult:
     start = time.perf_counter()
     with OutputDir(output, overwrite) as out:
         written, digests = write_shards(
             plan, plan.shards, out.path, device=device, progress=progress, checksums=checksums
         )
-        files = finish_output(plan, out.path, digests, checksums)
+        files = finish_output(plan, out.path, digests, checksums, model_card)
     return merge_result(plan, output, files, device, time.perf_counter() - start, written)
 
 

@@ -34,11 +34,11 @@ from lora_cli.io.layout import (
     parse_size,
     plan_shards,
     read_json,
-    tie_setting,
     write_index,
     write_json,
     write_manifest,
 )
+from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.io.writer import (
     TMP_MARK,
@@ -309,7 +309,7 @@ def _convert_checkpoint(
         root = source.root
         config_path = root / "config.json"
         config = read_json(config_path, "model config") if config_path.is_file() else None
-        tie = tie_setting(config)
+        tie = tie_word_embeddings(config)
         infos = list(source.infos.values())
         dedup = deduplicate(infos, tie)
         specs = []

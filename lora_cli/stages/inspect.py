@@ -16,7 +16,8 @@ from lora_cli.adapters.peft import (
     nonfinite_tensors,
     regex_matches,
 )
-from lora_cli.io.layout import OUTPUT_EMBEDDING, tie_setting
+from lora_cli.io.layout import OUTPUT_EMBEDDING
+from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.plan import load_base_config
 
@@ -184,7 +185,7 @@ def _checkpoint_details(source: TensorSource) -> dict[str, Any]:
         for alias, kept in meta.items():
             if alias != "format" and kept in source.infos and alias not in source.infos:
                 groups.append(sorted([alias, kept]))
-    tie = tie_setting(config)
+    tie = tie_word_embeddings(config)
     return {
         "config": config is not None,
         "architectures": (config or {}).get("architectures"),

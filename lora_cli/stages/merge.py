@@ -13,6 +13,7 @@ from lora_cli.io.layout import parse_size
 from lora_cli.io.reader import open_source
 from lora_cli.io.writer import check_destination
 from lora_cli.merge.combine import build_combined_plan, parse_weights
+from lora_cli.merge.inputs import Notice, merge_card, resolve_inputs
 from lora_cli.merge.parts import parse_part, part_actions, run_join, run_part
 from lora_cli.merge.plan import MergePlan
 from lora_cli.merge.quantized import fidelity, plan_merge, refuse_quantized_base
@@ -54,8 +55,8 @@ def combined_json(plan: MergePlan) -> dict[str, Any]:
 
 
 def merge(
-    base: Path,
-    adapter: Path | Sequence[Path],
+    base: Path | str | None,
+    adapter: Path | str | Sequence[Path | str],
     output: Path | None,
     *,
     weights: str | Sequence[float] | None = None,
@@ -69,15 +70,19 @@ def merge(
     part: str | None = None,
     join: bool = False,
     checksums: bool = True,
+    notice: Notice | None = None,
+    hub_progress: bool = True,
 ) -> MergeResult | DryRun:
     """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
 
-    Several adapters (or ``weights``) merge their weighted sum in one pass
+    ``base`` and each adapter are paths or Hugging Face Hub ids (``io/hub.py``); ``base``
+    None takes the (first) adapter's ``base_model_name_or_path``. ``notice`` hears where
+    inputs came from. Several adapters (or ``weights``) merge their weighted sum in one pass
     (``merge.combine``); one adapter without weights takes the single-adapter plan.
     ``part="I/N"`` writes only part I of a split merge, ``join`` publishes the parts
     (``merge/parts.py``).
     """
-    adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
+    refs = [adapter] if isinstance(adapter, str | Path) else list(adapter)
     out_dtype = parse_dtype_option(dtype)
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
     split = parse_part(part) if part is not None else None
@@ -90,13 +95,17 @@ def merge(
             from lora_cli.errors import UsageError
 
             raise UsageError("no output folder given", "pass -o OUTPUT")
-        check_destination(output, overwrite, [Path(base), *adapters])
+        local = [Path(p) for p in (base, *refs) if p is not None and Path(p).exists()]
+        check_destination(output, overwrite, local)  # before any download
     dev = resolve_device(device)
-    base_src = open_source(Path(base))
+    inputs = resolve_inputs(base, refs, notice=notice, progress=hub_progress)
+    if not dry_run:
+        check_destination(Path(output), overwrite, [inputs.base, *inputs.adapters])
+    base_src = open_source(inputs.base)
     try:
         opened: list[Adapter] = []
         try:
-            for path in adapters:
+            for path in inputs.adapters:
                 opened.append(load_adapter(path))
             if len(opened) == 1 and weights is None:
                 plan = plan_merge(
@@ -124,8 +133,14 @@ def merge(
                 "weights": [w for _, w in plan.combined],
                 "checksums": checksums,
             }
+            card = merge_card(
+                inputs,
+                base,
+                [(str(ref), ad) for ref, ad in zip(refs, opened, strict=True)],
+                _card_options(dtype, max_shard_size, quantize, weights),
+            )
             if join:
-                return run_join(plan, Path(output), options, overwrite=overwrite)
+                return run_join(plan, Path(output), options, overwrite=overwrite, model_card=card)
             acts = plan.actions() if split is None else part_actions(plan, split)
             total = sum(_nbytes(a) for a in acts)
             progress: Progress | None = progress_factory(total) if progress_factory else None
@@ -138,6 +153,7 @@ def merge(
                 overwrite=overwrite,
                 progress=progress,
                 checksums=checksums,
+                model_card=card,
             )
             result.adapters = combined_json(plan).get("adapters", [])
             result.quantized, low = fidelity(plan)
@@ -148,6 +164,24 @@ def merge(
                 ad.close()
     finally:
         base_src.close()
+
+
+def _card_options(
+    dtype: str,
+    max_shard_size: str | None,
+    quantize: str,
+    weights: str | Sequence[float] | None,
+) -> list[str]:
+    """The options that shape the output's bytes, as typed on the command line."""
+    options = [] if dtype == "keep" else ["--dtype", dtype]
+    if max_shard_size:
+        options += ["--max-shard-size", max_shard_size]
+    if quantize != "bf16":
+        options += ["--quantize", quantize]
+    if weights is not None:
+        text = weights if isinstance(weights, str) else ",".join(f"{w:g}" for w in weights)
+        options += ["--weights", text]
+    return options
 
 
 def _nbytes(action: Any) -> int:

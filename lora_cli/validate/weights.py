@@ -16,7 +16,8 @@ from typing import Any
 from lora_cli.adapters.peft import CONFIG_NAME, looks_like_peft_state_dict
 from lora_cli.errors import FormatError, LoraError
 from lora_cli.io.dtypes import FLOAT_DTYPES, from_torch
-from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json, tie_setting
+from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json
+from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import (
     INDEX_SUFFIXES,
     PICKLE_PREFIXES,
@@ -247,7 +248,7 @@ class WeightsCheck:
             return
         if self.incomplete:
             self.r.notes.append("config.json compared with the readable shards only")
-        tie = tie_setting(config)
+        tie = tie_word_embeddings(config)
         archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
         heads = [n for n in infos if n == OUTPUT_EMBEDDING or n.endswith("." + OUTPUT_EMBEDDING)]
         embeds = [n for n in infos if n.endswith(INPUT_EMBEDDING_SUFFIXES)]

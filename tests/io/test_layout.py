@@ -17,7 +17,6 @@ from lora_cli.io.layout import (
     read_json,
     read_manifest,
     side_files,
-    tie_setting,
     write_index,
     write_manifest,
 )
@@ -233,18 +232,3 @@ def test_read_json_errors_name_the_file(tmp_path):
     path.write_text("[]")
     with pytest.raises(FormatError, match="must be a JSON object"):
         read_json(path, "model config")
-
-
-@pytest.mark.parametrize(
-    "config, expected",
-    [
-        (None, None),
-        ({}, True),
-        ({"tie_word_embeddings": False}, False),
-        ({"tie_word_embeddings": True, "text_config": {"tie_word_embeddings": False}}, True),
-        ({"text_config": {"tie_word_embeddings": False}}, False),
-        ({"text_config": "weird"}, True),
-    ],
-)
-def test_tie_setting(config, expected):
-    assert tie_setting(config) is expected

@@ -391,6 +391,12 @@ def test_every_dtype_is_byte_identical_to_safetensors(tmp_path, dtype):
     g = torch.Generator().manual_seed(1)
     raw = torch.randint(0, 2 if dtype == "BOOL" else 256, (3, 16), dtype=torch.uint8, generator=g)
     tensors = {"x": raw.view(to_torch(dtype)), "y": torch.ones(3)}
+    try:
+        expected = save(tensors, metadata={"format": "pt"})
+    except (KeyError, ValueError, TypeError):  # the oracle predates this dtype
+        import safetensors
+
+        pytest.skip(f"safetensors {safetensors.__version__} cannot write {dtype} tensors")
     path = tmp_path / "m.safetensors"
     _write_all(path, tensors)
-    assert path.read_bytes() == save(tensors, metadata={"format": "pt"})
+    assert path.read_bytes() == expected

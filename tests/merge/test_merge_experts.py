@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ulp_diff
+from conftest import dtype_kw, ulp_diff
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,7 +31,7 @@ def tiny_mixtral():
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_config(cfg, **dtype_kw(torch.bfloat16)).eval()
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import peft_adapter, save_model, tiny_model
+from conftest import load_owned, peft_adapter, save_model, tiny_model
 from safetensors.torch import load_file, save_file
 
 from lora_cli.errors import MergeError
@@ -58,7 +58,7 @@ def test_adapter_for_another_model_size(tmp_path: Path) -> None:
 
 def test_many_offenders_are_listed_then_counted(tmp_path: Path) -> None:
     base, adapter = make(tmp_path, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors = load_owned(adapter / "adapter_model.safetensors")
     renamed = {k.replace("self_attn", "attention"): v for k, v in tensors.items()}
     save_file(renamed, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MergeError) as info:
@@ -98,7 +98,7 @@ def test_unmergeable_adapters_are_refused(tmp_path: Path, changes: dict, reason:
 
 def test_zero_size_and_nan_tensors_are_refused(tmp_path: Path) -> None:
     base, adapter = make(tmp_path)
-    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors = load_owned(adapter / "adapter_model.safetensors")
     key = next(k for k in tensors if "lora_B" in k)
     broken = dict(tensors, **{key: torch.empty(0)})
     save_file(broken, adapter / "adapter_model.safetensors")
@@ -144,7 +144,7 @@ def test_dry_run_writes_nothing_and_lists_the_plan(tmp_path: Path, run_cli) -> N
 
 
 def _rename_base(base: Path, fn) -> None:
-    tensors = load_file(base / "model.safetensors")
+    tensors = load_owned(base / "model.safetensors")
     save_file({fn(k): v for k, v in tensors.items()}, base / "model.safetensors", {"format": "pt"})
 
 

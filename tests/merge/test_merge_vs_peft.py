@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import peft_adapter, peft_merged_state, save_model, tiny_model, ulp_diff
+from conftest import (
+    dtype_kw,
+    peft_adapter,
+    peft_merged_state,
+    save_model,
+    tiny_model,
+    ulp_diff,
+)
 from safetensors.torch import load_file
 
 from lora_cli.stages.merge import merge
@@ -96,7 +103,8 @@ def test_merged_folder_logits_equal_unmerged_peft(tmp_path: Path, case: str) -> 
 
     kind, lora = CASES[case]
     model, peft_model, _, _, _ = run_case(tmp_path, kind, dtype=torch.float32, **lora)
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    out = tmp_path / "out"
+    merged = AutoModelForCausalLM.from_pretrained(out, **dtype_kw(torch.float32)).eval()
     expected = logits(peft_model)
     assert not torch.allclose(expected, logits(model), atol=1e-3), "adapter has no effect"
     torch.testing.assert_close(logits(merged), expected, atol=2e-4, rtol=1e-4)
@@ -126,7 +134,7 @@ def test_tied_embeddings_are_untied_and_match_unmerged_logits(tmp_path: Path, ta
     assert config["tie_word_embeddings"] is False
     tensors = merged_tensors(out)
     assert "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors
-    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out, **dtype_kw(torch.float32)).eval()
     torch.testing.assert_close(logits(merged), logits(peft_model), atol=2e-4, rtol=1e-4)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import peft_adapter, save_model, tiny_model
+from conftest import dtype_kw, peft_adapter, save_model, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -51,7 +51,7 @@ def _logits(model) -> torch.Tensor:
 def _load(folder: Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, **dtype_kw(dtype)).eval()
 
 
 def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:

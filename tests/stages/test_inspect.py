@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import peft_adapter, save_model, tiny_model
+from conftest import load_owned, peft_adapter, save_model, tiny_model
 from safetensors.torch import load_file, save_file
 
 from lora_cli.stages.inspect import inspect_path
@@ -264,7 +264,7 @@ def test_some_zero_lora_b_are_counted(llama, tmp_path):
     folder = tmp_path / "half"
     peft_adapter(llama, folder, target_modules=["q_proj"])
     path = folder / "adapter_model.safetensors"
-    tensors = load_file(path)
+    tensors = load_owned(path)
     first_b = sorted(k for k in tensors if "lora_B" in k)[0]
     tensors[first_b] = torch.zeros_like(tensors[first_b])
     save_file(tensors, path, metadata={"format": "pt"})
@@ -454,11 +454,11 @@ def test_nan_in_adapter_is_a_warning(tmp_path, run_cli):
     import json
 
     from conftest import peft_adapter, tiny_model
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     peft_adapter(tiny_model("llama"), tmp_path / "ad", target_modules=["q_proj"])
     weights = tmp_path / "ad" / "adapter_model.safetensors"
-    tensors = load_file(weights)
+    tensors = load_owned(weights)
     key = sorted(k for k in tensors if "lora_A" in k)[0]
     tensors[key][0, :3] = float("nan")
     save_file(tensors, weights, metadata={"format": "pt"})

@@ -69,6 +69,10 @@ class Adapter:
     key_renames: dict[str, str]  # original key → PEFT saved form, where they differ
     producer: str
     warnings: list[str] = field(default_factory=list)
+    # The on-disk format ("peft", "mlx-lm", "gguf"); other formats are presented in PEFT's
+    # saved key form with a synthesized PEFT config, and keep their own facts in ``native``.
+    format: str = "peft"
+    native: dict[str, Any] = field(default_factory=dict)
 
     @property
     def peft_type(self) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import load_adapter
+from lora_cli.adapters.formats import load_adapter
 from lora_cli.io.dtypes import parse_dtype_option
 from lora_cli.io.layout import parse_size
 from lora_cli.io.reader import open_source
@@ -65,7 +65,7 @@ def merge(
     dev = resolve_device(device)
     base_src = open_source(Path(base))
     try:
-        ad = load_adapter(Path(adapter))
+        ad = load_adapter(Path(adapter), base_src)
         try:
             plan = build_plan(base_src, ad, out_dtype=out_dtype, max_shard_size=shard_limit)
             if dry_run:

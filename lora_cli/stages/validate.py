@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lora_cli.adapters.peft import is_adapter
+from lora_cli.adapters.formats import is_adapter
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.reader import INDEX_SUFFIXES
 from lora_cli.validate.adapter import validate_adapter

@@ -158,6 +158,8 @@ def _convert_to(
     try:
         adapter = load_adapter(path, base_src)
         try:
+            if adapter.native.get("requires_base") and base_src is None:
+                raise UsageError(f"{path}: {adapter.warnings[-1]}", "pass --base BASE_MODEL_FOLDER")
             progress = factory(adapter.source.total_bytes) if factory else None
             if to == "gguf":
                 from lora_cli.adapters.to_gguf import write_gguf

@@ -1,3 +1,4 @@
+# ruff: noqa: F401, F811  (pytest fixtures are imported from eco_helpers)
 """``lora convert --to peft|mlx``: the other ecosystem's own loader gives the same logits."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import pytest
 import torch
 from conftest import peft_adapter, tiny_model
 from eco_helpers import (
-    llama_base_fp32,  # noqa: F401  (fixture)
+    llama_base_fp32,
     load_folder,
     make_mlx_adapter,
 )
@@ -37,7 +38,7 @@ def mlx_logits(base, adapter) -> torch.Tensor:
     return torch.from_numpy(np.array(out))
 
 
-def test_mlx_to_peft_same_logits(llama_base_fp32, tmp_path, run_cli):  # noqa: F811
+def test_mlx_to_peft_same_logits(llama_base_fp32, tmp_path, run_cli):
     adapter = make_mlx_adapter(
         llama_base_fp32,
         tmp_path / "mlx",
@@ -60,7 +61,7 @@ def test_mlx_to_peft_same_logits(llama_base_fp32, tmp_path, run_cli):  # noqa: F
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_mlx_dora_to_peft_merges_like_fuse(llama_base_fp32, tmp_path, run_cli):  # noqa: F811
+def test_mlx_dora_to_peft_merges_like_fuse(llama_base_fp32, tmp_path, run_cli):
     adapter = make_mlx_adapter(llama_base_fp32, tmp_path / "mlx", fine_tune_type="dora")
     assert run_cli("convert", adapter, "--to", "peft", "-o", tmp_path / "peft")[0] == 0
     torch.testing.assert_close(
@@ -86,7 +87,7 @@ def test_mlx_dora_to_peft_merges_like_fuse(llama_base_fp32, tmp_path, run_cli): 
     ],
     ids=["plain", "patterns-last-layer-embedding", "rslora", "dora"],
 )
-def test_peft_to_mlx_same_logits(llama_base_fp32, tmp_path, run_cli, lora):  # noqa: F811
+def test_peft_to_mlx_same_logits(llama_base_fp32, tmp_path, run_cli, lora):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(llama_base_fp32, dtype=torch.float32)
@@ -126,7 +127,7 @@ def test_to_mlx_refusals(tmp_path, run_cli):
     assert code == 2 and "lora_bias" in err
 
 
-def test_full_mlx_to_peft_refused(llama_base_fp32, tmp_path, run_cli):  # noqa: F811
+def test_full_mlx_to_peft_refused(llama_base_fp32, tmp_path, run_cli):
     adapter = make_mlx_adapter(
         llama_base_fp32, tmp_path / "mlx", fine_tune_type="full", num_layers=1
     )

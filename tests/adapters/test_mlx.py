@@ -1,3 +1,4 @@
+# ruff: noqa: F401, F811  (pytest fixtures are imported from eco_helpers)
 """mlx-lm adapters in: merged against ``mlx_lm.fuse --dequantize`` (the oracle)."""
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from eco_helpers import (
-    llama_base,  # noqa: F401  (fixture)
-    llama_base_fp32,  # noqa: F401  (fixture)
+    llama_base,
+    llama_base_fp32,
     load_folder,
     make_base,
     make_mlx_adapter,
@@ -53,13 +54,13 @@ def _compare_with_fuse(
 
 
 @pytest.mark.parametrize("old_config", [False, True], ids=["mlx-0.32-config", "mlx-0.19-config"])
-def test_lora_matches_mlx_fuse(llama_base, tmp_path, run_cli, old_config):  # noqa: F811
+def test_lora_matches_mlx_fuse(llama_base, tmp_path, run_cli, old_config):
     adapter = make_mlx_adapter(llama_base, tmp_path / "ad", old_config=old_config)
     changed = _compare_with_fuse(llama_base, adapter, tmp_path, run_cli)
     assert changed == 2 * 7  # every Linear of both blocks
 
 
-def test_last_n_layers_and_keys(llama_base, tmp_path, run_cli):  # noqa: F811
+def test_last_n_layers_and_keys(llama_base, tmp_path, run_cli):
     adapter = make_mlx_adapter(
         llama_base,
         tmp_path / "ad",
@@ -76,7 +77,7 @@ def test_last_n_layers_and_keys(llama_base, tmp_path, run_cli):  # noqa: F811
     )
 
 
-def test_dora_matches_mlx_fuse(llama_base_fp32, tmp_path, run_cli):  # noqa: F811
+def test_dora_matches_mlx_fuse(llama_base_fp32, tmp_path, run_cli):
     adapter = make_mlx_adapter(llama_base_fp32, tmp_path / "ad", fine_tune_type="dora")
     # mlx computes DoRA's norm in the base dtype after rounding the delta; fp32 base
     changed = _compare_with_fuse(
@@ -85,7 +86,7 @@ def test_dora_matches_mlx_fuse(llama_base_fp32, tmp_path, run_cli):  # noqa: F81
     assert changed == 14
 
 
-def test_full_fine_tune_is_replacement(llama_base, tmp_path, run_cli):  # noqa: F811
+def test_full_fine_tune_is_replacement(llama_base, tmp_path, run_cli):
     adapter = make_mlx_adapter(llama_base, tmp_path / "ad", fine_tune_type="full", num_layers=1)
     changed = _compare_with_fuse(llama_base, adapter, tmp_path, run_cli, max_ulp=0)
     assert changed == 7 + 2  # the last block's 7 projections and 2 norms
@@ -113,7 +114,7 @@ def test_moe_switch_linear_per_expert(tmp_path, run_cli):
     assert _compare_with_fuse(base, adapter, tmp_path, run_cli) == 2 * 3  # stacked in mlx
 
 
-def test_periodic_file_and_inspect(llama_base, tmp_path, run_cli):  # noqa: F811
+def test_periodic_file_and_inspect(llama_base, tmp_path, run_cli):
     adapter = make_mlx_adapter(llama_base, tmp_path / "ad", num_layers=1)
     periodic = adapter / "0000100_adapters.safetensors"
     (adapter / "adapters.safetensors").rename(periodic)
@@ -130,7 +131,7 @@ def test_periodic_file_and_inspect(llama_base, tmp_path, run_cli):  # noqa: F811
     assert code == 0, out + err
 
 
-def test_refusals(llama_base, tmp_path, run_cli):  # noqa: F811
+def test_refusals(llama_base, tmp_path, run_cli):
     adapter = make_mlx_adapter(llama_base, tmp_path / "ad")
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     del cfg["lora_parameters"]["scale"]

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from eco_helpers import (
     llama_base,
     llama_base_fp32,
@@ -106,12 +108,37 @@ def test_moe_switch_linear_per_expert(tmp_path, run_cli):
         extra_config={"num_experts": 4, "rope_theta": 10000.0},
     )
     assert "model.layers.0.mlp.experts.3.gate_proj.weight" in load_folder(base)
-    adapter = make_mlx_adapter(
-        base,
-        tmp_path / "ad",
-        keys=["mlp.switch_mlp.gate_proj", "mlp.switch_mlp.down_proj", "self_attn.v_proj"],
-    )
-    assert _compare_with_fuse(base, adapter, tmp_path, run_cli) == 2 * 3  # stacked in mlx
+    keys = ["mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"]
+    adapter = make_mlx_adapter(base, tmp_path / "ad", keys=keys + ["self_attn.v_proj"])
+    assert _compare_with_fuse(base, adapter, tmp_path, run_cli) == 2 * 4  # stacked in mlx
+
+    # the same base with its experts fused as transformers v5 holds them in memory
+    fused_base = tmp_path / "fused-base"
+    fused_base.mkdir()
+    tensors = load_folder(base)
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp.experts"
+        per = {
+            leaf: torch.stack([tensors.pop(f"{p}.{e}.{leaf}.weight") for e in range(4)])
+            for leaf in ("gate_proj", "up_proj", "down_proj")
+        }
+        tensors[f"{p}.gate_up_proj"] = torch.cat([per["gate_proj"], per["up_proj"]], dim=1)
+        tensors[f"{p}.down_proj"] = per["down_proj"]
+    save_file(tensors, fused_base / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(base / "config.json", fused_base / "config.json")
+    code, _, err = run_cli("merge", fused_base, adapter, "-o", tmp_path / "m2", "-q")
+    assert code == 0, err
+    ours, ref, before = load_folder(tmp_path / "m2"), load_folder(tmp_path / "fused"), tensors
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp"
+        want = torch.cat(
+            [ref[f"{p}.switch_mlp.gate_proj.weight"], ref[f"{p}.switch_mlp.up_proj.weight"]], dim=1
+        )
+        name = f"{p}.experts.gate_up_proj"
+        assert within_ulps(ours[name], want, before[name], 1)
+        name = f"{p}.experts.down_proj"
+        assert within_ulps(ours[name], ref[f"{p}.switch_mlp.down_proj.weight"], before[name], 1)
+        assert not torch.equal(ours[name], before[name])
 
 
 def test_periodic_file_and_inspect(llama_base, tmp_path, run_cli):

@@ -26,7 +26,7 @@ from lora_cli.io.reader import TensorSource
 _BLOCK_RE = re.compile(r"^(.*?\blayers\.\d+)\.(.+)$")
 
 
-def _problems(adapter: Adapter) -> list[str]:
+def _problems(adapter: Adapter, base: TensorSource | None) -> list[str]:
     out = []
     if adapter.replacements:
         out.append(
@@ -35,8 +35,8 @@ def _problems(adapter: Adapter) -> list[str]:
         )
     if adapter.token_rows:
         out.append("trainable tokens have no mlx-lm form")
-    if adapter.config.get("target_parameters"):
-        out.append("target_parameters (fused MoE expert) LoRAs have no mlx-lm form")
+    if adapter.config.get("target_parameters") and base is None:
+        out.append("target_parameters (MoE expert) LoRAs need --base to find their experts")
     for m in adapter.modules.values():
         if "lora_B.bias" in m.parts:
             out.append(f"{m.path}: lora_bias has no mlx-lm form")
@@ -60,18 +60,42 @@ def _problems(adapter: Adapter) -> list[str]:
     return out
 
 
-def _module_names(adapter: Adapter, base: TensorSource | None) -> dict[str, str]:
-    """Adapter module path → the base checkpoint's (mlx's) module path."""
+MLX_EXPERT_LEAVES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_EXPERT_RE = re.compile(r"^(.*)\.experts\.(\d+)\.(\w+)\.weight$")
+
+
+def _module_names(
+    adapter: Adapter, base: TensorSource | None
+) -> tuple[dict[str, str], dict[str, tuple[Any, tuple[int, int] | None]]]:
+    """(adapter module path → the base's (mlx's) module path, mlx SwitchLinear path →
+    (the ``target_parameters`` expert op feeding it, its rows of the fused B))."""
     if base is None:
-        return {p: p for p in adapter.modules}
+        return {p: p for p in adapter.modules}, {}
     from lora_cli.merge.plan import build_plan
 
     plan = build_plan(base, adapter)  # the merge preflight: every target must fit
     names = {}
+    switches: dict[str, tuple[Any, tuple[int, int] | None]] = {}
     for act in plan.actions():
         for op in act.loras:
             names[op.module.path] = act.name.rsplit(".", 1)[0]
-    return names
+        for ex in act.experts:
+            if ex.layout not in (None, "out_in"):
+                refuse(adapter, "mlx-lm", [f"{act.name}: (E, in, out) expert layout"])
+            per_expert = _EXPERT_RE.match(act.name)
+            if per_expert:  # one HF tensor per expert (and gate/up half of the fused B)
+                prefix, leaf = per_expert.group(1), per_expert.group(3)
+                leaf = MLX_EXPERT_LEAVES.get(leaf, leaf)
+                switches[f"{prefix}.switch_mlp.{leaf}"] = (ex, ex.rows)
+            elif act.name.endswith(".gate_up_proj"):  # fused on disk: halves of its rows
+                prefix = act.name[: -len(".experts.gate_up_proj")]
+                half = act.shape[1] // 2
+                switches[f"{prefix}.switch_mlp.gate_proj"] = (ex, (0, half))
+                switches[f"{prefix}.switch_mlp.up_proj"] = (ex, (half, 2 * half))
+            else:
+                prefix, leaf = act.name.rsplit(".experts.", 1)
+                switches[f"{prefix}.switch_mlp.{leaf}"] = (ex, None)
+    return names, switches
 
 
 def _num_blocks(adapter: Adapter, base: TensorSource | None) -> int | None:
@@ -93,11 +117,15 @@ def write_mlx(
     adapter: Adapter, base: TensorSource | None, out: Path, progress: Progress | None
 ) -> Exported:
     common_checks(adapter, "mlx-lm")
-    refuse(adapter, "mlx-lm", _problems(adapter))
-    names = _module_names(adapter, base)
-    modules = sorted(adapter.modules.values(), key=lambda m: names[m.path])
-    rank = max(m.r for m in modules)
-    scale = Counter(m.scale for m in modules).most_common(1)[0][0]
+    refuse(adapter, "mlx-lm", _problems(adapter, base))
+    names, switches = _module_names(adapter, base)
+    modules = sorted(
+        (m for m in adapter.modules.values() if m.path in names), key=lambda m: names[m.path]
+    )
+    ex_ranks = [ex.module.r // ex.experts for ex, _ in switches.values()]
+    rank = max([m.r for m in modules] + ex_ranks)
+    scales = [m.scale for m in modules] + [ex.scale for ex, _ in switches.values()]
+    scale = Counter(scales).most_common(1)[0][0]
     recipes: list[Derived] = []
     keys: set[str] = set()
     layers: set[int] = set()
@@ -124,6 +152,31 @@ def write_mlx(
             recipes.append(
                 Derived(f"{path}.m", mag.dtype, mag.shape, plain(m.parts["lora_magnitude_vector"]))
             )
+    for path, (ex, rows) in sorted(switches.items()):
+        keys.add(_BLOCK_RE.match(path).group(2) if _BLOCK_RE.match(path) else path)
+        index = layer_index(path)
+        if index is not None:
+            layers.add(index)
+        a_key, b_key = ex.module.parts["lora_A.weight"], ex.module.parts["lora_B.weight"]
+        a, b = src.info(a_key), src.info(b_key)
+        experts, fold = ex.experts, ex.scale / scale
+        out_rows = (rows[1] - rows[0]) if rows else b.shape[0]
+        recipes.append(
+            Derived(
+                f"{path}.lora_a",
+                a.dtype,
+                (experts, rank, a.shape[1]),
+                _switch_a(a_key, experts, rank),
+            )
+        )
+        recipes.append(
+            Derived(
+                f"{path}.lora_b",
+                b.dtype if fold == 1.0 else "F32",
+                (experts, out_rows, rank),
+                _switch_b(b_key, experts, rank, rows, fold),
+            )
+        )
     num_layers = -1
     if layers and min(layers) > 0:
         blocks = _num_blocks(adapter, base)
@@ -156,6 +209,37 @@ def write_mlx(
             f"{folded} scales folded into lora_b (fp32)"
         )
     return Exported([], len(recipes), total, notes)
+
+
+def _switch_a(key: str, experts: int, rank: int) -> Any:
+    """PEFT fused A ``(r·E, in)`` (expert-major) → mlx SwitchLinear ``(E, R, in)``."""
+
+    def compute(read: Any) -> Any:
+        import torch
+
+        a = read(key)
+        a = a.reshape(experts, -1, a.shape[-1])
+        return torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[1]))
+
+    return compute
+
+
+def _switch_b(key: str, experts: int, rank: int, rows: Any, factor: float) -> Any:
+    """PEFT fused B ``(out, r·E)`` (expert-minor), rows ``rows`` → mlx ``(E, out, R)``."""
+
+    def compute(read: Any) -> Any:
+        import torch
+
+        b = read(key)
+        b = b.reshape(b.shape[0], -1, experts)
+        if rows:
+            b = b[rows[0] : rows[1]]
+        b = b.permute(2, 0, 1)
+        if factor != 1.0:
+            b = b.to(torch.float32) * factor
+        return torch.nn.functional.pad(b, (0, rank - b.shape[2]))
+
+    return compute
 
 
 def _mlx_a(key: str, rank: int) -> Any:

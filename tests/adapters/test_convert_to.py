@@ -134,3 +134,45 @@ def test_full_mlx_to_peft_refused(llama_base_fp32, tmp_path, run_cli):
     code, _, err = run_cli("convert", adapter, "-o", tmp_path / "peft")
     assert code == 2 and "lora merge" in err
     assert load_folder(adapter)  # input untouched
+
+
+def test_peft_moe_target_parameters_to_mlx(tmp_path, run_cli):
+    """transformers v5 MoE LoRA (fused gate_up_proj / down_proj) → mlx SwitchLinear LoRAs."""
+    from eco_helpers import make_base
+    from transformers import AutoModelForCausalLM
+
+    base = make_base(
+        tmp_path / "base",
+        "qwen2",
+        dtype=torch.float32,
+        model_type="qwen3_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        head_dim=8,
+        extra_config={"num_experts": 4, "rope_theta": 10000.0},
+    )
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_adapter(
+        model,
+        tmp_path / "peft",
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    code, _, err = run_cli(
+        "convert", tmp_path / "peft", "--to", "mlx", "--base", base, "-o", tmp_path / "mlx"
+    )
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    assert set(cfg["lora_parameters"]["keys"]) == {
+        "self_attn.q_proj",
+        "mlp.switch_mlp.gate_proj",
+        "mlp.switch_mlp.up_proj",
+        "mlp.switch_mlp.down_proj",
+    }
+    want = peft_logits(base, tmp_path / "peft")
+    got = mlx_logits(base, tmp_path / "mlx")
+    assert (want - mlx_logits(base, None)).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from eco_helpers import (
     llama_base,
     llama_base_fp32,
@@ -19,6 +18,7 @@ from eco_helpers import (
     mlx_fuse,
     within_ulps,
 )
+from safetensors.torch import save_file
 
 pytest.importorskip("mlx_lm")
 

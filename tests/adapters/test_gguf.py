@@ -201,3 +201,18 @@ def test_refusals(llama_base, tmp_path, run_cli):
         "convert", tmp_path / "head", "--to", "gguf", "--base", tied, "-o", tmp_path / "h.gguf"
     )
     assert code == 2 and "ties it to the embedding" in err
+
+
+def test_unsupported_architecture_and_missing_extra(tmp_path, run_cli, monkeypatch):
+    from conftest import save_model, tiny_model
+
+    model = tiny_model("gpt2")
+    save_model(model, tmp_path / "base")
+    peft_adapter(model, tmp_path / "peft", target_modules=["c_attn"])
+    args = ("convert", tmp_path / "peft", "--to", "gguf", "--base", tmp_path / "base")
+    code, _, err = run_cli(*args, "-o", tmp_path / "a.gguf")
+    assert code == 2 and "GPT2LMHeadModel" in err and "LlamaForCausalLM" in err
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # as if not installed
+    code, _, err = run_cli(*args, "-o", tmp_path / "b.gguf")
+    assert code == 2 and "lora-cli[gguf]" in err
+    assert not list(tmp_path.glob("*.gguf"))

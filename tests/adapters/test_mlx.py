@@ -55,11 +55,17 @@ def _compare_with_fuse(
     return changed
 
 
-@pytest.mark.parametrize("old_config", [False, True], ids=["mlx-0.32-config", "mlx-0.19-config"])
-def test_lora_matches_mlx_fuse(llama_base, tmp_path, run_cli, old_config):
-    adapter = make_mlx_adapter(llama_base, tmp_path / "ad", old_config=old_config)
+def test_lora_matches_mlx_fuse(llama_base, tmp_path, run_cli):
+    adapter = make_mlx_adapter(llama_base, tmp_path / "ad")
     changed = _compare_with_fuse(llama_base, adapter, tmp_path, run_cli)
     assert changed == 2 * 7  # every Linear of both blocks
+    # the same weights with a 0.19-style config (alpha written, ignored; no fine_tune_type)
+    old = make_mlx_adapter(llama_base, tmp_path / "old", old_config=True)
+    cfg = json.loads((old / "adapter_config.json").read_text())
+    assert "fine_tune_type" not in cfg and cfg["lora_parameters"]["alpha"] == 16
+    assert run_cli("merge", llama_base, old, "-o", tmp_path / "m-old", "-q")[0] == 0
+    new, older = load_folder(tmp_path / "merged"), load_folder(tmp_path / "m-old")
+    assert all(torch.equal(new[k], older[k]) for k in new)
 
 
 def test_last_n_layers_and_keys(llama_base, tmp_path, run_cli):

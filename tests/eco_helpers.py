@@ -76,6 +76,7 @@ def make_mlx_adapter(
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
+    mx.random.seed(seed)  # lora_a's initial values, drawn by mlx-lm's LoRA layers
     model, _ = load_model(Path(base))
     model.freeze()
     params: dict = {"rank": rank, "dropout": 0.0, "scale": scale}

@@ -153,6 +153,7 @@ def write_gguf(
             if progress:
                 progress(value.nbytes, name)
         writer.close()
+        _verify(gguf, tmp, planned, read)
         os.replace(tmp, output)
     except BaseException:
         writer.close()
@@ -169,6 +170,29 @@ def write_gguf(
     if permutes:
         notes.append("Q/K lora_b rows RoPE-permuted as llama.cpp's converter does")
     return Exported([output.name], len(planned), total, notes)
+
+
+def _verify(gguf: Any, path: Path, planned: list[tuple[str, Any]], read: Any) -> None:
+    """Re-read the written file and compare every tensor bit for bit with its source."""
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+    written = {t.name: t for t in reader.tensors}
+    for name, compute in planned:
+        want = compute(read).numpy()
+        got = np.asarray(written[name].data) if name in written else None
+        if (
+            got is None
+            or got.shape != want.shape
+            or not np.array_equal(got.view(np.uint32), want.view(np.uint32))
+        ):
+            raise FormatError(
+                f"{path}: tensor {name!r} does not match its source after writing",
+                "the disk or the source file changed during conversion; rerun",
+            )
+    mm = getattr(reader, "data", None)
+    if mm is not None and hasattr(mm, "_mmap"):
+        mm._mmap.close()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

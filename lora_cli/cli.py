@@ -86,11 +86,18 @@ def convert(
     targets_as_list: bool = typer.Option(
         False, "--targets-as-list", help="Rewrite a regex target_modules as the module list."
     ),
+    to: str | None = typer.Option(
+        None, "--to", help="Write the adapter as peft, mlx (mlx-lm) or gguf (llama.cpp LoRA)."
+    ),
+    base: Path | None = typer.Option(
+        None, "--base", help="Base model folder (needed by --to gguf; names for --to mlx)."
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
 ) -> None:
-    """Turn .bin/.pt weights into deduplicated safetensors without running pickle code."""
+    """Turn .bin/.pt weights into deduplicated safetensors without running pickle code,
+    or an adapter into another ecosystem's format (--to peft | mlx | gguf)."""
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.convert import convert as run_convert
@@ -104,6 +111,8 @@ def convert(
                 targets_as_list=targets_as_list,
                 overwrite=overwrite,
                 progress_factory=factory,
+                to=to,
+                base=base,
             )
         render.convert_result(result, json_out, quiet)
 

@@ -28,6 +28,7 @@ def inspect_report(report: Any, json_out: bool) -> None:
         a = report.adapter
         targets = a["target_modules"]
         pairs = [
+            ("format", a["format"]),
             ("weights file", a["weights_file"]),
             ("producer", a["producer"]),
             ("peft_type", a["peft_type"]),
@@ -44,6 +45,9 @@ def inspect_report(report: Any, json_out: bool) -> None:
             pairs.append(
                 ("regex matches", f"{len(a['regex_matches'])} of {len(a['modules'])} modules")
             )
+        for key, value in (a.get("native") or {}).items():
+            if value is not None:
+                pairs.append((f"{a['format']} {key}", value))
         if a["modules_to_save"]:
             pairs.append(("modules_to_save", ", ".join(a["modules_to_save"])))
         if a["trainable_tokens"]:

@@ -82,6 +82,10 @@ class Adapter:
     variant: Variant = field(default_factory=lambda: Variant("LoRA"))
     variant_state: list[str] = field(default_factory=list)  # training-only variant tensors
     warnings: list[str] = field(default_factory=list)
+    # The on-disk format ("peft", "mlx-lm", "gguf"); other formats are presented in PEFT's
+    # saved key form with a synthesized PEFT config, and keep their own facts in ``native``.
+    format: str = "peft"
+    native: dict[str, Any] = field(default_factory=dict)
 
     @property
     def peft_type(self) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_cli.adapters.formats import adapter_format
 from lora_cli.adapters.peft import (
     CONFIG_NAME,
     WEIGHT_NAMES,
@@ -65,6 +66,7 @@ class ConvertResult:
     renamed: int = 0
     notes: list[str] = field(default_factory=list)
     verified: bool = False
+    formats: tuple[str, str] | None = None  # (input format, --to format) with --to
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,7 @@ class ConvertResult:
             "renamed_keys": self.renamed,
             "notes": self.notes,
             "verified": self.verified,
+            **({"from": self.formats[0], "to": self.formats[1]} if self.formats else {}),
         }
 
 
@@ -93,10 +96,18 @@ def convert(
     targets_as_list: bool = False,
     overwrite: bool = False,
     progress_factory: Any = None,
+    to: str | None = None,
+    base: Path | None = None,
 ) -> ConvertResult:
     input_path = Path(input_path)
     if not input_path.exists():
         raise FormatError(f"{input_path}: no such file or directory")
+    if to is not None or adapter_format(input_path) in ("mlx-lm", "gguf"):
+        if targets_as_list or parse_dtype_option(dtype) is not None:
+            raise UsageError("--targets-as-list and --dtype do not apply with --to")
+        return _convert_to(input_path, output, to or "peft", base, overwrite, progress_factory)
+    if base is not None:
+        raise UsageError("--base applies with --to only")
     looks_like_adapter = input_path.name.startswith("adapter_model") or any(
         input_path.is_dir() and (input_path / n).is_file() for n in WEIGHT_NAMES
     )
@@ -119,6 +130,71 @@ def convert(
         parse_size(max_shard_size),
         overwrite,
         progress_factory,
+    )
+
+
+# -- other ecosystems (--to) --------------------------------------------------------------
+TARGET_FORMATS = ("peft", "mlx", "gguf")
+
+
+def _convert_to(
+    path: Path, output: Path | None, to: str, base: Path | None, overwrite: bool, factory: Any
+) -> ConvertResult:
+    """Any adapter format → ``to`` (the writers live in ``lora_cli.adapters.to_*``)."""
+    from lora_cli.adapters.formats import load_adapter
+
+    start = time.perf_counter()
+    to = to.lower()
+    if to not in TARGET_FORMATS:
+        raise UsageError(f"--to {to!r} is not a format", f"use one of {', '.join(TARGET_FORMATS)}")
+    if adapter_format(path) is None:
+        raise FormatError(f"{path}: not an adapter (PEFT, mlx-lm or GGUF LoRA)")
+    if output is None:
+        raise UsageError("--to needs an output path", "pass -o OUTPUT")
+    if to == "gguf" and base is None:
+        raise UsageError("--to gguf needs the base model", "pass --base BASE_MODEL_FOLDER")
+    check_destination(output, overwrite, [path] + ([base] if base else []))
+    base_src = open_source(base) if base is not None else None
+    try:
+        adapter = load_adapter(path, base_src)
+        try:
+            if adapter.native.get("requires_base") and base_src is None:
+                raise UsageError(f"{path}: {adapter.warnings[-1]}", "pass --base BASE_MODEL_FOLDER")
+            progress = factory(adapter.source.total_bytes) if factory else None
+            if to == "gguf":
+                from lora_cli.adapters.to_gguf import write_gguf
+
+                assert base_src is not None
+                done = write_gguf(adapter, base_src, Path(output), overwrite, progress)
+            else:
+                with OutputDir(output, overwrite) as out:
+                    if to == "peft":
+                        from lora_cli.adapters.to_peft import write_peft
+
+                        done = write_peft(adapter, out.path, progress)
+                    else:
+                        from lora_cli.adapters.to_mlx import write_mlx
+
+                        done = write_mlx(adapter, base_src, out.path, progress)
+                    write_manifest(out.path)
+                    done.files = sorted(p.name for p in out.path.iterdir())
+        finally:
+            adapter.close()
+    finally:
+        if base_src is not None:
+            base_src.close()
+    return ConvertResult(
+        input=path,
+        output=Path(output),
+        kind="adapter",
+        files=done.files,
+        tensors=done.tensors,
+        bytes=done.bytes,
+        seconds=time.perf_counter() - start,
+        dropped=list(adapter.non_adapter),
+        notes=done.notes,
+        verified=True,
+        formats=(adapter.format, to),
     )
 
 

@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_cli.adapters.formats import is_adapter, load_adapter
 from lora_cli.adapters.peft import (
     Adapter,
     all_zero_b,
-    is_adapter,
-    load_adapter,
     looks_like_peft_state_dict,
     nonfinite_tensors,
     regex_matches,
@@ -139,6 +138,7 @@ def adapter_details(adapter: Adapter) -> dict[str, Any]:
             }
         )
     details: dict[str, Any] = {
+        "format": adapter.format,
         "weights_file": adapter.weights_file.name,
         "producer": adapter.producer,
         "peft_type": cfg.get("peft_type"),
@@ -167,6 +167,8 @@ def adapter_details(adapter: Adapter) -> dict[str, Any]:
         "variant_state_tensors": adapter.variant_state,
         "skipped_entries": adapter.source.skipped,
     }
+    if adapter.native:
+        details["native"] = adapter.native
     if details["target_modules_kind"] == "regex":
         matched, unmatched = regex_matches(targets, list(adapter.modules))
         details["regex_matches"] = matched

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import Adapter, load_adapter
+from lora_cli.adapters.formats import load_adapter
+from lora_cli.adapters.peft import Adapter
 from lora_cli.io.dtypes import parse_dtype_option
 from lora_cli.io.layout import parse_size
 from lora_cli.io.reader import open_source
@@ -106,7 +107,7 @@ def merge(
         opened: list[Adapter] = []
         try:
             for path in inputs.adapters:
-                opened.append(load_adapter(path))
+                opened.append(load_adapter(path, base_src))
             if len(opened) == 1 and weights is None:
                 plan = plan_merge(
                     base_src,

@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_cli.adapters.peft import is_adapter
+from lora_cli.adapters.formats import is_adapter
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.reader import INDEX_SUFFIXES
 from lora_cli.merge.combine import parse_weights

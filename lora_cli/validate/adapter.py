@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lora_cli.adapters.formats import adapter_format
+from lora_cli.adapters.formats import load_adapter as load_any_adapter
 from lora_cli.adapters.peft import (
     CONFIG_NAME,
     all_zero_b,
@@ -19,7 +21,7 @@ from lora_cli.adapters.peft import (
 from lora_cli.errors import LoraError
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import read_json
-from lora_cli.io.reader import open_source
+from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.validate.files import check_finite, check_manifest, ensure_readable, split_error
 from lora_cli.validate.report import ValidateReport
 
@@ -28,6 +30,9 @@ def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> N
     """Fill ``report`` with the findings on the adapter at ``path`` (against ``base``)."""
     r = report
     r.ran("adapter")
+    if adapter_format(path) in ("mlx-lm", "gguf"):
+        _validate_converted(r, path, base)
+        return
     try:
         config_path, weights = find_adapter_files(path)
     except LoraError as exc:
@@ -115,7 +120,9 @@ def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> N
         adapter.close()
 
 
-def _adapter_against_base(r: ValidateReport, adapter: Any, base: Path, tensors_ok: bool) -> None:
+def _adapter_against_base(
+    r: ValidateReport, adapter: Any, base: Path | TensorSource, tensors_ok: bool
+) -> None:
     """The merge preflight (``plan_merge``) of ``adapter`` on ``base``, as a finding."""
     from lora_cli.errors import MergeError
     from lora_cli.merge.quantized import plan_merge
@@ -124,8 +131,45 @@ def _adapter_against_base(r: ValidateReport, adapter: Any, base: Path, tensors_o
         r.notes.append("adapter not checked against --base: fix the tensor findings first")
         return
     r.ran("adapter-base")
-    with open_source(base) as base_src:
+    if isinstance(base, TensorSource):
+        base_src, owned = base, False
+    else:
+        base_src, owned = open_source(base), True
+    try:
+        plan_merge(base_src, adapter)  # (quantized bases included)
+    except MergeError as exc:
+        r.add(adapter.config_path, None, "adapter-base", exc.message)
+    finally:
+        if owned:
+            base_src.close()
+
+
+def _validate_converted(r: ValidateReport, path: Path, base: Path | None) -> None:
+    """mlx-lm and GGUF LoRA adapters: every tensor in its PEFT form (readable, finite),
+    the reader's warnings, and with ``base`` the merge preflight against it."""
+    r.ran("header")
+    r.ran("finite")
+    base_src = open_source(base) if base is not None else None
+    try:
         try:
-            plan_merge(base_src, adapter)  # (quantized bases included)
-        except MergeError as exc:
-            r.add(adapter.config_path, None, "adapter-base", exc.message)
+            adapter = load_any_adapter(path, base_src)
+        except LoraError as exc:
+            r.add(path, None, "adapter", exc.message)
+            return
+        try:
+            tensors_ok = True
+            src = adapter.source
+            for info in src.infos.values():
+                r.tensors_checked += 1
+                t = src.read(info.name)
+                if info.dtype in FLOAT_DTYPES and info.numel:
+                    tensors_ok = check_finite(r, adapter.weights_file, info, t) and tensors_ok
+            for w in adapter.warnings + all_zero_b(adapter):
+                r.add(adapter.weights_file, None, "adapter", w)
+            if base_src is not None:
+                _adapter_against_base(r, adapter, base_src, tensors_ok)
+        finally:
+            adapter.close()
+    finally:
+        if base_src is not None:
+            base_src.close()

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_cli.adapters.peft import load_adapter
+from lora_cli.adapters.formats import load_adapter
 from lora_cli.errors import LoraError
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import read_json
@@ -56,7 +56,7 @@ class Recompute:
         self.dev = resolve_device(self.device)
         self.base_src = open_source(r.base)
         for path in r.adapters or [r.adapter]:
-            self.adapter_objs.append(load_adapter(path))
+            self.adapter_objs.append(load_adapter(path, self.base_src))
         path_floats = {i.dtype for i in infos.values() if i.dtype in FLOAT_DTYPES}
         base_floats = {i.dtype for i in self.base_src.infos.values() if i.dtype in FLOAT_DTYPES}
         out_dtype = None

@@ -30,6 +30,7 @@ TOP_KEYS = {
     "checkpoint",
 }
 ADAPTER_KEYS = {
+    "format",
     "weights_file",
     "producer",
     "peft_type",

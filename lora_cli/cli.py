@@ -110,10 +110,19 @@ def convert(
 @app.command()
 def merge(
     base: Path = typer.Argument(
-        ..., metavar="BASE", help="Base checkpoint: folder, index or weights file."
+        ...,
+        metavar="BASE",
+        help="Base checkpoint: folder, index or weights file. Alone: a training checkpoint "
+        "(PeftModel state dict, DeepSpeed ZeRO or FSDP folder) to merge.",
     ),
-    adapter: Path = typer.Argument(
-        ..., metavar="ADAPTER", help="Adapter folder or adapter weights file."
+    adapter: Path | None = typer.Argument(
+        None, metavar="[ADAPTER]", help="Adapter folder or adapter weights file."
+    ),
+    ckpt_base: Path | None = typer.Option(
+        None, "--base", help="Training checkpoint only: base model for frozen weights and config."
+    ),
+    adapter_config: Path | None = typer.Option(
+        None, help="Training checkpoint only: the adapter_config.json giving lora_alpha."
     ),
     output_path: Path | None = typer.Option(
         None, "-o", "--output", help="Output folder (must not exist unless --overwrite)."
@@ -133,11 +142,22 @@ def merge(
         from lora_cli import output, render
         from lora_cli.stages.merge import merge as run_merge
 
+        inputs: tuple = (base, adapter, output_path)
+        if adapter is None:  # `lora merge CKPT -o OUT [--base BASE]`
+            from functools import partial
+
+            from lora_cli.stages.checkpoint import merge_checkpoint
+
+            run_merge = partial(merge_checkpoint, base=ckpt_base, adapter_config=adapter_config)
+            inputs = (base, output_path)
+        elif ckpt_base is not None or adapter_config is not None:
+            from lora_cli.errors import UsageError
+
+            raise UsageError("--base and --adapter-config go with a single training checkpoint",
+                             "lora merge CKPT -o OUT --base BASE")  # fmt: skip
         with output.progress_bar("merging", not quiet and not json_out) as factory:
             result = run_merge(
-                base,
-                adapter,
-                output_path,
+                *inputs,
                 dtype=dtype,
                 max_shard_size=max_shard_size,
                 device=device,

@@ -127,8 +127,10 @@ def _read_span(pieces: list[_Piece], start: int, count: int) -> torch.Tensor:
             break
     got = sum(t.numel() for t in out)
     if got != count:
-        raise FormatError(f"{pieces[0].zf.path.parent}: flat partitions hold {got} of the "
-                          f"{count} elements needed (truncated or mismatched rank files)")  # fmt: skip
+        raise FormatError(
+            f"{pieces[0].zf.path.parent}: flat partitions hold {got} of the {count} elements "
+            "needed (truncated or mismatched rank files)"
+        )
     return out[0] if len(out) == 1 else torch.cat(out)
 
 

@@ -42,9 +42,8 @@ def lora_config(tokens: bool = False):
             target_modules=["q_proj", "v_proj"],
             trainable_token_indices={"embed_tokens": [1, 5, 7]},
         )
-    return LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], modules_to_save=["lm_head"]
-    )
+    targets = ["q_proj", "v_proj", "o_proj"]
+    return LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=["lm_head"])
 
 
 def peft_model(model, tokens: bool = False, unfreeze_embedding: bool = True):

@@ -167,6 +167,14 @@ def deepspeed_3ranks(tmp_path_factory) -> Path:
     return deepspeed_checkpoints(tmp_path_factory.mktemp("ds3"), 3, DS_VARIANTS_3)
 
 
+@pytest.fixture(scope="session")
+def fsdp_3ranks(tmp_path_factory) -> Path:
+    """FSDP2 (3 ranks) DCP checkpoint of the tiny LoRA Llama: ``ckpt/`` and ``base/``."""
+    from ckpt_workers import fsdp_checkpoint
+
+    return fsdp_checkpoint(tmp_path_factory.mktemp("fsdp3"), 3)
+
+
 def peft_oracle(base_dir: Path, config_dir: Path, state: dict, tied: bool = False):
     """(PeftModel holding ``state`` over the fp32 base, its merge_and_unload state dict)."""
     from peft import LoraConfig, get_peft_model

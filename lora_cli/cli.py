@@ -86,10 +86,14 @@ def convert(
         False, "--targets-as-list", help="Rewrite a regex target_modules as the module list."
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    adapter_config: Path | None = typer.Option(
+        None, help="Training checkpoint only: the adapter_config.json giving lora_alpha."
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
 ) -> None:
-    """Turn .bin/.pt weights into deduplicated safetensors without running pickle code."""
+    """Turn .bin/.pt weights into deduplicated safetensors without running pickle code;
+    consolidate DeepSpeed/FSDP checkpoints and PeftModel state dicts."""
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.convert import convert as run_convert
@@ -103,6 +107,7 @@ def convert(
                 targets_as_list=targets_as_list,
                 overwrite=overwrite,
                 progress_factory=factory,
+                adapter_config=adapter_config,
             )
         render.convert_result(result, json_out, quiet)
 
@@ -146,7 +151,7 @@ def merge(
         if adapter is None:  # `lora merge CKPT -o OUT [--base BASE]`
             from functools import partial
 
-            from lora_cli.stages.checkpoint import merge_checkpoint
+            from lora_cli.stages.merge import merge_checkpoint
 
             run_merge = partial(merge_checkpoint, base=ckpt_base, adapter_config=adapter_config)
             inputs = (base, output_path)

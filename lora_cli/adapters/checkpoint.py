@@ -16,6 +16,7 @@ The scale is not in the weights: ``lora_alpha`` (and rsLoRA, patterns) must come
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from lora_cli.adapters.peft import CONFIG_NAME, PREFIX, Adapter, classify_adapter
 from lora_cli.errors import FormatError
 from lora_cli.io.checkpoint_detect import TrainingCheckpoint
+from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json, tie_setting
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.io.view import ViewSource
@@ -130,9 +132,6 @@ def split_checkpoint(
     if from_base:
         notes.append(f"{len(from_base)} tensors not in the checkpoint taken from --base")
     _drop_tied_copies(base_members, adapter_keys, members, config, notes)
-    if config is None:
-        notes.append("no config.json known: the output has none (pass --base BASE to take the "
-                     "base's config and tokenizer files)")  # fmt: skip
     # the view's root is where the merge copies config and side files from; a training
     # folder's own files (latest, optimizer states, trainer state) are never copied
     root = config_root or ckpt.folder / ".lora-no-side-files"
@@ -207,3 +206,51 @@ def _trained_base(
         return []
     trainable = set(ckpt.trainable)
     return sorted(n for n, (_, old, _) in base_members.items() if old in trainable)
+
+
+def default_dtype(split: SplitCheckpoint, base: Path | None, training: str | None) -> str | None:
+    """The base's dtype where a base is known, else the training dtype."""
+    if base is not None:
+        counts = Counter(
+            i.dtype
+            for n, i in split.base.infos.items()
+            if i.dtype in FLOAT_DTYPES and n in split.from_base
+        )
+        if not counts:  # every tensor came from the checkpoint: ask the base itself
+            with open_source(base) as src:
+                counts = Counter(i.dtype for i in src.infos.values() if i.dtype in FLOAT_DTYPES)
+        if counts:
+            return counts.most_common(1)[0][0]
+    return training
+
+
+def adapter_folder_tensors(
+    ckpt: TrainingCheckpoint, split: SplitCheckpoint
+) -> tuple[ViewSource, dict[str, str], list[str]]:
+    """What ``convert`` writes as ``adapter_model.safetensors``: the adapter in PEFT's saved
+    key form, plus the base parameters the run trained under their PEFT names (as
+    ``save_embedding_layers`` would save an embedding). Returns (source, out → source
+    name, notes)."""
+    adapter = split.adapter
+    assert adapter is not None
+    members: dict[str, tuple[TensorSource, str, str | None]] = {}
+    skip = set(adapter.non_adapter)
+    for key in adapter.source.names():
+        if key not in skip:
+            src, old = adapter.source.origin(key)  # type: ignore[attr-defined]
+            members[adapter.key_renames.get(key, key)] = (src, old, None)
+    notes = []
+    if ckpt.trainable is None:
+        notes.append(
+            f"a {ckpt.kind} checkpoint does not record which base parameters were trained: "
+            "only LoRA, modules_to_save and trainable-token tensors are written"
+        )
+    else:
+        trained = [n for n in ckpt.trainable if not is_adapter_key(n) and n in ckpt.source]
+        for name in trained:
+            members[name] = (ckpt.source, name, None)
+        if trained:
+            notes.append(f"{len(trained)} trained base parameters included "
+                         f"(e.g. {trained[0]})")  # fmt: skip
+    view = ViewSource(ckpt.folder, ckpt.source.format, members, [])
+    return view, {n: n for n in members}, notes

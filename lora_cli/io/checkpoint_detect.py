@@ -9,6 +9,7 @@ refused here with one line naming what they are.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,3 +104,28 @@ def _note_adapter_file(ckpt: TrainingCheckpoint) -> TrainingCheckpoint:
             "trained base parameters (the adapter file may lack them)"
         )
     return ckpt
+
+
+_IN_MEMORY_PEFT = re.compile(
+    r"\.(base_layer|original_module|modules_to_save|token_adapter)\.|\.lora_[AB]\.[^.]+\.weight$"
+)
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """A DeepSpeed or FSDP folder, or a state dict with in-memory PeftModel names."""
+    from lora_cli.adapters.peft import is_adapter
+    from lora_cli.io import dcp, zero
+
+    path = Path(path)
+    if path.is_dir():
+        if dcp.find_dcp_folder(path) is not None or zero.is_zero_checkpoint(path):
+            return True
+        if any("fsdp" in p.name for p in path.rglob("*_rank*.bin")):
+            return True
+    if not path.exists() or is_adapter(path):
+        return False
+    try:
+        with open_source(path) as source:
+            return any(_IN_MEMORY_PEFT.search(n) for n in source.names())
+    except FormatError:
+        return False

@@ -65,10 +65,8 @@ def param_groups(pm) -> list[dict]:
     """Two groups (LoRA factors, trained base params) so multi-group layouts are exercised."""
     lora = [p for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n]
     other = [p for n, p in pm.named_parameters() if p.requires_grad and "lora_" not in n]
-    groups = [{"params": lora}]
-    if other:
-        groups.append({"params": other, "weight_decay": 0.0})
-    return groups
+    groups = [{"params": lora}, {"params": other, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def batch(rank: int, step: int) -> torch.Tensor:

@@ -26,11 +26,14 @@ def run_variant(out: Path, v: dict, rank: int) -> None:
     model = tiny_llama(tied=v.get("tokens", False))
     if rank == 0:
         save_base(model, out / ("base-tied" if v.get("tokens") else "base"))
-    pm = peft_model(model, tokens=v.get("tokens", False))
     folder = out / v["name"]
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        pm.peft_config["default"].save_pretrained(str(folder))
+    if v.get("plain"):  # full fine-tuning, no LoRA
+        pm = model
+    else:
+        pm = peft_model(model, tokens=v.get("tokens", False))
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            pm.peft_config["default"].save_pretrained(str(folder))
     zero: dict = {"stage": v["stage"]}
     if "sub_group_size" in v:
         zero["sub_group_size"] = v["sub_group_size"]

@@ -254,3 +254,20 @@ def adapter_folder_tensors(
                          f"(e.g. {trained[0]})")  # fmt: skip
     view = ViewSource(ckpt.folder, ckpt.source.format, members, [])
     return view, {n: n for n in members}, notes
+
+
+def open_checkpoint_adapter(path: Path, base: Path | None) -> SplitCheckpoint:
+    """Open a training checkpoint as base view + adapter (``validate --adapter CKPT``)."""
+    from lora_cli.errors import MergeError
+    from lora_cli.io.checkpoint_detect import open_training_checkpoint
+
+    ckpt = open_training_checkpoint(Path(path))
+    try:
+        split = split_checkpoint(ckpt, base=base)
+    except BaseException:
+        ckpt.close()
+        raise
+    if split.adapter is None:
+        split.close()
+        raise MergeError(f"{path}: the checkpoint holds no LoRA tensors")
+    return split

@@ -54,8 +54,16 @@ class Recompute:
         r = self.r
         assert r.base is not None and r.adapter is not None
         self.dev = resolve_device(self.device)
-        self.base_src = open_source(r.base)
-        self.adapter_obj = load_adapter(r.adapter)
+        from lora_cli.io.checkpoint_detect import is_training_checkpoint
+
+        if is_training_checkpoint(r.adapter):  # DeepSpeed, FSDP, PeftModel state dict
+            from lora_cli.adapters.checkpoint import open_checkpoint_adapter
+
+            split = open_checkpoint_adapter(r.adapter, r.base)
+            self.base_src, self.adapter_obj = split.base, split.adapter
+        else:
+            self.base_src = open_source(r.base)
+            self.adapter_obj = load_adapter(r.adapter)
         path_floats = {i.dtype for i in infos.values() if i.dtype in FLOAT_DTYPES}
         base_floats = {i.dtype for i in self.base_src.infos.values() if i.dtype in FLOAT_DTYPES}
         out_dtype = None

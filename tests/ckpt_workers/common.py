@@ -15,14 +15,14 @@ import torch
 VOCAB = 128
 
 
-def tiny_llama(tied: bool = False):
+def tiny_llama(tied: bool = False, **sizes: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        vocab_size=sizes.get("vocab_size", VOCAB),
+        hidden_size=sizes.get("hidden_size", 32),
+        intermediate_size=sizes.get("intermediate_size", 64),
+        num_hidden_layers=sizes.get("num_hidden_layers", 2),
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,

@@ -23,7 +23,7 @@ from ckpt_workers.common import batch, param_groups, peft_model, save_base, tiny
 def run_variant(out: Path, v: dict, rank: int) -> None:
     import deepspeed
 
-    model = tiny_llama(tied=v.get("tokens", False))
+    model = tiny_llama(tied=v.get("tokens", False), **v.get("sizes", {}))
     if rank == 0:
         save_base(model, out / ("base-tied" if v.get("tokens") else "base"))
     folder = out / v["name"]

@@ -142,7 +142,10 @@ def merge(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
 ) -> None:
-    """Fold a LoRA adapter into the base weights, streaming tensor by tensor."""
+    """Fold a LoRA adapter into the base weights, streaming tensor by tensor.
+
+    `lora merge CKPT -o OUT [--base BASE]` merges a training checkpoint (PeftModel state
+    dict, DeepSpeed ZeRO or FSDP folder, HF Trainer checkpoint-N/) instead."""
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.merge import merge as run_merge

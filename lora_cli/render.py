@@ -60,8 +60,10 @@ def inspect_report(report: Any, json_out: bool) -> None:
             output.table("full replacement tensors", ["tensor"], [[r] for r in a["replacements"]])
     if getattr(report, "training", None):
         t = report.training
-        skip = ("lora_modules", "trained_base_params", "shared_params", "files")
+        skip = ("lora_modules", "trained_base_params", "shared_params", "files", "notes")
         output.key_values("training checkpoint", [(k, v) for k, v in t.items() if k not in skip])
+        for note in t["notes"]:
+            output.info(note)
         if t["trained_base_params"]:
             output.table("trained base parameters", ["tensor"],
                          [[n] for n in t["trained_base_params"]])  # fmt: skip

@@ -68,7 +68,6 @@ class SplitCheckpoint:
     adapter: Adapter | None
     config: dict[str, Any] | None  # the model's config.json, if one is known
     config_root: Path | None
-    trained_base: list[str] = field(default_factory=list)  # HF names of trained base params
     from_base: list[str] = field(default_factory=list)  # tensors taken from --base
     notes: list[str] = field(default_factory=list)
 
@@ -100,9 +99,9 @@ def split_checkpoint(
     members: dict[str, tuple[TensorSource, str, str | None]] = {}
     for dropped, kept in _aliases(raw).items():
         members[dropped] = (raw, kept, f"alias:{kept}")
+    kept = {k for _, k, _ in members.values()}
     for name in raw.names():
-        storage = f"alias:{name}" if name in {k for _, k, _ in members.values()} else None
-        members[name] = (raw, name, storage)
+        members[name] = (raw, name, f"alias:{name}" if name in kept else None)
     adapter_keys = [n for n in members if is_adapter_key(n)]
     base_members: dict[str, tuple[TensorSource, str, str | None]] = {}
     for name, member in members.items():
@@ -136,8 +135,7 @@ def split_checkpoint(
     # folder's own files (latest, optimizer states, trainer state) are never copied
     root = config_root or ckpt.folder / ".lora-no-side-files"
     view = ViewSource(root, ckpt.source.format, base_members, owned)
-    trained = _trained_base(ckpt, base_members)
-    split = SplitCheckpoint(view, None, config, config_root, trained, from_base, notes)
+    split = SplitCheckpoint(view, None, config, config_root, from_base, notes)
     if not adapter_keys:
         return split
     config_path = find_adapter_config(ckpt, adapter_config)
@@ -196,16 +194,6 @@ def _drop_tied_copies(
             adapter_keys.remove(key)
         else:
             seen[ident] = key
-
-
-def _trained_base(
-    ckpt: TrainingCheckpoint, base_members: dict[str, tuple[TensorSource, str, str | None]]
-) -> list[str]:
-    """Base parameters the run trained (DeepSpeed lists its param groups)."""
-    if ckpt.trainable is None:
-        return []
-    trainable = set(ckpt.trainable)
-    return sorted(n for n, (_, old, _) in base_members.items() if old in trainable)
 
 
 def default_dtype(split: SplitCheckpoint, base: Path | None, training: str | None) -> str | None:

@@ -150,6 +150,7 @@ DS_VARIANTS_3 = [
     {"name": "zero1", "stage": 1},
     {"name": "zero3-subgroups", "stage": 3, "sub_group_size": 1000},
     {"name": "plain-zero2", "stage": 2, "plain": True},
+    {"name": "zero3-tied-tokens", "stage": 3, "tokens": True},
 ]
 
 

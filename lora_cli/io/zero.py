@@ -293,8 +293,9 @@ def _open(tag: Path, files: list[TorchZipFile]) -> tuple[TensorSource, ZeroCheck
     frozen: list[str] = []
     fragments = states.get("frozen_param_fragments") or {}
     frozen_shapes = states.get("frozen_param_shapes") or {}
+    aliases = states.get("shared_params") or {}
     for name, t in module.items():
-        if name in params or not isinstance(t, PickledTensor) or not isinstance(name, str):
+        if name in params or name in aliases or not isinstance(t, PickledTensor):
             continue
         if stage == 3:
             if name not in frozen_shapes:
@@ -318,7 +319,7 @@ def _open(tag: Path, files: list[TorchZipFile]) -> tuple[TensorSource, ZeroCheck
     if frozen_excluded:
         notes.append("saved with exclude_frozen_parameters: frozen weights are not in the "
                      "checkpoint and come from --base")  # fmt: skip
-    shared = {a: s for a, s in (states.get("shared_params") or {}).items() if s in params}
+    shared = {a: s for a, s in aliases.items() if s in params}
     infos: dict[str, TensorInfo] = {}
     for name, p in params.items():
         alias_of = name

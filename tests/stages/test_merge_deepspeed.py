@@ -112,3 +112,19 @@ def test_adapter_config_is_required(deepspeed_2ranks, tmp_path, run_cli):
     code, _, err = run_cli("merge", ckpt, "-o", tmp_path / "out", "--adapter-config",
                            deepspeed_2ranks / "zero2" / "adapter_config.json", "-q")  # fmt: skip
     assert code == 0, err
+
+
+def test_tied_trainable_tokens_under_zero3(deepspeed_3ranks, tmp_path, run_cli):
+    """shared_params: lm_head.token_adapter.* alias the embedding's; the token rows are
+    replaced once and the model stays tied (config and a single embedding tensor)."""
+    import json
+
+    root = deepspeed_3ranks
+    ckpt = root / "zero3-tied-tokens"
+    out = tmp_path / "merged"
+    code, _, err = run_cli("merge", ckpt, "-o", out, "--base", root / "base-tied", "-q")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    unmerged, expected = peft_oracle(root / "base-tied", ckpt, _zero_to_fp32(ckpt))
+    assert "lm_head.weight" not in _merged(out)
+    _check_against_oracle(out, unmerged, expected)

@@ -58,7 +58,7 @@ def refuse_per_rank_fsdp(folder: Path) -> None:
 
 
 def open_training_checkpoint(path: Path) -> TrainingCheckpoint:
-    from lora_cli.io import dcp, zero
+    from lora_cli.io import dcp, zero, zero_layout
 
     path = Path(path)
     if not path.exists():
@@ -72,7 +72,7 @@ def open_training_checkpoint(path: Path) -> TrainingCheckpoint:
             ckpt.notes.append(f"weights from the FSDP checkpoint {dcp_folder.name}/")
             return _note_adapter_file(ckpt)
         refuse_per_rank_fsdp(path)
-        if zero.is_zero_checkpoint(path):
+        if zero_layout.is_zero_checkpoint(path):
             source, z = zero.open_zero(path)
             dtype = "BF16" if z.bf16 else "F32"
             ckpt = TrainingCheckpoint(path, z.kind, source, dtype, trainable=z.trainable)
@@ -114,11 +114,11 @@ _IN_MEMORY_PEFT = re.compile(
 def is_training_checkpoint(path: Path) -> bool:
     """A DeepSpeed or FSDP folder, or a state dict with in-memory PeftModel names."""
     from lora_cli.adapters.peft import is_adapter
-    from lora_cli.io import dcp, zero
+    from lora_cli.io import dcp, zero_layout
 
     path = Path(path)
     if path.is_dir():
-        if dcp.find_dcp_folder(path) is not None or zero.is_zero_checkpoint(path):
+        if dcp.find_dcp_folder(path) is not None or zero_layout.is_zero_checkpoint(path):
             return True
         if any("fsdp" in p.name for p in path.rglob("*_rank*.bin")):
             return True

@@ -106,8 +106,10 @@ def _note_adapter_file(ckpt: TrainingCheckpoint) -> TrainingCheckpoint:
     return ckpt
 
 
+# PeftModel in-memory names; ``modules_to_save`` and LoRA factors carry an adapter name
 _IN_MEMORY_PEFT = re.compile(
-    r"\.(base_layer|original_module|modules_to_save|token_adapter)\.|\.lora_[AB]\.[^.]+\.weight$"
+    r"\.(base_layer|original_module|token_adapter)\.|\.modules_to_save\.[^.]+\.[^.]+"
+    r"|\.lora_[AB]\.[^.]+\.weight$"
 )
 
 

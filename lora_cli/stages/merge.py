@@ -113,6 +113,15 @@ def merge_checkpoint(
             raise UsageError("no output folder given", "pass -o OUTPUT")
         check_destination(output, overwrite, [Path(ckpt_path)] + ([Path(base)] if base else []))
     dev = resolve_device(device)
+    from lora_cli.io.checkpoint_detect import is_training_checkpoint
+
+    if Path(ckpt_path).exists() and not is_training_checkpoint(Path(ckpt_path)):
+        from lora_cli.errors import UsageError
+
+        raise UsageError(
+            f"{ckpt_path}: not a training checkpoint (PeftModel state dict, DeepSpeed or FSDP)",
+            "to merge an adapter into a base: lora merge BASE ADAPTER -o OUT",
+        )
     ckpt = open_training_checkpoint(Path(ckpt_path))
     try:
         split = split_checkpoint(ckpt, base=base, adapter_config=adapter_config)

@@ -122,3 +122,10 @@ def test_state_dict_without_adapter_config_is_refused(trained, tmp_path, run_cli
     code, _, err = run_cli("merge", ckpt, "-o", tmp_path / "out")
     assert code == 2 and "lora_alpha cannot be recovered" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_alone_is_not_a_training_checkpoint(trained, tmp_path, run_cli):
+    _, pm, _ = trained[False]
+    pm.save_pretrained(tmp_path / "adapter")
+    code, _, err = run_cli("merge", tmp_path / "adapter", "-o", tmp_path / "out")
+    assert code == 2 and "lora merge BASE ADAPTER" in err

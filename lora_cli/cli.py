@@ -93,11 +93,15 @@ def convert(
         None, "--base", help="Base model folder (needed by --to gguf; names for --to mlx)."
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    adapter_config: Path | None = typer.Option(
+        None, help="Training checkpoint only: the adapter_config.json giving lora_alpha."
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
 ) -> None:
-    """Turn .bin/.pt weights into deduplicated safetensors without running pickle code,
-    or an adapter into another ecosystem's format (--to peft | mlx | gguf)."""
+    """Turn .bin/.pt weights into deduplicated safetensors without running pickle code;
+    consolidate DeepSpeed/FSDP checkpoints and PeftModel state dicts; or write an adapter in
+    another ecosystem's format (--to peft | mlx | gguf)."""
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.convert import convert as run_convert
@@ -113,6 +117,7 @@ def convert(
                 progress_factory=factory,
                 to=to,
                 base=base,
+                adapter_config=adapter_config,
             )
         render.convert_result(result, json_out, quiet)
 
@@ -123,12 +128,19 @@ def merge(
         ...,
         metavar="[BASE]",
         help="Base checkpoint: folder, index, weights file or Hub id (org/name[@revision]). "
-        "Omitted: the adapter's base_model_name_or_path.",
+        "Omitted: the adapter's base_model_name_or_path. Alone: a training checkpoint "
+        "(PeftModel state dict, DeepSpeed ZeRO, FSDP or HF Trainer folder) to merge.",
     ),
     adapter: list[Path] | None = typer.Argument(
         None,
         metavar="ADAPTER...",
         help="Adapter folder, adapter weights file or Hub id; several merge their weighted sum.",
+    ),
+    ckpt_base: Path | None = typer.Option(
+        None, "--base", help="Training checkpoint only: base model for frozen weights and config."
+    ),
+    adapter_config: Path | None = typer.Option(
+        None, help="Training checkpoint only: the adapter_config.json giving lora_alpha."
     ),
     output_path: Path | None = typer.Option(
         None, "-o", "--output", help="Output folder (must not exist unless --overwrite)."
@@ -160,13 +172,50 @@ def merge(
         "or 'keep' to re-quantize them in the base's format.",
     ),
 ) -> None:
-    """Fold LoRA adapters into the base weights, streaming tensor by tensor."""
-    if not adapter:  # `lora merge ADAPTER -o OUT`: the base comes from adapter_config.json
-        base, adapter = None, [base]
+    """Fold LoRA adapters into the base weights, streaming tensor by tensor.
+
+    `lora merge ADAPTER -o OUT` takes the base from the adapter's config;
+    `lora merge CKPT -o OUT [--base BASE]` merges a training checkpoint (PeftModel state
+    dict, DeepSpeed ZeRO or FSDP folder, HF Trainer checkpoint-N/)."""
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.merge import merge as run_merge
 
+        if not adapter and _is_training_checkpoint(base):  # `lora merge CKPT -o OUT`
+            if part or join or weights or quantize != "bf16" or not checksums:
+                from lora_cli.errors import UsageError
+
+                raise UsageError(
+                    "--part, --join, --weights, --quantize and --no-checksums do not apply to "
+                    "a training checkpoint",
+                    "lora merge CKPT -o OUT [--base BASE] [--dtype …]",
+                )
+            from lora_cli.stages.merge import merge_checkpoint
+
+            with output.progress_bar("merging", not quiet and not json_out) as factory:
+                result = merge_checkpoint(
+                    base,
+                    output_path,
+                    base=ckpt_base,
+                    adapter_config=adapter_config,
+                    dtype=dtype,
+                    max_shard_size=max_shard_size,
+                    device=device,
+                    dry_run=dry_run,
+                    overwrite=overwrite,
+                    progress_factory=factory,
+                )
+            render.merge_result(result, json_out, quiet)
+            return
+        if ckpt_base is not None or adapter_config is not None:
+            from lora_cli.errors import UsageError
+
+            raise UsageError(
+                "--base and --adapter-config go with a single training checkpoint",
+                "lora merge CKPT -o OUT --base BASE",
+            )
+        if not adapter:  # `lora merge ADAPTER -o OUT`: the base comes from adapter_config.json
+            base, adapter = None, [base]
         with output.progress_bar("merging", not quiet and not json_out) as factory:
             result = run_merge(
                 base,
@@ -187,6 +236,12 @@ def merge(
                 hub_progress=not quiet and not json_out,
             )
         render.merge_result(result, json_out, quiet)
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    from lora_cli.io.checkpoint_detect import is_training_checkpoint
+
+    return Path(path).exists() and is_training_checkpoint(Path(path))
 
 
 @app.command()

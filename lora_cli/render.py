@@ -63,6 +63,15 @@ def inspect_report(report: Any, json_out: bool) -> None:
         )
         if a["replacements"]:
             output.table("full replacement tensors", ["tensor"], [[r] for r in a["replacements"]])
+    if getattr(report, "training", None):
+        t = report.training
+        skip = ("lora_modules", "trained_base_params", "shared_params", "files", "notes")
+        output.key_values("training checkpoint", [(k, v) for k, v in t.items() if k not in skip])
+        for note in t["notes"]:
+            output.info(note)
+        if t["trained_base_params"]:
+            output.table("trained base parameters", ["tensor"],
+                         [[n] for n in t["trained_base_params"]])  # fmt: skip
     if report.checkpoint:
         c = report.checkpoint
         output.key_values(

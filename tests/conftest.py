@@ -174,3 +174,55 @@ def no_fast_io(monkeypatch):
     yield sysio
     monkeypatch.undo()
     importlib.reload(sysio)
+
+
+# --- training checkpoints (DeepSpeed runs are slow: once per session) --------------------
+DS_VARIANTS_2 = [
+    {"name": "zero2", "stage": 2},
+    {"name": "zero3", "stage": 3},
+    {"name": "zero3-bf16-trainable-only", "stage": 3, "bf16": True, "exclude_frozen": True},
+    {"name": "bf16-optimizer", "stage": 1, "bf16": True, "bf16_optimizer": True},
+]
+DS_VARIANTS_3 = [
+    {"name": "zero1", "stage": 1},
+    {"name": "zero3-subgroups", "stage": 3, "sub_group_size": 1000},
+    {"name": "plain-zero2", "stage": 2, "plain": True},
+    {"name": "zero3-tied-tokens", "stage": 3, "tokens": True},
+]
+
+
+@pytest.fixture(scope="session")
+def deepspeed_2ranks(tmp_path_factory) -> Path:
+    """ZeRO checkpoints of the tiny LoRA Llama at 2 ranks, plus ``base/`` (fp32)."""
+    from ckpt_workers import deepspeed_checkpoints
+
+    return deepspeed_checkpoints(tmp_path_factory.mktemp("ds2"), 2, DS_VARIANTS_2)
+
+
+@pytest.fixture(scope="session")
+def deepspeed_3ranks(tmp_path_factory) -> Path:
+    from ckpt_workers import deepspeed_checkpoints
+
+    return deepspeed_checkpoints(tmp_path_factory.mktemp("ds3"), 3, DS_VARIANTS_3)
+
+
+@pytest.fixture(scope="session")
+def fsdp_3ranks(tmp_path_factory) -> Path:
+    """FSDP2 (3 ranks) DCP checkpoint of the tiny LoRA Llama: ``ckpt/`` and ``base/``."""
+    from ckpt_workers import fsdp_checkpoint
+
+    return fsdp_checkpoint(tmp_path_factory.mktemp("fsdp3"), 3)
+
+
+def peft_oracle(base_dir: Path, config_dir: Path, state: dict, tied: bool = False):
+    """(PeftModel holding ``state`` over the fp32 base, its merge_and_unload state dict)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    pm = get_peft_model(base, LoraConfig.from_pretrained(str(config_dir)))
+    missing = pm.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    assert not missing.unexpected_keys, missing.unexpected_keys
+    unmerged = copy.deepcopy(pm).eval()
+    merged = pm.merge_and_unload()
+    return unmerged, {k: v.detach().clone() for k, v in merged.state_dict().items()}

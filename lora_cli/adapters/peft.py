@@ -143,7 +143,7 @@ def load_adapter(path: Path) -> Adapter:
         raise FormatError(f"{config_path}: no 'peft_type'", "this is not a PEFT adapter config")
     source = open_source(weights)
     try:
-        adapter = _classify(config_path.parent, weights, config_path, config, source)
+        adapter = classify_adapter(config_path.parent, weights, config_path, config, source)
     except BaseException:
         source.close()
         raise
@@ -257,7 +257,7 @@ def detect_producer(root: Path, config: dict[str, Any]) -> str:
     return "PEFT"
 
 
-def _classify(
+def classify_adapter(
     root: Path, weights: Path, config_path: Path, config: dict[str, Any], source: TensorSource
 ) -> Adapter:
     modules: dict[str, LoraModule] = {}

@@ -1,7 +1,7 @@
 """Read torch zip checkpoints (``.bin``/``.pt``/``.pth``) without executing their pickle.
 
 ``torch.load`` runs the pickle in ``data.pkl``, and even its weights-only mode has had
-remote-code and memory-corruption bugs. Here the pickle is parsed by an unpickler whose
+remote-code and memory-corruption bugs. Here the pickle is parsed by ``safe_pickle``, whose
 every global, callable and ``BUILD`` target is one of our own inert stand-ins, so the
 result is a tree of plain records. All bounds are checked against the zip entries
 before a byte of tensor data is read, and each tensor is then read on its own.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import struct
 import zipfile
 import zlib
@@ -25,27 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_cli.errors import FormatError, UnsafePickleError
+from lora_cli.errors import FormatError
 from lora_cli.io import sysio
-from lora_cli.io.dtypes import SAFETENSORS_DTYPES, itemsize_bits, nbytes_of, to_torch
+from lora_cli.io.dtypes import itemsize_bits, nbytes_of, to_torch
+from lora_cli.io.safe_pickle import PickledTensor, Storage, Tag, safe_loads
 
 if TYPE_CHECKING:
     import torch
 
-# Torch attribute name -> safetensors name, for whole-byte dtypes only (F4 packs two
-# values per torch element, so its shapes would not match).
-_DTYPES = {a: n for n, (bits, a) in SAFETENSORS_DTYPES.items() if a and bits % 8 == 0}
-# Dtypes torch can pickle that safetensors cannot store: allowed, then refused by name.
-_OTHER_DTYPES = ("complex128", "complex32", "float4_e2m1fn_x2", "quint8", "qint8", "qint32")
-_STORAGES = {
-    "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
-    "DoubleStorage": "F64", "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16",
-    "CharStorage": "I8", "ByteStorage": "U8", "BoolStorage": "BOOL",
-    "ComplexFloatStorage": "C64", "ComplexDoubleStorage": None, "UntypedStorage": None,
-}  # fmt: skip
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-_MALICIOUS = "not part of a tensor state dict; this file may be malicious"
 _MAX_DEPTH = 64
 _MAX_PICKLE = 1 << 30
 
@@ -97,138 +85,79 @@ def _extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
 
 
-# --- inert stand-ins the unpickler builds instead of torch objects ---------------------
-
-
-@dataclass(frozen=True)
-class _Tag:
-    """A storage class or dtype global; ``dtype`` is None when it has no safetensors name."""
-
-    torch_name: str
-    dtype: str | None
-
-
-@dataclass(frozen=True)
-class _Storage:
-    key: str
-    tag: _Tag
-    numel: int  # bytes for UntypedStorage
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    storage: _Storage
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    tag: _Tag
-
-
-def _ints(value: Any) -> bool:
-    return isinstance(value, tuple) and all(type(v) is int for v in value)
-
-
-def _tensor(storage: Any, offset: Any, shape: Any, stride: Any, tag: Any) -> _Tensor:
-    if not (isinstance(storage, _Storage) and type(offset) is int and isinstance(tag, _Tag)):
-        raise ValueError("malformed tensor rebuild arguments")
-    if not (_ints(shape) and _ints(stride) and len(shape) == len(stride)):
-        raise ValueError("malformed tensor shape/stride")
-    return _Tensor(storage, offset, shape, stride, tag)
-
-
-def _rebuild_v2(storage: Any, offset: Any, shape: Any, stride: Any, *_: Any) -> _Tensor:
-    tag = getattr(storage, "tag", None)
-    if tag is None or tag.torch_name == "UntypedStorage":
-        raise ValueError("_rebuild_tensor_v2 needs a typed storage")
-    return _tensor(storage, offset, shape, stride, tag)
-
-
-def _rebuild_v3(storage: Any, offset: Any, shape: Any, stride: Any, _g: Any, _h: Any,
-                dtype: Any, *_: Any) -> _Tensor:  # fmt: skip
-    return _tensor(storage, offset, shape, stride, dtype)
-
-
-def _rebuild_parameter(data: Any, *_: Any) -> Any:
-    return data
-
-
-def _size(dims: Any = ()) -> tuple[int, ...]:
-    return tuple(dims)
-
-
-_CALLABLES: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): dict,
-    ("torch", "Size"): _size,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-}
-_SAFE_CALLS = tuple(_CALLABLES.values())
-
-
-class _SafeUnpickler(pickle._Unpickler):  # the pure-Python one, so opcodes can be overridden
-    def __init__(self, data: bytes, label: str) -> None:
-        super().__init__(io.BytesIO(data))
-        self.label = label
-
-    def _refuse(self, what: str) -> UnsafePickleError:
-        return UnsafePickleError(f"{self.label}: refused {what}", _MALICIOUS)
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _CALLABLES:
-            return _CALLABLES[module, name]
-        if module in ("torch", "torch.storage", "torch.cuda") and name in _STORAGES:
-            return _Tag(name, _STORAGES[name])
-        if module == "torch" and (name in _DTYPES or name in _OTHER_DTYPES):
-            return _Tag(name, _DTYPES.get(name))
-        raise self._refuse(f"to load global '{module}.{name}'")
-
-    def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ValueError(f"unexpected persistent id {pid!r:.80}")
-        _, tag, key, _location, numel = pid
-        if not (isinstance(tag, _Tag) and tag.torch_name.endswith("Storage")):
-            raise ValueError("persistent id without a storage type")
-        if not (isinstance(key, str) and key and "/" not in key and type(numel) is int):
-            raise ValueError(f"malformed storage id {pid!r:.80}")
-        return _Storage(key, tag, numel)
-
-    def load_reduce(self) -> None:
-        if not any(self.stack[-2] is f for f in _SAFE_CALLS):
-            raise self._refuse(f"to call {self.stack[-2]!r:.80}")
-        super().load_reduce()
-
-    def load_build(self) -> None:
-        """Drop attribute state (``state_dict()._metadata``) rather than set it."""
-        self.stack.pop()
-        if not isinstance(self.stack[-1], (dict, _Tensor)):
-            raise self._refuse(f"BUILD on {type(self.stack[-1]).__name__}")
-
-    def _refuse_opcode(self) -> None:
-        raise self._refuse("an object-construction opcode (INST/OBJ/NEWOBJ)")
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-    dispatch[pickle.REDUCE[0]] = load_reduce
-    dispatch[pickle.BUILD[0]] = load_build
-    for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX):
-        dispatch[_op[0]] = _refuse_opcode
-    del _op
-
-
 # --- the zip container -------------------------------------------------------------------
 
 
-class TorchZipFile:
-    """A parsed and validated torch zip checkpoint; tensors are read one at a time."""
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file, seen as a whole file.
 
-    def __init__(self, path: Path) -> None:
+    A torch.distributed.checkpoint ``.distcp`` file is several complete torch zip
+    archives back to back; each is parsed through a window on its byte range.
+    """
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf: Any) -> int:
+        n = max(0, min(len(buf), self.length - self.pos))
+        if n == 0:
+            return 0
+        data = os.pread(self.fd, n, self.start + self.pos)  # headers and pickles only
+        buf[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+class TorchZipFile:
+    """A parsed and validated torch zip checkpoint; tensors are read one at a time.
+
+    ``profile`` names the pickle allowlist (``safe_pickle.PROFILES``); ``window`` (start,
+    length) reads one archive embedded in a bigger file. With ``tree_only`` the pickle's
+    record tree is kept in ``tree`` and nothing is flattened: formats whose tensors sit in
+    lists (DeepSpeed's flat partitions) locate and read ``PickledTensor`` s themselves,
+    only those they need, and only the elements they need (``read_elements``).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        profile: str = "state_dict",
+        window: tuple[int, int] | None = None,
+        tree_only: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.records: dict[str, TorchTensorRecord] = {}
         self.skipped: list[str] = []
         self.unwrapped: str | None = None  # wrapper key ("state_dict", ...) that was unwrapped
         self.big_endian = False
+        self.tree: Any = None
+        self._profile = profile
+        self._tree_only = tree_only
         self._fh = open(self.path, "rb")  # noqa: SIM115 - held for read()
+        size = os.fstat(self._fh.fileno()).st_size
+        self._start, self._length = window if window else (0, size)
+        if self._start < 0 or self._start + self._length > size:
+            self._fh.close()
+            raise self._error(f"byte range {window} runs past the end of the file (truncated?)")
+        self._view: Any = _Window(self._fh.fileno(), self._start, self._length)
+        self._infos: dict[str, zipfile.ZipInfo] = {}
+        self._prefix = ""
+        self._offsets: dict[Storage, tuple[int, int]] = {}
         try:
             self._parse()
         except BaseException:
@@ -239,14 +168,14 @@ class TorchZipFile:
         return FormatError(f"{self.path.name}: {message}", hint)
 
     def _parse(self) -> None:
-        head = self._fh.read(32)
+        head = self._view.read(32)
         if not head.startswith(b"PK\x03\x04"):
             if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
                 raise self._error("legacy (torch<1.6) file", "re-save it with torch>=1.6")
             raise self._error("not a zip-format torch file", "re-save it with torch>=1.6")
-        self._fh.seek(0)
+        self._view.seek(0)
         try:
-            with zipfile.ZipFile(self._fh) as zf:
+            with zipfile.ZipFile(self._view) as zf:
                 self._parse_zip(zf)
         except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError,
                 ValueError, struct.error) as exc:  # fmt: skip
@@ -266,38 +195,60 @@ class TorchZipFile:
         self.big_endian = order == b"big"
         if infos[pickles[0]].file_size > _MAX_PICKLE:
             raise self._error(f"data.pkl is {infos[pickles[0]].file_size} bytes; too large")
+        self._infos, self._prefix = infos, prefix
         tree = self._unpickle(zf.read(infos[pickles[0]]))
-        offsets: dict[_Storage, tuple[int, int]] = {}
+        if self._tree_only:
+            self.tree = tree
+            return
         for name, tensor in self._flatten(tree):
-            storage = tensor.storage
-            if storage not in offsets:
-                info = infos.get(f"{prefix}data/{storage.key}")
-                offsets[storage] = self._locate(name, storage, info)
-            self.records[name] = self._record(name, tensor, *offsets[storage])
+            self.records[name] = self.record(name, tensor)
 
     def _unpickle(self, data: bytes) -> Any:
         try:
-            return _SafeUnpickler(data, self.path.name).load()
-        except FormatError:
+            return safe_loads(data, self.path.name, self._profile)
+        except FormatError as exc:
+            if exc.message.startswith(f"{self.path.name}: bad pickle"):
+                raise self._error("bad data.pkl" + exc.message.split("bad pickle", 1)[1]) from None
             raise
-        except Exception as exc:  # every callable is ours: any failure is a malformed pickle
-            raise self._error(f"bad data.pkl ({type(exc).__name__}: {exc})") from None
 
-    def _flatten(self, tree: Any) -> list[tuple[str, _Tensor]]:
+    def record(self, name: str, tensor: PickledTensor) -> TorchTensorRecord:
+        """Locate and bounds-check one tensor of the tree (its data is not read)."""
+        storage = tensor.storage
+        if storage not in self._offsets:
+            info = self._infos.get(f"{self._prefix}data/{storage.key}")
+            self._offsets[storage] = self._locate(name, storage, info)
+        return self._record(name, tensor, *self._offsets[storage])
+
+    def read_elements(self, name: str, tensor: PickledTensor, start: int, count: int) -> Any:
+        """Elements ``[start, start + count)`` of a contiguous tensor, reading only those."""
+        import torch
+
+        rec = self.record(name, tensor)
+        if not rec.contiguous or start < 0 or start + count > tensor.numel:
+            raise self._error(f"{name}: elements [{start}, {start + count}) are outside "
+                              f"a contiguous tensor of {tensor.numel}")  # fmt: skip
+        size = itemsize_bits(rec.dtype) // 8
+        buf = bytearray(count * size)
+        self._pread(name, buf, rec.data_offset + (rec.storage_offset + start) * size)
+        if not buf:
+            return torch.empty(0, dtype=to_torch(rec.dtype))
+        return self._decode(buf, rec.dtype)
+
+    def _flatten(self, tree: Any) -> list[tuple[str, PickledTensor]]:
         """Unwrap ``{"state_dict": {...}}``-style wrappers and flatten nested string-key dicts."""
         if not isinstance(tree, dict):
             raise self._error(f"top-level object is a {type(tree).__name__}, not a dict")
-        if not any(isinstance(v, _Tensor) for v in tree.values()):
+        if not any(isinstance(v, PickledTensor) for v in tree.values()):
             wrappers = [
                 k for k in _WRAPPER_KEYS
                 if isinstance(tree.get(k), dict)
-                and any(isinstance(v, _Tensor) for v in tree[k].values())
+                and any(isinstance(v, PickledTensor) for v in tree[k].values())
             ]  # fmt: skip
             if len(wrappers) == 1:
                 self.unwrapped = wrappers[0]
                 self.skipped += [str(k) for k in tree if k != self.unwrapped]
                 tree = tree[self.unwrapped]
-        out: list[tuple[str, _Tensor]] = []
+        out: list[tuple[str, PickledTensor]] = []
         self._walk(tree, "", out, set(), 0)
         names = [n for n, _ in out]
         if len(set(names)) != len(names):
@@ -311,7 +262,7 @@ class TorchZipFile:
         seen.add(id(node))
         for key, value in node.items():
             name = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{key!r}"
-            if isinstance(value, _Tensor) and isinstance(key, str):
+            if isinstance(value, PickledTensor) and isinstance(key, str):
                 out.append((name, value))
             elif (
                 isinstance(value, dict) and value and id(value) not in seen
@@ -321,9 +272,7 @@ class TorchZipFile:
             else:
                 self.skipped.append(name)
 
-    def _locate(
-        self, name: str, storage: _Storage, info: zipfile.ZipInfo | None
-    ) -> tuple[int, int]:
+    def _locate(self, name: str, storage: Storage, info: zipfile.ZipInfo | None) -> tuple[int, int]:
         """Absolute data offset and byte length of a storage entry, from its local header."""
         where = f"storage {storage.key!r} of tensor {name!r}"
         if info is None:
@@ -337,17 +286,19 @@ class TorchZipFile:
         if info.file_size != storage.numel * bits // 8:
             raise self._error(f"{where} holds {info.file_size} bytes, "
                               f"expected {storage.numel} x {bits // 8}")  # fmt: skip
-        self._fh.seek(info.header_offset)
-        header = self._fh.read(30)
+        self._view.seek(info.header_offset)
+        header = self._view.read(30)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise self._error(f"{where}: bad local zip header (truncated file?)")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         start = info.header_offset + 30 + name_len + extra_len
-        if start + info.file_size > os.fstat(self._fh.fileno()).st_size:
+        if start + info.file_size > self._length:
             raise self._error(f"{where} runs past the end of the file (truncated?)")
-        return start, info.file_size
+        return self._start + start, info.file_size
 
-    def _record(self, name: str, t: _Tensor, data_offset: int, nbytes: int) -> TorchTensorRecord:
+    def _record(
+        self, name: str, t: PickledTensor, data_offset: int, nbytes: int
+    ) -> TorchTensorRecord:
         bits = _itembits(t.tag)
         if bits is None:
             raise self._error(f"tensor {name!r} has dtype {t.tag.torch_name}, "
@@ -372,19 +323,28 @@ class TorchZipFile:
         if end == start:
             return torch.empty(rec.shape, dtype=dtype)
         buf = bytearray(end - start)
-        # positional reads, not seek+read: merge reads ahead on a worker thread
-        done, view, offset = 0, memoryview(buf), rec.data_offset + start
+        self._pread(name, buf, rec.data_offset + start)
+        flat = self._decode(buf, rec.dtype)
+        return torch.as_strided(flat, rec.shape, rec.stride).contiguous()
+
+    def _pread(self, name: str, buf: bytearray, offset: int) -> None:
+        # pread, not seek+read: merge reads ahead on a worker thread
+        done, view = 0, memoryview(buf)
         while done < len(buf):
             n = sysio.read_at(self._fh.fileno(), view[done:], offset + done)
             if n <= 0:
                 raise self._error(f"tensor {name!r}: file ended early (truncated?)")
             done += n
+
+    def _decode(self, buf: bytearray, dtype: str) -> torch.Tensor:
+        """Raw little- or big-endian bytes as a flat tensor of ``dtype``."""
+        import torch
+
         raw = torch.frombuffer(buf, dtype=torch.uint8)
-        if self.big_endian and itemsize_bits(rec.dtype) > 8:
-            unit = itemsize_bits(rec.dtype) // 8 // (2 if rec.dtype == "C64" else 1)
+        if self.big_endian and itemsize_bits(dtype) > 8:
+            unit = itemsize_bits(dtype) // 8 // (2 if dtype == "C64" else 1)
             raw = raw.view(-1, unit).flip(-1).reshape(-1)
-        flat = raw.view(dtype)
-        return torch.as_strided(flat, rec.shape, rec.stride).contiguous()
+        return raw.view(to_torch(dtype))
 
     def close(self) -> None:
         self._fh.close()
@@ -396,5 +356,5 @@ class TorchZipFile:
         self.close()
 
 
-def _itembits(tag: _Tag | None) -> int | None:
+def _itembits(tag: Tag | None) -> int | None:
     return itemsize_bits(tag.dtype) if tag is not None and tag.dtype else None

@@ -98,6 +98,7 @@ def convert(
     progress_factory: Any = None,
     to: str | None = None,
     base: Path | None = None,
+    adapter_config: Path | None = None,
 ) -> ConvertResult:
     input_path = Path(input_path)
     if not input_path.exists():
@@ -117,6 +118,13 @@ def convert(
             "put the adapter's config next to it (r and lora_alpha cannot be recovered "
             "from the weights)",
         )
+    from lora_cli.io.checkpoint_detect import is_training_checkpoint
+
+    if is_training_checkpoint(input_path):  # DeepSpeed, FSDP, PeftModel state dicts
+        return _convert_training_checkpoint(
+            input_path, output, parse_dtype_option(dtype), parse_size(max_shard_size),
+            overwrite, progress_factory, adapter_config,
+        )  # fmt: skip
     if is_adapter(input_path):
         if parse_dtype_option(dtype) is not None:
             raise UsageError("--dtype applies to full checkpoints, not adapters")
@@ -435,6 +443,76 @@ def _convert_checkpoint(
             notes=dedup.notes,
             verified=True,
         )
+
+
+# -- training checkpoints -----------------------------------------------------------------
+def _convert_training_checkpoint(
+    path: Path,
+    output: Path | None,
+    out_dtype: str | None,
+    max_shard: int,
+    overwrite: bool,
+    factory: Any,
+    adapter_config: Path | None,
+) -> ConvertResult:
+    """A plain model's training checkpoint → a safetensors model (what zero_to_fp32 and
+    ``accelerate merge-weights`` do, streaming); a PeftModel's → a PEFT adapter folder with
+    the trained base parameters included (the recovery for empty ZeRO-3 adapter saves)."""
+    from lora_cli.adapters.checkpoint import adapter_folder_tensors, split_checkpoint
+    from lora_cli.io.checkpoint_detect import open_training_checkpoint
+
+    start = time.perf_counter()
+    output = output or _default_checkpoint_output(path)
+    check_destination(output, overwrite, [path])
+    ckpt = open_training_checkpoint(path)
+    try:
+        split = split_checkpoint(ckpt, adapter_config=adapter_config)
+    except BaseException:
+        ckpt.close()
+        raise
+    with split.base:
+        notes = ckpt.notes + split.notes
+        if split.adapter is None:
+            kind, source, names = "checkpoint", split.base, {n: n for n in split.base.names()}
+            stem = "model"
+        else:
+            check_adapter_tensors(split.adapter)
+            kind, stem = "adapter", "adapter_model"
+            source, names, more = adapter_folder_tensors(ckpt, split)
+            notes += more
+        specs = []
+        for name, src_name in names.items():
+            info = source.info(src_name)
+            dt = out_dtype if out_dtype and info.dtype in FLOAT_DTYPES else info.dtype
+            specs.append((name, dt, info.shape))
+        shards = plan_shards(specs, max_shard if kind == "checkpoint" else 1 << 62, stem=stem)
+        total = sum(source.info(n).nbytes for n in names.values())
+        progress = factory(total) if factory else None
+        with OutputDir(output, overwrite) as out:
+            for shard in shards:
+                _write_shard(out.path / shard.filename, shard, source, names, out_dtype, progress)
+            _verify(out.path, shards, source, names, out_dtype)
+            if kind == "checkpoint":
+                write_index(out.path, shards)
+            else:
+                assert split.adapter is not None
+                write_json(out.path / CONFIG_NAME, split.adapter.config)
+            write_manifest(out.path)
+            files = sorted(p.name for p in out.path.iterdir())
+        if split.adapter is not None:
+            split.adapter.close()
+    return ConvertResult(
+        input=path,
+        output=Path(output),
+        kind=kind,
+        files=files,
+        tensors=len(specs),
+        bytes=sum(s.nbytes for s in shards),
+        seconds=time.perf_counter() - start,
+        dropped=list(ckpt.source.skipped),
+        notes=notes,
+        verified=True,
+    )
 
 
 # -- shared streaming ---------------------------------------------------------------------

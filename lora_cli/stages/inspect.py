@@ -37,6 +37,7 @@ class InspectReport:
     warnings: list[str] = field(default_factory=list)
     adapter: dict[str, Any] | None = None
     checkpoint: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None  # DeepSpeed / FSDP / PeftModel state dict
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -53,11 +54,17 @@ class InspectReport:
             "adapter": self.adapter,
             "checkpoint": self.checkpoint,
         }
+        if self.training is not None:
+            doc["training"] = self.training
         return doc
 
 
 def inspect_path(path: Path) -> InspectReport:
     path = Path(path)
+    from lora_cli.io.checkpoint_detect import is_training_checkpoint
+
+    if is_training_checkpoint(path):
+        return _training_report(path)
     if is_adapter(path):
         adapter = load_adapter(path)
         try:
@@ -225,3 +232,54 @@ def quantization_details(source: TensorSource, config: Any) -> dict[str, Any] | 
         )
         families.append(entry)
     return {"method": scheme.method, "families": families}
+
+
+def _training_report(path: Path) -> InspectReport:
+    """A training checkpoint: its kind, ranks, dtypes, what is LoRA, trained, frozen or tied,
+    and whether an adapter file beside it lacks trained base parameters."""
+    from lora_cli.adapters.checkpoint import find_adapter_config, is_adapter_key
+    from lora_cli.adapters.peft import PREFIX
+    from lora_cli.io.checkpoint_detect import ADAPTER_FILES, open_training_checkpoint
+
+    ckpt = open_training_checkpoint(path)
+    with ckpt.source as source:
+        report = _summary(path, "training-checkpoint", source)
+        report.format = ckpt.kind
+        report.files = [
+            {"name": p.name, "bytes": p.stat().st_size, "tensors": None}
+            for p in sorted(source.files[0].iterdir()) if p.is_file()
+        ] if source.files and source.files[0].is_dir() else report.files  # fmt: skip
+        names = source.names()
+        lora = [n for n in names if is_adapter_key(n)]
+        modules = sorted({n.split(".lora_")[0].removeprefix(PREFIX) for n in names
+                          if ".lora_" in n})  # fmt: skip
+        trained_base = [n for n in (ckpt.trainable or []) if not is_adapter_key(n)]
+        config = find_adapter_config(ckpt, None)
+        report.training = {
+            "kind": ckpt.kind,
+            "training_dtype": ckpt.training_dtype,
+            **ckpt.details,
+            "lora_tensors": len(lora),
+            "lora_modules": modules,
+            "trained_base_params": trained_base,
+            "adapter_config": str(config) if config else None,
+            "notes": ckpt.notes,
+        }
+        if lora and config is None:
+            report.warnings.append(
+                "LoRA tensors but no adapter_config.json in or beside it: merge needs "
+                "--adapter-config (alpha is not in the weights)"
+            )
+        adapter_files = [path / n for n in ADAPTER_FILES if path.is_dir() and (path / n).is_file()]
+        if trained_base and adapter_files:
+            weights = adapter_files[0]
+            with open_source(weights) as adapter_src:
+                saved = {n.removeprefix(PREFIX) for n in adapter_src.names()}
+            missing = [n for n in trained_base if n.removeprefix(PREFIX) not in saved]
+            if missing:
+                report.warnings.append(
+                    f"{weights.name} lacks {len(missing)} trained base parameters (e.g. "
+                    f"{missing[0].removeprefix(PREFIX)}): merging the adapter file alone loses "
+                    "them; merge or convert this folder instead"
+                )
+    return report

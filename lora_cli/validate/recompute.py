@@ -54,9 +54,19 @@ class Recompute:
         r = self.r
         assert r.base is not None and r.adapter is not None
         self.dev = resolve_device(self.device)
-        self.base_src = open_source(r.base)
-        for path in r.adapters or [r.adapter]:
-            self.adapter_objs.append(load_adapter(path, self.base_src))
+        from lora_cli.io.checkpoint_detect import is_training_checkpoint
+
+        if len(r.adapters or [r.adapter]) == 1 and is_training_checkpoint(r.adapter):
+            # DeepSpeed, FSDP, PeftModel state dict: base view + adapter from the checkpoint
+            from lora_cli.adapters.checkpoint import open_checkpoint_adapter
+
+            split = open_checkpoint_adapter(r.adapter, r.base)
+            self.base_src = split.base
+            self.adapter_objs.append(split.adapter)
+        else:
+            self.base_src = open_source(r.base)
+            for path in r.adapters or [r.adapter]:
+                self.adapter_objs.append(load_adapter(path, self.base_src))
         path_floats = {i.dtype for i in infos.values() if i.dtype in FLOAT_DTYPES}
         base_floats = {i.dtype for i in self.base_src.infos.values() if i.dtype in FLOAT_DTYPES}
         out_dtype = None

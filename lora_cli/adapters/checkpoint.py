@@ -25,7 +25,8 @@ from lora_cli.adapters.peft import CONFIG_NAME, PREFIX, Adapter, classify_adapte
 from lora_cli.errors import FormatError
 from lora_cli.io.checkpoint_detect import TrainingCheckpoint
 from lora_cli.io.dtypes import FLOAT_DTYPES
-from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json, tie_setting
+from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json
+from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.io.view import ViewSource
 
@@ -172,7 +173,7 @@ def _drop_tied_copies(
 ) -> None:
     """A tied model holds ``lm_head`` as a second name of the embedding (and so do its
     token-adapter tensors): with a tying config, keep the embedding's names only."""
-    if not tie_setting(config):
+    if not tie_word_embeddings(config):
         return
 
     def identity(member: tuple[TensorSource, str, str | None]) -> tuple:

@@ -52,6 +52,10 @@ class LoraModule:
     # ``nn.MultiheadAttention`` (PEFT merges those with their own rounding, see merge/math.py).
     role: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.weight:  # readers other than PEFT's (mlx-lm, GGUF, checkpoints, experts)
+            self.weight = _strip_base_layer(self.path + ".") + "weight"
+
     @property
     def bias(self) -> str:
         """The base bias a ``lora_B.bias`` is added to."""

@@ -27,7 +27,8 @@ from lora_cli.adapters.gguf import (
 )
 from lora_cli.adapters.peft import Adapter
 from lora_cli.errors import FormatError, UsageError
-from lora_cli.io.layout import OUTPUT_EMBEDDING, tie_setting
+from lora_cli.io.layout import OUTPUT_EMBEDDING
+from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource
 from lora_cli.io.writer import TMP_MARK, remove_stale_temporaries
 
@@ -87,7 +88,7 @@ def write_gguf(
             f"{adapter.root}: cannot convert to GGUF for {arch_class}: supported are {known}"
         )
     arch, permutes = ARCHITECTURES[arch_class]
-    tied = bool(tie_setting(config)) and OUTPUT_EMBEDDING not in base
+    tied = bool(tie_word_embeddings(config)) and OUTPUT_EMBEDDING not in base
     skipped = _saved_base_copies(adapter, base)
     refuse(adapter, "GGUF", _problems(adapter, tied, skipped))
 

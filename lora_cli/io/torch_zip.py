@@ -116,10 +116,9 @@ class _Window(io.RawIOBase):
         n = max(0, min(len(buf), self.length - self.pos))
         if n == 0:
             return 0
-        data = os.pread(self.fd, n, self.start + self.pos)  # headers and pickles only
-        buf[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
+        got = sysio.read_at(self.fd, memoryview(buf)[:n], self.start + self.pos)  # headers, pickles
+        self.pos += got
+        return got
 
 
 class TorchZipFile:

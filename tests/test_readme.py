@@ -72,7 +72,10 @@ def test_lora_snippet_names_real_subcommand_and_options(words):
 @pytest.mark.parametrize("words", HF, ids=[" ".join(c)[:60] for c in HF])
 def test_hf_snippet_names_an_installed_command(words):
     hf = Path(sys.executable).parent / "hf"
-    assert hf.exists(), "huggingface_hub's hf CLI is not installed"
+    if not hf.exists():  # the hf CLI ships with huggingface_hub >= 0.34 (test-oldest has less)
+        import huggingface_hub
+
+        pytest.skip(f"huggingface_hub {huggingface_hub.__version__} has no hf CLI")
     sub = [w for w in words[1:] if not w.startswith("-")][:1]
     done = subprocess.run([str(hf), *sub, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

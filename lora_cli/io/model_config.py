@@ -42,6 +42,10 @@ def tie_word_embeddings(config: dict[str, Any] | None) -> bool | None:
     None without a config."""
     if config is None:
         return None
+    if TIE_KEY in config and not isinstance(config.get("text_config"), dict):
+        # stated for a single config: every transformers version takes it as written, and
+        # not importing transformers keeps small commands fast
+        return bool(config[TIE_KEY])
     built = transformers_config(config)
     value = None if built is None else getattr(built, TIE_KEY, None)
     if value is None and built is not None:

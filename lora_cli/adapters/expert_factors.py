@@ -87,8 +87,6 @@ def expand_expert_factors(adapter: Adapter, base: TensorSource) -> None:
                 slices[virtual] = (key, e if shape[0] > 1 else 0)
                 parts[part] = virtual
             name = f"{owner}.{e}.{leaf}"
-            adapter.modules[name] = LoraModule(
-                name, parts, module.r, module.alpha, module.scale, weight=f"{name}.weight"
-            )
+            adapter.modules[name] = LoraModule(name, parts, module.r, module.alpha, module.scale)
     if slices:
         adapter.source = ExpertFactorSource(src, slices)

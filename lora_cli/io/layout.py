@@ -212,12 +212,6 @@ def fsync_file(path: Path) -> None:
         raise io_error(path, exc) from None
 
 
-def fsync_and_hash(path: Path) -> str:
-    """Flush a finished file to disk and return its sha256 (read back from the page cache)."""
-    fsync_file(path)
-    return sha256_file(path)
-
-
 def write_manifest(folder: Path, known: dict[str, str] | None = None) -> Path:
     """sha256 of every file, in ``sha256sum`` format so ``sha256sum -c`` checks it too.
 

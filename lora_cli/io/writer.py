@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import heapq
 import os
+import queue
 import shutil
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lora_cli.errors import FormatError, LoraError, UsageError
 from lora_cli.io import sysio
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 TMP_MARK = ".lora-tmp-"
+EMIT_SLICE = 256 << 10  # fits a core's L2 with room for the hash state and the kernel's copy
 
 
 def _pid_alive(pid: int) -> bool:
@@ -125,6 +129,7 @@ class ShardWriter:
 
     Tensors may arrive in any order: each goes to its planned offset with pwrite.
     ``close`` refuses to finish unless every tensor was written exactly once.
+    ``hashed``: the file's sha256 is computed as it is written (``TrailingHash``).
     """
 
     def __init__(
@@ -133,7 +138,7 @@ class ShardWriter:
         specs: list[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
         *,
-        hashed: bool = True,
+        hashed: bool = False,
     ) -> None:
         self.path = path
         header, entries = plan_header(specs, metadata)
@@ -142,15 +147,15 @@ class ShardWriter:
         self.size = self.data_start + (entries[-1].end if entries else 0)
         self._pending = set(self.entries)
         self._partial: dict[str, int] = {}  # bytes written so far by write_rows
-        # sha256 of the file, fed while the bytes are hot as long as they arrive in file
-        # order (merge writes that way); anything else drops it and the digest is None.
-        self._sha: Any = hashlib.sha256(header) if hashed else None
-        self._hashed = len(header)
         self.fd = -1
+        self._hash: TrailingHash | None = None
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             _pwrite_all(self.fd, memoryview(header), 0, path)
             os.ftruncate(self.fd, self.size)
+            if hashed:
+                self._hash = TrailingHash(path, self.size)
+                self._hash.add(0, len(header))
         except OSError as exc:
             self.abort()
             raise io_error(path, exc) from None
@@ -182,12 +187,7 @@ class ShardWriter:
         if entry.nbytes:
             import torch
 
-            view = memoryview(data.view(torch.uint8).numpy())
-            self._hash(view, self.data_start + entry.start)
-            try:
-                _pwrite_all(self.fd, view, self.data_start + entry.start, self.path)
-            except OSError as exc:
-                raise io_error(self.path, exc) from None
+            self._emit(memoryview(data.view(torch.uint8).numpy()), self.data_start + entry.start)
         self._pending.discard(name)
 
     def write_rows(self, name: str, first_row: int, rows: torch.Tensor) -> None:
@@ -218,11 +218,7 @@ class ShardWriter:
         import torch
 
         view = memoryview(data.view(torch.uint8).numpy())
-        self._hash(view, self.data_start + entry.start + first_row * row_bytes)
-        try:
-            _pwrite_all(self.fd, view, self.data_start + entry.start + first_row * row_bytes, None)
-        except OSError as exc:
-            raise io_error(self.path, exc) from None
+        self._emit(view, self.data_start + entry.start + first_row * row_bytes)
         done = self._partial.get(name, 0) + nbytes
         if done == entry.nbytes:
             self._partial.pop(name, None)
@@ -233,36 +229,39 @@ class ShardWriter:
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy bytes already in safetensors layout straight from another file."""
         entry = self._entry(name, nbytes)
-        if self._sha is not None and self._hashed == self.data_start + entry.start:
-            try:
-                sysio.hash_range(self._sha, src_fd, src_offset, nbytes)
-                self._hashed += nbytes
-            except (OSError, ValueError, sysio.ShortCopy):
-                self._sha = None  # the copy below reports a real problem
-        else:
-            self._sha = None
         try:
             copy_range(src_fd, src_offset, self.fd, self.data_start + entry.start, nbytes)
         except OSError as exc:
             raise io_error(self.path, exc) from None
+        if self._hash is not None:
+            self._hash.add(self.data_start + entry.start, nbytes)
         self._pending.discard(name)
 
-    def _hash(self, view: memoryview, offset: int) -> None:
-        if self._sha is not None and offset == self._hashed:
-            self._sha.update(view)
-            self._hashed += len(view)
-        else:
-            self._sha = None
+    def _emit(self, view: memoryview, offset: int) -> None:
+        """Write ``view`` at ``offset`` a cache-sized slice at a time.
+
+        Handing the kernel a 16 MB buffer in one pwrite measured 3-5x the system time of
+        256 KiB slices on the machines we bench on (the copy into the page cache then runs
+        from RAM instead of the core's cache).
+        """
+        try:
+            for start in range(0, len(view), EMIT_SLICE):
+                sysio.write_all(self.fd, view[start : start + EMIT_SLICE], offset + start)
+        except OSError as exc:
+            raise io_error(self.path, exc) from None
+        if self._hash is not None:
+            self._hash.add(offset, len(view))
 
     def digest(self) -> str | None:
-        """sha256 of the whole file when every byte was hashed on its way out, else None."""
-        if self._sha is None or self._hashed != self.size:
+        """sha256 of the whole file once every byte was written and hashed (waits for the
+        trailing hash to finish); None when not ``hashed`` or the hash failed."""
+        if self._hash is None:
             return None
-        return self._sha.hexdigest()
+        return self._hash.hexdigest()
 
     def close(self, *, sync: bool = True) -> None:
         """Check completeness and close; ``sync=False`` leaves the fsync to the caller
-        (merge overlaps it with the next shard: see ``layout.fsync_and_hash``)."""
+        (merge overlaps it with writing the next shard)."""
         if self.fd < 0:
             raise FormatError(f"{self.path}: shard closed twice")
         if self._pending:
@@ -288,6 +287,64 @@ class ShardWriter:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self._hash is not None:
+            self._hash.stop()
+
+
+class TrailingHash:
+    """sha256 of a file that is being written, computed on its own thread.
+
+    The writer reports each finished byte range (in any order); this thread hashes the
+    file's contiguous written prefix from the page cache as it grows. Hashing is the
+    largest CPU cost of a merge after the math: off the writing thread it runs on
+    another core in parallel with the writes, and the digest is ready moments after
+    the last byte (``sha256sum -c`` compatible, no second pass over the file).
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.size = size
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._sha = hashlib.sha256()
+        self._done = 0  # bytes of the prefix hashed so far
+        self._failed = False
+        self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="lora-hash", daemon=True)
+        self._thread.start()
+
+    def add(self, offset: int, nbytes: int) -> None:
+        if nbytes:
+            self._ranges.put((offset, offset + nbytes))
+
+    def _run(self) -> None:
+        waiting: list[tuple[int, int]] = []
+        while (item := self._ranges.get()) is not None:
+            if self._failed:
+                continue
+            heapq.heappush(waiting, item)
+            start = self._done
+            while waiting and waiting[0][0] <= self._done:
+                self._done = max(self._done, heapq.heappop(waiting)[1])
+            if self._done > start:
+                try:
+                    sysio.hash_range(self._sha, self._fd, start, self._done - start)
+                except (OSError, ValueError, sysio.ShortCopy):
+                    self._failed = True
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._ranges.put(None)
+            self._thread.join()
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def hexdigest(self) -> str | None:
+        """Wait for the hash to catch up; None unless every byte of the file was hashed."""
+        self.stop()
+        if self._failed or self._done != self.size:
+            return None
+        return self._sha.hexdigest()
 
 
 def write_small_file(path: Path, data: bytes) -> None:

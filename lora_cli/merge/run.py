@@ -22,8 +22,8 @@ from lora_cli.io.dtypes import to_torch
 from lora_cli.io.layout import (
     MANIFEST_NAME,
     copy_side_files,
-    fsync_and_hash,
     fsync_file,
+    sha256_file,
     write_index,
     write_json,
     write_manifest,
@@ -326,8 +326,9 @@ def write_shards(
     """Write ``shards`` of the plan into ``folder``; (bytes written, file name → sha256,
     or ``""`` with ``checksums=False``).
 
-    Each finished shard is fsynced and hashed on a spare thread while the next one is
-    written. ``merge --part`` calls this with its share of the plan's shards.
+    Each shard is hashed as it is written (``TrailingHash``) and fsynced on a spare
+    thread while the next one is written. ``merge --part`` calls this with its share of
+    the plan's shards.
     """
     import torch
 
@@ -374,18 +375,18 @@ def write_shards(
             except BaseException:
                 writer.abort()
                 raise
-            digest = writer.digest()  # hashed on the way out: only the fsync is left
-            digests[shard.filename] = (
-                hasher.submit(fsync_only, writer.path, digest or "")
-                if digest or not checksums
-                else hasher.submit(fsync_and_hash, writer.path)
-            )
+            digests[shard.filename] = hasher.submit(_finish_shard, writer, checksums)
         return written, {name: f.result() for name, f in digests.items()}
 
 
-def fsync_only(path: Path, digest: str) -> str:
-    fsync_file(path)
-    return digest
+def _finish_shard(writer: ShardWriter, checksums: bool) -> str:
+    """fsync a closed shard and return its sha256 (``""`` without checksums), on a spare
+    thread while the next shard is written. The digest comes from the writer's trailing
+    hash; should that have failed, the file is read back."""
+    fsync_file(writer.path)
+    if not checksums:
+        return ""
+    return writer.digest() or sha256_file(writer.path)
 
 
 @contextlib.contextmanager

@@ -46,16 +46,30 @@ def test_no_checksums_changes_nothing_else(valid, tmp_path, run_cli) -> None:
     assert code == 0 and "no checksum manifest" in stdout + err
 
 
-def test_writer_hashes_in_order_and_gives_up_otherwise(tmp_path) -> None:
-    tensors = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int64)}
+def test_writer_hashes_whatever_the_write_order(tmp_path) -> None:
+    """The trailing hash follows the written prefix: rows and tensors may land in any
+    order (``merge --part`` workers, row blocks) and the digest is still the file's."""
+    tensors = {
+        "a": torch.arange(6, dtype=torch.float32),
+        "b": torch.ones(3, dtype=torch.int64),
+        "c": torch.arange(40, dtype=torch.float32).reshape(10, 4),
+    }
     specs = [
         (n, "F32" if t.is_floating_point() else "I64", tuple(t.shape)) for n, t in tensors.items()
     ]
-    for order, hashed in ((["a", "b"], True), (["b", "a"], False)):
+    for order in (["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"]):
         path = tmp_path / f"{''.join(order)}.safetensors"
-        writer = ShardWriter(path, specs)
-        names = sorted(writer.entries, key=lambda n: writer.entries[n].start)
-        for name in names if hashed else names[::-1]:
-            writer.write(name, tensors[name])
+        writer = ShardWriter(path, specs, hashed=True)
+        for name in order:
+            if name == "c":  # rows out of order too
+                writer.write_rows("c", 6, tensors["c"][6:])
+                writer.write_rows("c", 0, tensors["c"][:6])
+            else:
+                writer.write(name, tensors[name])
         writer.close()
-        assert writer.digest() == (_sha(path) if hashed else None)
+        assert writer.digest() == _sha(path)
+    unhashed = ShardWriter(tmp_path / "plain.safetensors", specs)
+    for name, t in tensors.items():
+        unhashed.write(name, t)
+    unhashed.close()
+    assert unhashed.digest() is None

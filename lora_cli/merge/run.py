@@ -29,7 +29,7 @@ from lora_cli.io.layout import (
     write_manifest,
 )
 from lora_cli.io.writer import OutputDir, ShardWriter, write_small_file
-from lora_cli.merge import math as lora_math
+
 from lora_cli.merge.card import CARD_NAME
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
 
@@ -41,11 +41,13 @@ Progress = Callable[[int, str], None]
 
 def resolve_device(spec: str) -> str:
     """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; explicit CUDA must exist."""
-    import torch
-
     from lora_cli.errors import UsageError
 
     spec = spec.strip().lower()
+    if spec == "cpu":
+        return "cpu"
+    import torch
+
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cpu":
@@ -80,6 +82,8 @@ def compute_tensor(
     """
     if action.quant is not None:  # one part of a re-quantized weight (merge/quantized.py)
         return action.quant.take(lambda merge: compute_tensor(plan, merge, device))
+    from lora_cli.merge import math as lora_math  # (torch: see run_merge's early copies)
+
     src = plan.adapter.source
     cuda = device.startswith("cuda")
     if action.replacement:

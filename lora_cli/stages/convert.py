@@ -105,19 +105,17 @@ def convert(
 ) -> ConvertResult:
     """Convert ``input_path``; it and ``base`` may be Hub ids (``io/hub.py``). An input in
     the Hugging Face cache needs ``output``: nothing is written beside it there."""
+    named = input_path
+    if output is None and names_hub_repo(named):  # refused before any download
+        _refuse_writing_beside(named)
     if output is not None and any(names_hub_repo(p) for p in (input_path, base) if p):
         local = [Path(p) for p in (input_path, base) if p is not None and Path(p).exists()]
         check_destination(output, overwrite, local)  # before any download
-    named = input_path
     input_path = resolve_input(input_path, "input", notice=notice, progress=hub_progress)
     if not input_path.exists():
         raise FormatError(f"{input_path}: no such file or directory")
     if output is None and in_hub_cache(input_path):
-        raise UsageError(
-            f"input {named} is in the Hugging Face cache, and without -o convert writes "
-            "beside its input",
-            "pass -o OUTPUT (outside the cache)",
-        )
+        _refuse_writing_beside(named)
     if to is not None or adapter_format(input_path) in ("mlx-lm", "gguf"):
         if targets_as_list or parse_dtype_option(dtype) is not None:
             raise UsageError("--targets-as-list and --dtype do not apply with --to")
@@ -155,6 +153,15 @@ def convert(
         parse_size(max_shard_size),
         overwrite,
         progress_factory,
+    )
+
+
+def _refuse_writing_beside(named: Path | str) -> None:
+    """Without ``-o`` convert writes beside its input: never into the Hugging Face cache."""
+    raise UsageError(
+        f"input {named} is in the Hugging Face cache, and without -o convert writes beside "
+        "its input",
+        "pass -o OUTPUT (outside the cache)",
     )
 
 

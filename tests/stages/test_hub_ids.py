@@ -181,6 +181,7 @@ def test_convert_never_writes_into_the_cache(hub_world, hub, tmp_path, run_cli):
         ("org/adapter",),  # an adapter converts beside itself without -o
         ("org/base",),  # a checkpoint goes to a sibling folder without -o
         (snapshots["org/base"],),  # the cache named by its path
+        (snapshots["org/adapter"],),
     ):
         code, _, err = run_cli("convert", *args)
         assert code == 2, err

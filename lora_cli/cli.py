@@ -62,22 +62,26 @@ def _root(
 @app.command()
 def inspect(
     path: Path = typer.Argument(
-        ..., metavar="PATH", help="Adapter folder, checkpoint folder or weights file."
+        ...,
+        metavar="PATH",
+        help="Adapter folder, checkpoint folder, weights file or Hub id (org/name[@revision]).",
     ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show what an adapter, checkpoint or weights file holds (headers only, no tensor data)."""
     with _expected_failures():
-        from lora_cli import render
+        from lora_cli import output, render
         from lora_cli.stages.inspect import inspect_path
 
-        report = inspect_path(path)
+        report = inspect_path(path, notice=output.info, hub_progress=not json_out)
         render.inspect_report(report, json_out)
 
 
 @app.command()
 def convert(
-    input_path: Path = typer.Argument(..., metavar="INPUT", help="Adapter or checkpoint."),
+    input_path: Path = typer.Argument(
+        ..., metavar="INPUT", help="Adapter or checkpoint: a path or a Hub id (org/name[@rev])."
+    ),
     output_path: Path | None = typer.Option(
         None, "-o", "--output", help="Output path (default: beside the input)."
     ),
@@ -90,7 +94,9 @@ def convert(
         None, "--to", help="Write the adapter as peft, mlx (mlx-lm) or gguf (llama.cpp LoRA)."
     ),
     base: Path | None = typer.Option(
-        None, "--base", help="Base model folder (needed by --to gguf; names for --to mlx)."
+        None,
+        "--base",
+        help="Base model folder or Hub id (needed by --to gguf; names for --to mlx).",
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     adapter_config: Path | None = typer.Option(
@@ -118,6 +124,8 @@ def convert(
                 to=to,
                 base=base,
                 adapter_config=adapter_config,
+                notice=None if quiet else output.info,
+                hub_progress=not quiet and not json_out,
             )
         render.convert_result(result, json_out, quiet)
 
@@ -247,13 +255,13 @@ def _is_training_checkpoint(path: Path) -> bool:
 @app.command()
 def validate(
     path: Path = typer.Argument(
-        ..., metavar="PATH", help="Checkpoint, adapter or weights file to check."
+        ..., metavar="PATH", help="Checkpoint, adapter, weights file or Hub id to check."
     ),
     base: Path | None = typer.Option(
-        None, help="Base checkpoint PATH was merged from (with --adapter)."
+        None, help="Base checkpoint (or Hub id) PATH was merged from (with --adapter)."
     ),
     adapter: list[Path] | None = typer.Option(
-        None, help="Adapter PATH was merged with (with --base); repeat it for several."
+        None, help="Adapter (or Hub id) PATH was merged with (with --base); repeat for several."
     ),
     weights: str | None = typer.Option(
         None, help="The --weights PATH was merged with, e.g. 0.7,0.3 (several adapters)."
@@ -271,7 +279,7 @@ def validate(
 ) -> None:
     """Check integrity and numbers; exit 0 valid, 1 findings, 2 could not run."""
     with _expected_failures():
-        from lora_cli import render
+        from lora_cli import output, render
         from lora_cli.stages.validate import validate as run_validate
 
         report = run_validate(
@@ -284,6 +292,8 @@ def validate(
             sample=sample,
             device=device,
             part=part,
+            notice=output.info,
+            hub_progress=not json_out,
         )
         code = render.validate_report(report, json_out)
         raise typer.Exit(code)

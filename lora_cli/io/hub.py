@@ -1,6 +1,8 @@
 """Inputs named by Hugging Face Hub id: ``org/name`` or ``org/name@revision``.
 
-A BASE or ADAPTER argument that is not an existing path but is a valid repo id resolves to a
+Every command argument that names a model or an adapter (``inspect PATH``, ``validate PATH
+--base --adapter``, ``convert INPUT --base``, ``merge BASE ADAPTER``) goes through
+``resolve_input``. One that is not an existing path but is a valid repo id resolves to a
 folder of the local Hugging Face cache, through huggingface_hub itself: its cache layout, its
 auth (``HF_TOKEN`` or ``hf auth login``), its progress bars and its offline switch
 (``HF_HUB_OFFLINE=1`` answers from the cache only). Online, only what a merge reads is
@@ -83,6 +85,11 @@ def resolve_input(
     return folder
 
 
+def names_hub_repo(ref: str | Path) -> bool:
+    """Whether ``resolve_input`` would take ``ref`` to the Hub (no local path by that name)."""
+    return not Path(ref).exists() and parse_repo_ref(str(ref)) is not None
+
+
 def cached_repo_id(path: Path) -> str | None:
     """``org/name`` when ``path`` lies in a Hugging Face cache snapshot
     (``models--org--name/snapshots/<commit>/...``), else None."""
@@ -93,6 +100,30 @@ def cached_repo_id(path: Path) -> str | None:
             if len(org_name) == 2:
                 return "/".join(org_name)
     return None
+
+
+def in_hub_cache(path: Path) -> bool:
+    """Whether ``path`` lies in a Hugging Face cache: under ``HF_HUB_CACHE``, or in any
+    ``models--org--name/snapshots/`` folder (a cache elsewhere, e.g. another ``HF_HOME``)."""
+    from huggingface_hub import constants
+
+    path = Path(path).absolute()
+    cache = Path(constants.HF_HUB_CACHE).absolute()
+    caches = {cache, cache.resolve()}
+    for candidate in {path, path.resolve()}:
+        if cached_repo_id(candidate) or caches & {candidate, *candidate.parents}:
+            return True
+    return False
+
+
+def refuse_cache_output(output: Path) -> None:
+    """Outputs never go into the Hugging Face cache: huggingface_hub alone manages it (its
+    snapshots are links to shared, content-addressed blobs)."""
+    if in_hub_cache(output):
+        raise UsageError(
+            f"output {output} is inside the Hugging Face cache, which lora never writes to",
+            "pass -o OUTPUT outside the cache",
+        )
 
 
 def base_from_adapter_config(config: dict, config_path: Path, notice: Notice | None) -> str:

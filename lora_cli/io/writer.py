@@ -62,7 +62,10 @@ def remove_stale_temporaries(final: Path) -> None:
 
 def check_destination(final: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse bad destinations before any work starts."""
+    from lora_cli.io.hub import refuse_cache_output
+
     final = Path(final).absolute()
+    refuse_cache_output(final)
     real_final = final.resolve()
     for inp in inputs:
         inp = Path(inp).absolute()

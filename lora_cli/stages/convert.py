@@ -28,6 +28,7 @@ from lora_cli.adapters.peft import (
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.dedup import deduplicate
 from lora_cli.io.dtypes import FLOAT_DTYPES, parse_dtype_option, to_torch
+from lora_cli.io.hub import Notice, in_hub_cache, names_hub_repo, resolve_input
 from lora_cli.io.layout import (
     ShardPlan,
     config_dtype_update,
@@ -88,7 +89,7 @@ class ConvertResult:
 
 
 def convert(
-    input_path: Path,
+    input_path: Path | str,
     output: Path | None,
     *,
     dtype: str = "keep",
@@ -97,15 +98,29 @@ def convert(
     overwrite: bool = False,
     progress_factory: Any = None,
     to: str | None = None,
-    base: Path | None = None,
+    base: Path | str | None = None,
     adapter_config: Path | None = None,
+    notice: Notice | None = None,
+    hub_progress: bool = True,
 ) -> ConvertResult:
-    input_path = Path(input_path)
+    """Convert ``input_path``; it and ``base`` may be Hub ids (``io/hub.py``). An input in
+    the Hugging Face cache needs ``output``: nothing is written beside it there."""
+    named = input_path
+    if output is None and names_hub_repo(named):  # refused before any download
+        _refuse_writing_beside(named)
+    if output is not None and any(names_hub_repo(p) for p in (input_path, base) if p):
+        local = [Path(p) for p in (input_path, base) if p is not None and Path(p).exists()]
+        check_destination(output, overwrite, local)  # before any download
+    input_path = resolve_input(input_path, "input", notice=notice, progress=hub_progress)
     if not input_path.exists():
         raise FormatError(f"{input_path}: no such file or directory")
+    if output is None and in_hub_cache(input_path):
+        _refuse_writing_beside(named)
     if to is not None or adapter_format(input_path) in ("mlx-lm", "gguf"):
         if targets_as_list or parse_dtype_option(dtype) is not None:
             raise UsageError("--targets-as-list and --dtype do not apply with --to")
+        if base is not None:
+            base = resolve_input(base, "base", notice=notice, progress=hub_progress)
         return _convert_to(input_path, output, to or "peft", base, overwrite, progress_factory)
     if base is not None:
         raise UsageError("--base applies with --to only")
@@ -138,6 +153,15 @@ def convert(
         parse_size(max_shard_size),
         overwrite,
         progress_factory,
+    )
+
+
+def _refuse_writing_beside(named: Path | str) -> None:
+    """Without ``-o`` convert writes beside its input: never into the Hugging Face cache."""
+    raise UsageError(
+        f"input {named} is in the Hugging Face cache, and without -o convert writes beside "
+        "its input",
+        "pass -o OUTPUT (outside the cache)",
     )
 
 

@@ -15,6 +15,7 @@ from lora_cli.adapters.peft import (
     nonfinite_tensors,
     regex_matches,
 )
+from lora_cli.io.hub import Notice, resolve_input
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource, open_source
@@ -59,8 +60,12 @@ class InspectReport:
         return doc
 
 
-def inspect_path(path: Path) -> InspectReport:
-    path = Path(path)
+def inspect_path(
+    path: Path | str, *, notice: Notice | None = None, hub_progress: bool = True
+) -> InspectReport:
+    """What ``path`` holds; a Hub id (``org/name[@revision]``) that is not a local path is
+    read from its cached snapshot, fetched as ``merge`` fetches it (``io/hub.py``)."""
+    path = resolve_input(path, "path", notice=notice, progress=hub_progress)
     from lora_cli.io.checkpoint_detect import is_training_checkpoint
 
     if is_training_checkpoint(path):

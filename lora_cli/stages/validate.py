@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lora_cli.adapters.formats import is_adapter
 from lora_cli.errors import FormatError, UsageError
+from lora_cli.io.hub import Notice, resolve_input
 from lora_cli.io.reader import INDEX_SUFFIXES
 from lora_cli.merge.combine import parse_weights
 from lora_cli.validate.adapter import validate_adapter
@@ -32,33 +33,29 @@ from lora_cli.validate.weights import WeightsCheck
 
 
 def validate(
-    path: Path,
+    path: Path | str,
     *,
-    base: Path | None = None,
-    adapter: Path | Sequence[Path] | None = None,
+    base: Path | str | None = None,
+    adapter: Path | str | Sequence[Path | str] | None = None,
     weights: str | Sequence[float] | None = None,
     atol: float = 0.0,
     rtol: float = 0.0,
     sample: int | None = None,
     device: str = "auto",
     part: str | None = None,
+    notice: Notice | None = None,
+    hub_progress: bool = True,
 ) -> ValidateReport:
     """Validate ``path`` (an adapter, a checkpoint or a weights file); with ``base`` and
     ``adapter``, also recompute it as their merge. Raises ``LoraError`` when impossible.
 
-    ``adapter`` may list several adapters, merged with ``weights`` as ``merge A1 A2 …``."""
-    path = Path(path)
-    adapters = (
-        []
-        if adapter is None
-        else [Path(adapter)]
-        if isinstance(adapter, str | Path)
-        else [Path(a) for a in adapter]
-    )
-    adapter = adapters[0] if adapters else None
-    if weights is not None and not adapters:
+    ``adapter`` may list several adapters, merged with ``weights`` as ``merge A1 A2 …``.
+    ``path``, ``base`` and each adapter may be Hub ids, resolved as ``merge`` resolves them
+    (``io/hub.py``), once the options are known to go together."""
+    refs = [] if adapter is None else [adapter] if isinstance(adapter, str | Path) else adapter
+    if weights is not None and not refs:
         raise UsageError("--weights applies to --base with --adapter")
-    weight_list = parse_weights(weights, len(adapters)) if weights is not None else None
+    weight_list = parse_weights(weights, len(refs)) if weights is not None else None
     for name, value in (("--atol", atol), ("--rtol", rtol)):
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{name} {value} must be a finite number ≥ 0")
@@ -69,11 +66,16 @@ def validate(
         split = parse_part(part)
     if sample is not None and sample < 0:
         raise UsageError(f"--sample {sample} must be ≥ 0")
+
+    def resolve(ref: Path | str, what: str) -> Path:
+        return resolve_input(ref, what, notice=notice, progress=hub_progress)
+
+    path = resolve(path, "path")
     if not path.exists():
         raise FormatError(f"{path}: no such file or directory")
     recompute_options = sample is not None or atol or rtol
     if is_adapter(path):
-        if adapter is not None:
+        if refs:
             raise UsageError(
                 f"{path} is an adapter; --adapter is for checking a merged checkpoint",
                 "to check an adapter against a base model, pass only --base BASE",
@@ -82,21 +84,24 @@ def validate(
             raise UsageError("--sample, --atol and --rtol apply to --base with --adapter")
         if split is not None:
             raise UsageError("--part splits a checkpoint's weight files; an adapter is one")
-        report = ValidateReport(path, "adapter", base=Path(base) if base else None)
-        validate_adapter(report, path, Path(base) if base else None)
+        base_path = resolve(base, "base") if base is not None else None
+        report = ValidateReport(path, "adapter", base=base_path)
+        validate_adapter(report, path, base_path)
         return report
-    if (base is None) != (adapter is None):
+    if (base is None) != (not refs):
         raise UsageError(
             "--base and --adapter go together",
             "pass both to recompute a merged checkpoint, or neither for structural checks",
         )
     if base is None and recompute_options:
         raise UsageError("--sample, --atol and --rtol apply to --base with --adapter")
+    base_path = resolve(base, "base") if base is not None else None
+    adapters = [resolve(a, "adapter") for a in refs]
     report = ValidateReport(
         path,
         "file" if path.is_file() and not path.name.endswith(INDEX_SUFFIXES) else "checkpoint",
-        base=Path(base) if base else None,
-        adapter=Path(adapter) if adapter else None,
+        base=base_path,
+        adapter=adapters[0] if adapters else None,
         adapters=adapters,
         weights=weight_list,
         atol=atol,

@@ -4,7 +4,6 @@ built here (``models--org--name/{blobs,snapshots,refs}``), offline: no test touc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,13 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_owned, peft_adapter, peft_merged_state, save_model, tiny_model, ulp_diff
+from hub_helpers import COMMIT, COMMIT_V2, add_to_cache, go_offline
 from safetensors.torch import load_file
 
 from lora_cli.io.hub import cached_repo_id, parse_repo_ref, select_files
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-COMMIT_V2 = "fedcba9876543210fedcba9876543210fedcba98"
-
 
 # --- pure rules -----------------------------------------------------------------------------
 
@@ -107,24 +103,6 @@ def test_cached_repo_id():
 # --- a real cache ---------------------------------------------------------------------------
 
 
-def add_to_cache(cache: Path, repo_id: str, folder: Path, commit: str, ref: str = "main") -> Path:
-    """Store ``folder`` as huggingface_hub does: content-addressed blobs, a snapshot of
-    relative symlinks, and ``refs/<ref>`` holding the commit."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for f in sorted(folder.iterdir()):
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        blob = repo / "blobs" / digest
-        if not blob.exists():
-            shutil.copyfile(f, blob)
-        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / ref).write_text(commit)
-    return snapshot
-
-
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory):
     """org/base (a tiny Llama) and org/adapter (a PEFT LoRA naming org/base as its base)."""
@@ -155,11 +133,8 @@ def hub_cache(tmp_path_factory):
 
 @pytest.fixture
 def offline_cache(hub_cache, monkeypatch):
-    from huggingface_hub import constants
-
     root, cache = hub_cache
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    go_offline(monkeypatch, cache)
     return root, cache
 
 

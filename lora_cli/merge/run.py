@@ -29,7 +29,6 @@ from lora_cli.io.layout import (
     write_manifest,
 )
 from lora_cli.io.writer import OutputDir, ShardWriter, write_small_file
-
 from lora_cli.merge.card import CARD_NAME
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
 

@@ -9,6 +9,7 @@ whose modules are discovered from the tensor keys, never from ``target_modules``
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,9 @@ class Adapter:
     # saved key form with a synthesized PEFT config, and keep their own facts in ``native``.
     format: str = "peft"
     native: dict[str, Any] = field(default_factory=dict)
+    # The NaN/Inf scan of the weights (torch) is left to the merge run, which does it before
+    # the first merged tensor (``check_adapter_values``): planning then needs no torch.
+    values_pending: bool = False
 
     @property
     def peft_type(self) -> str:
@@ -227,10 +231,15 @@ def pattern_value(patterns: dict[str, Any] | None, name: str) -> Any:
     return None
 
 
+def scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's per-module scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
+    if r <= 0:
+        raise MergeError(f"LoRA rank must be positive, got r={r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def module_scale(config: dict[str, Any], name: str) -> tuple[int, float, float]:
     """(r, alpha, scale) for one module, with rank/alpha patterns applied as PEFT does."""
-    from lora_cli.merge.math import scaling
-
     r = pattern_value(config.get("rank_pattern"), name)
     alpha = pattern_value(config.get("alpha_pattern"), name)
     r = int(r if r is not None else config.get("r", 8))
@@ -395,6 +404,13 @@ def check_adapter_tensors(adapter: Adapter) -> None:
             + (f" (and {len(zero) - 1} more)" if len(zero) > 1 else ""),
             "a DeepSpeed ZeRO-3 placeholder save; re-export the adapter with gathered weights",
         )
+    if not adapter.values_pending:
+        check_adapter_values(adapter)
+
+
+def check_adapter_values(adapter: Adapter) -> None:
+    """The weights' NaN/Inf scan of ``check_adapter_tensors`` (a deferred one included)."""
+    adapter.values_pending = False
     bad = nonfinite_tensors(adapter)
     if bad:
         key, count = bad[0]

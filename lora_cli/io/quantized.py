@@ -283,11 +283,13 @@ def _ct_packed(source: TensorSource, module: str, values: bool) -> QuantizedTens
 
 def _check_pow2(source: TensorSource, scheme: QuantScheme) -> None:
     """FP8 scales stored wider than e8m0 but all powers of two (DeepSeek V3.1) stay so."""
+    wide = [qt for qt in scheme.tensors.values() if qt.scheme == FP8_BLOCK and not qt.pow2]
+    if not wide:  # (no torch needed for a plain base: see io/preload.py)
+        return
     from lora_cli.io.quant import is_power_of_two
 
-    for qt in scheme.tensors.values():
-        if qt.scheme == FP8_BLOCK and not qt.pow2:
-            qt.pow2 = is_power_of_two(source.read(qt.parts["scale"]))
+    for qt in wide:
+        qt.pow2 = is_power_of_two(source.read(qt.parts["scale"]))
 
 
 class DequantizedSource(TensorSource):

@@ -27,7 +27,6 @@ adapter of scale 1 (``merge_weighted``), so the merged weight is rounded once.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from typing import Literal
@@ -53,13 +52,6 @@ _MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- scaling
-
-
-def scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    """PEFT's per-module scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
-    if r <= 0:
-        raise MergeError(f"LoRA rank must be positive, got r={r}")
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 # --------------------------------------------------------------------------- shapes

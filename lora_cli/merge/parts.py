@@ -175,7 +175,7 @@ def run_part(
     except OSError as exc:
         raise io_error(folder, exc) from None
     with OutputDir(folder / part.dirname, overwrite=True) as out:
-        written, digests = write_shards(
+        written, digests, device = write_shards(
             plan, shards, out.path, device=device, progress=progress,
             checksums=options.get("checksums", True),
         )  # fmt: skip

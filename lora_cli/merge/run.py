@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_cli.adapters.peft import check_adapter_values
 from lora_cli.io.dtypes import to_torch
 from lora_cli.io.layout import (
     MANIFEST_NAME,
@@ -31,6 +32,7 @@ from lora_cli.io.layout import (
 from lora_cli.io.writer import OutputDir, ShardWriter, write_small_file
 from lora_cli.merge.card import CARD_NAME
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
+from lora_cli.preload import torch_loading
 
 if TYPE_CHECKING:
     import torch
@@ -325,19 +327,88 @@ def write_shards(
     device: str = "cpu",
     progress: Progress | None = None,
     checksums: bool = True,
-) -> tuple[int, dict[str, str]]:
-    """Write ``shards`` of the plan into ``folder``; (bytes written, file name → sha256,
-    or ``""`` with ``checksums=False``).
+) -> tuple[int, dict[str, str], str]:
+    """Write ``shards`` of the plan into ``folder``; (bytes written, file name → sha256
+    or ``""`` with ``checksums=False``, the device the math ran on: ``device`` resolved).
 
     Each shard is hashed as it is written (``TrailingHash``) and fsynced on a spare
     thread while the next one is written. ``merge --part`` calls this with its share of
-    the plan's shards.
+    the plan's shards. While torch is still importing (``preload``), untouched tensors
+    are copied ahead; the adapters' deferred NaN/Inf scan runs before any merged tensor.
     """
+    specs = {s.filename: s for s in shard_plans(plan)}
+    writers: dict[str, ShardWriter] = {}
+
+    def open_writer(shard: ShardOut) -> ShardWriter:
+        if shard.filename not in writers:
+            meta = dict(shard.metadata)
+            if plan.untied:
+                meta.pop("lm_head.weight", None)
+            writers[shard.filename] = ShardWriter(
+                folder / shard.filename, specs[shard.filename].specs, meta, hashed=checksums
+            )
+        return writers[shard.filename]
+
+    def copy(writer: ShardWriter, act: TensorAction) -> int:
+        info = plan.base.info(act.base)
+        writer.copy_from(act.name, plan.base.fd(info.file), info.raw_offset, info.nbytes)
+        if progress:
+            progress(info.nbytes, act.name)
+        return info.nbytes
+
+    try:
+        written, early = _copy_while_torch_loads(plan, shards, open_writer, copy)
+        for adapter in [ad for ad, _ in plan.combined] or [plan.adapter]:
+            if adapter.values_pending:
+                check_adapter_values(adapter)
+        device = resolve_device(device)  # ("auto" asks torch: after the early copies)
+        written, digests = _write_rest(
+            plan, shards, open_writer, copy, early, written, device, checksums, progress
+        )
+        return written, digests, device
+    finally:
+        for writer in writers.values():
+            writer.abort()  # (a no-op for the shards already closed)
+
+
+def _copy_while_torch_loads(
+    plan: MergePlan,
+    shards: list[ShardOut],
+    open_writer: Callable[[ShardOut], ShardWriter],
+    copy: Callable[[ShardWriter, TensorAction], int],
+) -> tuple[int, set[str]]:
+    """Copy untouched tensors, shard after shard, for as long as torch is still importing
+    (bytes copied, names done). Needs no torch: headers, offsets and the kernel's copy."""
+    written, done = 0, set()
+    for shard in shards:
+        if not torch_loading():
+            break
+        writer = None
+        for act in shard.actions:
+            if not torch_loading():
+                break
+            if act.kind == "copy" and not _needs_decode(plan, act):
+                writer = writer or open_writer(shard)
+                written += copy(writer, act)
+                done.add(act.name)
+    return written, done
+
+
+def _write_rest(
+    plan: MergePlan,
+    shards: list[ShardOut],
+    open_writer: Callable[[ShardOut], ShardWriter],
+    copy: Callable[[ShardWriter, TensorAction], int],
+    done: set[str],
+    written: int,
+    device: str,
+    checksums: bool,
+    progress: Progress | None,
+) -> tuple[int, dict[str, str]]:
+    """Everything ``_copy_while_torch_loads`` left, shard by shard in file order."""
     import torch
 
-    written = 0
     digests: dict[str, Future] = {}
-    specs = {s.filename: s for s in shard_plans(plan)}
     cuda = device.startswith("cuda")
     depth = 1 if cuda else cpu_workers()
     intra = torch.get_num_threads() if cuda else 1
@@ -349,35 +420,24 @@ def write_shards(
     ):
         buffers = BufferPool(pin=cuda, keep=depth + 3)
         for shard in shards:
-            meta = dict(shard.metadata)
-            if plan.untied:
-                meta.pop("lm_head.weight", None)
-            writer = ShardWriter(
-                folder / shard.filename, specs[shard.filename].specs, meta, hashed=checksums
-            )
-            try:
-                order = sorted(shard.actions, key=lambda a: writer.entries[a.name].start)
-                for act, rows, value in _computed(plan, order, device, workers, buffers, depth):
-                    if value is None:
-                        info = plan.base.info(act.base)
-                        fd = plan.base.fd(info.file)
-                        writer.copy_from(act.name, fd, info.raw_offset, info.nbytes)
-                        nbytes = info.nbytes
-                    elif rows is not None:
-                        writer.write_rows(act.name, rows[0], value)
-                        nbytes = value.numel() * value.element_size()
-                        del value
-                    else:
-                        writer.write(act.name, value)
-                        nbytes = writer.entries[act.name].nbytes
-                        del value
-                    written += nbytes
-                    if progress:
-                        progress(nbytes, act.name)
-                writer.close(sync=False)
-            except BaseException:
-                writer.abort()
-                raise
+            writer = open_writer(shard)
+            todo = [a for a in shard.actions if a.name not in done]
+            order = sorted(todo, key=lambda a: writer.entries[a.name].start)
+            for act, rows, value in _computed(plan, order, device, workers, buffers, depth):
+                if value is None:
+                    written += copy(writer, act)
+                    continue
+                if rows is not None:
+                    writer.write_rows(act.name, rows[0], value)
+                    nbytes = value.numel() * value.element_size()
+                else:
+                    writer.write(act.name, value)
+                    nbytes = writer.entries[act.name].nbytes
+                del value
+                written += nbytes
+                if progress:
+                    progress(nbytes, act.name)
+            writer.close(sync=False)
             digests[shard.filename] = hasher.submit(_finish_shard, writer, checksums)
         return written, {name: f.result() for name, f in digests.items()}
 
@@ -456,7 +516,7 @@ def run_merge(
 ) -> MergeResult:
     start = time.perf_counter()
     with OutputDir(output, overwrite) as out:
-        written, digests = write_shards(
+        written, digests, device = write_shards(
             plan, plan.shards, out.path, device=device, progress=progress, checksums=checksums
         )
         files = finish_output(plan, out.path, digests, checksums, model_card)

@@ -19,6 +19,7 @@ from lora_cli.merge.parts import parse_part, part_actions, run_join, run_part
 from lora_cli.merge.plan import MergePlan, build_plan
 from lora_cli.merge.quantized import fidelity, plan_merge, refuse_quantized_base
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
+from lora_cli.preload import start_torch_import
 
 
 @dataclass
@@ -98,16 +99,21 @@ def merge(
             raise UsageError("no output folder given", "pass -o OUTPUT")
         local = [Path(p) for p in (base, *refs) if p is not None and Path(p).exists()]
         check_destination(output, overwrite, local)  # before any download
-    dev = resolve_device(device)
+    # "auto" asks torch whether there is a GPU: write_shards does, after the early copies
+    dev = device if device.strip().lower() == "auto" else resolve_device(device)
     inputs = resolve_inputs(base, refs, notice=notice, progress=hub_progress)
     if not dry_run:
         check_destination(Path(output), overwrite, [inputs.base, *inputs.adapters])
+    writes_math = not (dry_run or join)
+    if writes_math:
+        start_torch_import()  # planning and the untouched tensors' copies need no torch
     base_src = open_source(inputs.base)
     try:
         opened: list[Adapter] = []
         try:
             for path in inputs.adapters:
                 opened.append(load_adapter(path, base_src))
+                opened[-1].values_pending = writes_math  # scanned by write_shards
             if len(opened) == 1 and weights is None:
                 plan = plan_merge(
                     base_src,

@@ -17,6 +17,7 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+from lora_cli.adapters.peft import scaling  # noqa: E402
 from lora_cli.errors import MergeError  # noqa: E402
 from lora_cli.merge import math as mm  # noqa: E402
 
@@ -171,7 +172,7 @@ def test_vanilla_matches_peft(layer, dtype, r, alpha, rslora):
     g = run_peft(layer, dtype, r=r, lora_alpha=alpha, use_rslora=rslora)
     assert g["A"].dtype == g["B"].dtype == torch.float32  # PEFT's default autocast
     kind = _kind(layer)
-    s = mm.scaling(r, alpha, rslora)
+    s = scaling(r, alpha, rslora)
     assert s == g["peft_scale"] and s != 1
     W_before = g["W"].clone()
     ours = mm.merge_weight(g["W"], g["A"], g["B"], s, kind=kind, fan_in_fan_out=layer == "conv1D")
@@ -210,7 +211,7 @@ DORA = [
 def test_dora_matches_peft(layer, dtype, r, alpha, rslora):
     g = run_peft(layer, dtype, r=r, lora_alpha=alpha, use_rslora=rslora, use_dora=True)
     kind = _kind(layer)
-    s = mm.scaling(r, alpha, rslora)
+    s = scaling(r, alpha, rslora)
     assert s == g["peft_scale"] and s != 1
     fifo = layer == "conv1D"
     ours = mm.merge_weight(
@@ -224,7 +225,7 @@ def test_dora_matches_peft(layer, dtype, r, alpha, rslora):
 @pytest.mark.parametrize("layer", ["linear", "conv2d"])
 def test_lora_bias_matches_peft(layer):
     g = run_peft(layer, torch.bfloat16, r=4, lora_alpha=12, lora_bias=True)
-    s = mm.scaling(4, 12, False)
+    s = scaling(4, 12, False)
     assert g["bB"].abs().sum() > 0
     b = mm.merge_bias(g["b"], g["bB"], s)
     assert not torch.equal(g["b_peft"], g["b"])
@@ -249,7 +250,7 @@ def test_conv_fp32_sums_like_peft(layer, use_dora):
     ``_ConvNd.get_delta_weight`` sums it (``convNd(A.transpose(0, 1), B)``), not as a
     flattened matmul, whose order differs on some CPUs by up to 1024 ulp near zero."""
     g = run_peft(layer, torch.float32, r=4, lora_alpha=5, use_dora=use_dora)
-    s = mm.scaling(4, 5, False)
+    s = scaling(4, 5, False)
     ours = mm.merge_weight(g["W"], g["A"], g["B"], s, kind="conv", magnitude=g["magnitude"])
     assert not torch.equal(g["W_peft"], g["W"])
     assert torch.equal(ours, g["W_peft"])
@@ -300,7 +301,7 @@ def test_conv3d_1x1xk(kernel):
     )
     lay = pm.base_model.model.m
     W, (A, B) = lay.get_base_layer().weight.detach().clone(), _factors(lay)
-    s = mm.scaling(3, 7, False)
+    s = scaling(3, 7, False)
     ours = mm.merge_weight(W, A, B, s, kind="conv")
     assert ours.shape == W.shape and not torch.equal(ours, W)
     assert_close_ulp(ours, _conv_reference(W, A, B, s))
@@ -393,7 +394,7 @@ def run_peft_param(shape, dtype, *, is_transposed=False, r=2, alpha=5, rslora=Fa
     lay = pm.base_model.model.experts
     P = lay.get_param().detach().clone()
     A, B = _factors(lay)
-    assert lay.scaling["default"] == mm.scaling(r, alpha, rslora)
+    assert lay.scaling["default"] == scaling(r, alpha, rslora)
     P_peft = pm.merge_and_unload().experts.gate_up_proj.detach().clone()
     assert not torch.equal(P_peft, P)
     return P, A, B, P_peft
@@ -422,7 +423,7 @@ def _expert_reference(P, A, B, s, layout):
 )
 def test_expert_param_matches_peft(shape, is_transposed, layout, dtype):
     P, A, B, P_peft = run_peft_param(shape, dtype, is_transposed=is_transposed)
-    s = mm.scaling(2, 5, False)
+    s = scaling(2, 5, False)
     E, r, found = mm.expert_layout(P.shape, A.shape, B.shape)
     assert (E, r, found) == (shape[0], 2, layout)
     ours = mm.merge_expert_param(P, A, B, s)
@@ -443,7 +444,7 @@ def test_expert_param_matches_peft(shape, is_transposed, layout, dtype):
 @pytest.mark.parametrize("is_transposed", [False, True])
 def test_expert_param_square_needs_layout(is_transposed):
     P, A, B, P_peft = run_peft_param((3, 6, 6), torch.bfloat16, is_transposed=is_transposed, r=3)
-    s = mm.scaling(3, 5, False)
+    s = scaling(3, 5, False)
     with pytest.raises(MergeError):
         mm.merge_expert_param(P, A, B, s)
     right = "in_out" if is_transposed else "out_in"
@@ -454,7 +455,7 @@ def test_expert_param_square_needs_layout(is_transposed):
 
 def test_expert_param_2d_rslora():
     P, A, B, P_peft = run_peft_param((10, 6), torch.bfloat16, r=4, alpha=6, rslora=True)
-    s = mm.scaling(4, 6, True)
+    s = scaling(4, 6, True)
     assert mm.expert_layout(P.shape, A.shape, B.shape) == (1, 4, "out_in")
     assert torch.equal(mm.merge_expert_param(P, A, B, s), P_peft)
 
@@ -476,7 +477,7 @@ def test_expert_slices_equal_the_fused_merge():
     must give the same bits as PEFT's merge into the fused gate_up tensor."""
     E, intermediate, hidden = 3, 4, 6
     P, A, B, P_peft = run_peft_param((E, 2 * intermediate, hidden), torch.bfloat16)
-    s = mm.scaling(2, 5, False)
+    s = scaling(2, 5, False)
     for e in range(E):
         for half in (0, 1):
             rows = (half * intermediate, (half + 1) * intermediate)
@@ -508,10 +509,10 @@ def test_expert_refusals():
 
 
 def test_scaling():
-    assert mm.scaling(8, 16, False) == 2.0
-    assert mm.scaling(8, 16, True) == 16 / math.sqrt(8)
+    assert scaling(8, 16, False) == 2.0
+    assert scaling(8, 16, True) == 16 / math.sqrt(8)
     with pytest.raises(MergeError):
-        mm.scaling(0, 16, False)
+        scaling(0, 16, False)
 
 
 @pytest.mark.parametrize(

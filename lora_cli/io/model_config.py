@@ -25,9 +25,9 @@ def transformers_config(config: dict[str, Any]) -> Any | None:
     from transformers import PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    model_type = config.get("model_type")
-    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
-    classes = [CONFIG_MAPPING[model_type], PretrainedConfig] if known else [PretrainedConfig]
+    known = _known_type(config)
+    classes = [CONFIG_MAPPING[config["model_type"]]] if known else []
+    classes.append(PretrainedConfig)
     with _quiet_transformers():
         for cls in classes:
             try:
@@ -46,6 +46,10 @@ def tie_word_embeddings(config: dict[str, Any] | None) -> bool | None:
         # stated for a single config: every transformers version takes it as written, and
         # not importing transformers keeps small commands fast
         return bool(config[TIE_KEY])
+    if _states_tie(config) and not _known_type(config):
+        # the base PretrainedConfig knows nothing of this model (transformers 4.x would say
+        # True and ignore text_config): what the file states is the better answer
+        return _written_tie(config)
     built = transformers_config(config)
     value = None if built is None else getattr(built, TIE_KEY, None)
     if value is None and built is not None:
@@ -53,6 +57,18 @@ def tie_word_embeddings(config: dict[str, Any] | None) -> bool | None:
             value = getattr(built.get_text_config(decoder=True), TIE_KEY, None)
     # transformers had no opinion (unknown or rejected config): what the file says
     return bool(value) if value is not None else _written_tie(config)
+
+
+def _known_type(config: dict[str, Any]) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def _states_tie(config: dict[str, Any]) -> bool:
+    text = config.get("text_config")
+    return TIE_KEY in config or (isinstance(text, dict) and TIE_KEY in text)
 
 
 def _written_tie(config: dict[str, Any]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quant_helpers import ct_dequantizers
 
 from lora_cli.io import quant
 
@@ -15,7 +16,7 @@ def _fp8_base(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize("shape", [(256, 384), (576, 256), (200, 72)])
 def test_fp8_block_dequant_matches_transformers_and_compressed_tensors(shape) -> None:
-    from compressed_tensors.entrypoints.convert.converters import FP8BlockDequantizer
+    _, FP8BlockDequantizer = ct_dequantizers()
     from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
     q, s = _fp8_base(*shape)

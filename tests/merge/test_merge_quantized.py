@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import ulp_diff
 from quant_helpers import (
+    ct_dequantizers,
     ct_golden,
     ct_int4_base,
     fp8_block_base,
@@ -126,7 +128,7 @@ def test_fp8_mixed_output_loads_in_transformers(deepseek) -> None:
 
 
 def test_fp8_requantize_keep(deepseek, run_cli) -> None:
-    from compressed_tensors.entrypoints.convert.converters import FP8BlockDequantizer
+    _, FP8BlockDequantizer = ct_dequantizers()
 
     from lora_cli.io.quant import expand_blocks
 
@@ -272,6 +274,13 @@ def test_kimi_int4_experts(tmp_path, run_cli) -> None:
     assert report.exit_code == 0, [f.line() for f in report.findings]
 
 
+@pytest.mark.xfail(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="on transformers 4.x (4.56 measured, PEFT 0.21.2) PEFT applies a gpt-oss "
+    "target_parameters adapter's down_proj delta transposed relative to transformers 5; "
+    "lora merges as on v5 (README: Quantized bases)",
+    strict=True,
+)
 def test_gpt_oss_mxfp4_experts(tmp_path) -> None:
     bf16 = tiny_gpt_oss(tmp_path / "bf16")
     base = mxfp4_base(bf16, tmp_path / "mxfp4")

@@ -71,6 +71,19 @@ def dtype_kw(dtype: torch.dtype) -> dict:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
+def require_fused_experts(model) -> None:
+    """Skip unless the installed transformers holds this MoE's experts as fused parameters
+    (``…experts.gate_up_proj``, transformers v5): before that there is nothing for a
+    ``target_parameters`` LoRA to target."""
+    if not any(n.endswith("experts.gate_up_proj") for n, _ in model.named_parameters()):
+        import transformers
+
+        pytest.skip(
+            f"transformers {transformers.__version__} keeps these MoE experts as separate "
+            "modules: no fused parameter to target (fused from v5)"
+        )
+
+
 def tiny_model(kind: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 

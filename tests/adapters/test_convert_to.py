@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import peft_adapter, tiny_model
+from conftest import peft_adapter, require_fused_experts, tiny_model
 from eco_helpers import (
     llama_base_fp32,
     load_folder,
@@ -155,6 +155,7 @@ def test_peft_moe_target_parameters_to_mlx(tmp_path, run_cli):
         extra_config={"num_experts": 4, "rope_theta": 10000.0},
     )
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    require_fused_experts(model)
     peft_adapter(
         model,
         tmp_path / "peft",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dtype_kw, ulp_diff
+from conftest import dtype_kw, require_fused_experts, ulp_diff
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -41,13 +41,7 @@ def test_fused_expert_lora_splits_into_per_expert_disk_tensors(tmp_path: Path, p
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model = tiny_mixtral()
-    if not any(n.endswith("experts.gate_up_proj") for n, _ in model.named_parameters()):
-        import transformers
-
-        pytest.skip(
-            f"transformers {transformers.__version__} keeps Mixtral experts as separate "
-            "modules: there is no fused parameter to target (fused from v5)"
-        )
+    require_fused_experts(model)
     model.save_pretrained(tmp_path / "base")
     on_disk = load_file(tmp_path / "base" / "model.safetensors")
     assert "model.layers.0.block_sparse_moe.experts.2.w3.weight" in on_disk  # per expert

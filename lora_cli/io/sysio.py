@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import errno
 import io
-import mmap
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
 
 COPY_CHUNK = 8 << 20
-HASH_WINDOW = 64 << 20
 
 # The fallbacks move the file position that threads sharing an fd also use (merge reads
 # ahead on a worker thread while the main thread copies from the same base shard).
@@ -94,32 +91,6 @@ def _copy_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: i
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
     _copy_buffered(src_fd, src_off + done, dst_fd, dst_off + done, nbytes - done)
-
-
-def hash_range(h: Any, fd: int, offset: int, nbytes: int) -> None:
-    """Feed ``nbytes`` of a file to hash ``h`` straight from the page cache through read-only
-    memory maps of at most ``HASH_WINDOW`` bytes (no copy into a buffer, and mapped pages
-    stay a bounded part of the RSS); plain reads where mapping fails."""
-    end = offset + nbytes
-    while offset < end:
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        stop = min(end, start + HASH_WINDOW)
-        try:
-            mapped = mmap.mmap(fd, stop - start, access=mmap.ACCESS_READ, offset=start)
-        except (OSError, ValueError, OverflowError):
-            break
-        with mapped, memoryview(mapped) as view:
-            h.update(view[offset - start :])
-        offset = stop
-    if offset >= end:
-        return
-    buf = memoryview(bytearray(min(COPY_CHUNK, end - offset)))
-    while offset < end:
-        n = read_at(fd, buf[: min(len(buf), end - offset)], offset)
-        if n <= 0:
-            raise ShortCopy
-        h.update(buf[:n])
-        offset += n
 
 
 def _pick(fast: Callable, name: str, fallback: Callable) -> Callable:

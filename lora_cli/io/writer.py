@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 TMP_MARK = ".lora-tmp-"
+HASH_BUFFER = 1 << 20
 EMIT_SLICE = 256 << 10  # fits a core's L2 with room for the hash state and the kernel's copy
 
 
@@ -249,11 +250,12 @@ class ShardWriter:
         """
         try:
             for start in range(0, len(view), EMIT_SLICE):
-                sysio.write_all(self.fd, view[start : start + EMIT_SLICE], offset + start)
+                piece = view[start : start + EMIT_SLICE]
+                sysio.write_all(self.fd, piece, offset + start)
+                if self._hash is not None:  # announced while still in a shared cache
+                    self._hash.add(offset + start, len(piece))
         except OSError as exc:
             raise io_error(self.path, exc) from None
-        if self._hash is not None:
-            self._hash.add(offset, len(view))
 
     def digest(self) -> str | None:
         """sha256 of the whole file once every byte was written and hashed (waits for the
@@ -320,6 +322,7 @@ class TrailingHash:
 
     def _run(self) -> None:
         waiting: list[tuple[int, int]] = []
+        buf = memoryview(bytearray(HASH_BUFFER))
         while (item := self._ranges.get()) is not None:
             if self._failed:
                 continue
@@ -327,11 +330,15 @@ class TrailingHash:
             start = self._done
             while waiting and waiting[0][0] <= self._done:
                 self._done = max(self._done, heapq.heappop(waiting)[1])
-            if self._done > start:
-                try:
-                    sysio.hash_range(self._sha, self._fd, start, self._done - start)
-                except (OSError, ValueError, sysio.ShortCopy):
-                    self._failed = True
+            try:
+                while start < self._done:  # through a small buffer that stays in the cache
+                    n = sysio.read_at(self._fd, buf[: min(len(buf), self._done - start)], start)
+                    if n <= 0:
+                        raise sysio.ShortCopy
+                    self._sha.update(buf[:n])
+                    start += n
+            except (OSError, ValueError, sysio.ShortCopy):
+                self._failed = True
 
     def stop(self) -> None:
         if self._thread.is_alive():

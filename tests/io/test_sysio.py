@@ -86,27 +86,3 @@ def test_fast_paths_are_used_where_they_exist() -> None:
         assert chosen["read_at"] == "_read_preadv"
     if hasattr(os, "copy_file_range"):
         assert chosen["copy_range"] == "_copy_kernel"
-
-
-@pytest.mark.parametrize("mapped", [True, False])
-def test_hash_range_in_windows_and_without_maps(tmp_path, monkeypatch, mapped) -> None:
-    import hashlib
-    import mmap
-
-    monkeypatch.setattr(sysio, "HASH_WINDOW", 3 * mmap.ALLOCATIONGRANULARITY)
-    if not mapped:
-
-        def refuse(*args, **kwargs):
-            raise OSError("no mmap here")
-
-        monkeypatch.setattr(sysio.mmap, "mmap", refuse)  # the read fallback
-    src, dst = _fds(tmp_path)
-    try:
-        h = hashlib.sha256()
-        sysio.hash_range(h, src, 12345, len(DATA) - 12345 - 7)
-        assert h.hexdigest() == hashlib.sha256(DATA[12345:-7]).hexdigest()
-        with pytest.raises(sysio.ShortCopy):
-            sysio.hash_range(hashlib.sha256(), src, len(DATA) - 5, 10)
-    finally:
-        os.close(src)
-        os.close(dst)

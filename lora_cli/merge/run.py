@@ -415,7 +415,7 @@ def _write_rest(
     gc.freeze()  # torch's import left ~10⁵ objects that every collection would walk again
     with (
         ThreadPoolExecutor(depth, initializer=torch.set_num_threads, initargs=(intra,)) as workers,
-        ThreadPoolExecutor(1) as hasher,
+        ThreadPoolExecutor(1) as finisher,
         _torch_threads(intra),
     ):
         buffers = BufferPool(pin=cuda, keep=depth + 3)
@@ -438,7 +438,7 @@ def _write_rest(
                 if progress:
                     progress(nbytes, act.name)
             writer.close(sync=False)
-            digests[shard.filename] = hasher.submit(_finish_shard, writer, checksums)
+            digests[shard.filename] = finisher.submit(_finish_shard, writer, checksums)
         return written, {name: f.result() for name, f in digests.items()}
 
 

@@ -3,9 +3,10 @@
 Defaults belong to transformers, not to us: ``tie_word_embeddings`` absent from the file means
 False for Llama, Qwen2 or Mistral and True for Gemma or GPT-2, and only the model type's own
 config class knows which. So the effective value comes from transformers' config classes
-(offline, from the dictionary already read from disk; never remote code). A model type the
-installed transformers does not know falls back to its base ``PretrainedConfig``; a config
-transformers refuses to build falls back to what the file itself says.
+(offline, from the dictionary already read from disk; never remote code). For a model type
+the installed transformers does not know, what the file states (top level or ``text_config``)
+decides, and only a file that states nothing falls back to the base ``PretrainedConfig``; a
+config transformers refuses to build falls back to what the file itself says.
 """
 
 from __future__ import annotations

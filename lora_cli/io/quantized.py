@@ -284,7 +284,7 @@ def _ct_packed(source: TensorSource, module: str, values: bool) -> QuantizedTens
 def _check_pow2(source: TensorSource, scheme: QuantScheme) -> None:
     """FP8 scales stored wider than e8m0 but all powers of two (DeepSeek V3.1) stay so."""
     wide = [qt for qt in scheme.tensors.values() if qt.scheme == FP8_BLOCK and not qt.pow2]
-    if not wide:  # (no torch needed for a plain base: see io/preload.py)
+    if not wide:  # (a plain base needs no torch to plan: lora_cli/preload.py)
         return
     from lora_cli.io.quant import is_power_of_two
 

@@ -300,10 +300,11 @@ class TrailingHash:
     """sha256 of a file that is being written, computed on its own thread.
 
     The writer reports each finished byte range (in any order); this thread hashes the
-    file's contiguous written prefix from the page cache as it grows. Hashing is the
-    largest CPU cost of a merge after the math: off the writing thread it runs on
-    another core in parallel with the writes, and the digest is ready moments after
-    the last byte (``sha256sum -c`` compatible, no second pass over the file).
+    file's contiguous written prefix from the page cache as it grows, through a small
+    buffer, while the bytes are still cached. Hashing costs about as much CPU as the
+    merge math: off the writing thread it runs on another core in parallel with the
+    writes, and the digest is ready moments after the last byte (``sha256sum -c``
+    compatible, no second pass over the file).
     """
 
     def __init__(self, path: Path, size: int) -> None:

@@ -51,9 +51,6 @@ EXPERT_LAYOUTS: tuple[str, ...] = ("out_in", "in_out")
 _MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-# --------------------------------------------------------------------------- scaling
-
-
 # --------------------------------------------------------------------------- shapes
 
 

@@ -1,6 +1,7 @@
 """Command line: parse options, call a stage, render its result. Nothing else lives here.
 
-Stages (and torch) are imported inside each command so ``lora --help`` stays fast.
+Stages (and torch) are imported inside each command so ``lora --help`` stays fast, and
+argument mistakes (``lora_cli.args``) are answered before they are imported.
 """
 
 from __future__ import annotations
@@ -11,37 +12,98 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from lora_cli import __version__
 
+
+def _without_type_labels(params: list[click.Parameter]) -> list[click.Parameter]:
+    """No type column where typer would print ``<bool>`` for a flag or ``<path>`` beside an
+    argument whose name already says what it is (options show their metavar)."""
+    for param in params:
+        if param.param_type_name == "argument" or getattr(param, "is_flag", False):
+            param.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]
+    return params
+
+
+class _Command(TyperCommand):
+    """Help as click (and ``hf``) writes it: ``lora merge [OPTIONS] BASE [ADAPTER...]``."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _without_type_labels(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or (param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _without_type_labels(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="lora",
+    cls=_Group,
     help="Inspect, convert, merge and validate LoRA adapters, one tensor at a time.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion, as `hf` has
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-JSON_HELP = "Print one JSON document on stdout instead of tables."
+JSON_HELP = "Print one JSON document on stdout instead of tables (on failure: lora-error/1)."
 QUIET_HELP = "No progress bar and no summary (errors still go to stderr)."
 SHARD_HELP = "Largest output shard, e.g. 500MB, 5GB, 2GiB."
+# option groups in --help, as `hf` shows them
+OUTPUT_PANEL = "Output"
+SEVERAL_PANEL = "Several adapters"
+CKPT_PANEL = "Training checkpoint (CKPT)"
+SPLIT_PANEL = "Split across jobs"
+RECOMPUTE_PANEL = "Recompute (with --base and --adapter)"
+_json_mode = False  # whether the running command prints JSON, for its failure report too
+
+
+def _examples(*lines: str) -> str:
+    """An epilog of example command lines for --help, one per line."""
+    return "[bold]Examples[/]\n\n" + "\n\n".join(f"  $ {ln}" for ln in lines)
 
 
 @contextlib.contextmanager
-def _expected_failures() -> Iterator[None]:
-    """Turn expected failures into one line on stderr and an exit code; never a traceback."""
-    from lora_cli import errors, output
+def _expected_failures(json_out: bool = False) -> Iterator[None]:
+    """Turn expected failures into one line on stderr and an exit code; never a traceback.
 
+    With ``--json`` the failure is also one ``lora-error/1`` document on stdout, so a job
+    that reads stdout gets a document whatever happened."""
+    global _json_mode
+    from lora_cli import errors
+
+    _json_mode = json_out
     try:
         yield
     except errors.LoraError as exc:
-        output.error(exc.message, exc.hint)
+        _report(exc.message, exc.hint, exc.exit_code, *exc.location())
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        output.error("interrupted; nothing was written to the destination")
+        _report("interrupted; nothing was written to the destination", None, 130)
         raise typer.Exit(errors.EXIT_INTERRUPTED) from None
+
+
+def _report(
+    message: str, hint: str | None, code: int, file: str | None = None, tensor: str | None = None
+) -> None:
+    from lora_cli import output
+
+    output.error(message, hint)
+    if _json_mode:
+        output.error_json(message, hint, code, file, tensor)
 
 
 def _version(value: bool) -> None:
@@ -59,17 +121,29 @@ def _root(
     """Inspect, convert, merge and validate LoRA adapters, one tensor at a time."""
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    epilog=_examples(
+        "lora inspect ./my-adapter",
+        "lora inspect ./Llama-3-8B --json",
+        "lora inspect ./checkpoint-500",
+        "lora inspect my-org/my-adapter@v1.0",
+    ),
+)
 def inspect(
     path: Path = typer.Argument(
         ...,
         metavar="PATH",
-        help="Adapter folder, checkpoint folder, weights file or Hub id (org/name[@revision]).",
+        show_default=False,
+        help="Adapter folder, checkpoint folder, weights file or Hub id (org/name\\[@revision]).",
     ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show what an adapter, checkpoint or weights file holds (headers only, no tensor data)."""
-    with _expected_failures():
+    with _expected_failures(json_out):
+        from lora_cli.args import check_inputs
+
+        check_inputs([("PATH", path)])
         from lora_cli import output, render
         from lora_cli.stages.inspect import inspect_path
 
@@ -77,38 +151,78 @@ def inspect(
         render.inspect_report(report, json_out)
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    epilog=_examples(
+        "lora convert ./my-adapter",
+        "lora convert ./old-model -o out --dtype bf16 --max-shard-size 2GB",
+        "lora convert ./ds_ckpt -o ./model",
+        "lora convert ./peft-adapter --to gguf --base ./Llama-3.2-1B -o adapter.gguf",
+    ),
+)
 def convert(
     input_path: Path = typer.Argument(
-        ..., metavar="INPUT", help="Adapter or checkpoint: a path or a Hub id (org/name[@rev])."
+        ...,
+        metavar="INPUT",
+        show_default=False,
+        help="Adapter or checkpoint: a path or a Hub id (org/name\\[@rev]).",
     ),
     output_path: Path | None = typer.Option(
-        None, "-o", "--output", help="Output path (default: beside the input)."
+        None,
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="Output path (default: beside the input).",
+        rich_help_panel=OUTPUT_PANEL,
     ),
-    dtype: str = typer.Option("keep", help="keep, fp32, fp16 or bf16 (checkpoints only)."),
-    max_shard_size: str = typer.Option("5GB", help=SHARD_HELP),
+    dtype: str = typer.Option(
+        "keep",
+        metavar="DTYPE",
+        help="keep, fp32, fp16 or bf16 (checkpoints only).",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+    max_shard_size: str = typer.Option(
+        "5GB", metavar="SIZE", help=SHARD_HELP, rich_help_panel=OUTPUT_PANEL
+    ),
     targets_as_list: bool = typer.Option(
         False, "--targets-as-list", help="Rewrite a regex target_modules as the module list."
     ),
     to: str | None = typer.Option(
-        None, "--to", help="Write the adapter as peft, mlx (mlx-lm) or gguf (llama.cpp LoRA)."
+        None,
+        "--to",
+        metavar="FORMAT",
+        help="Write the adapter as peft, mlx (mlx-lm) or gguf (llama.cpp LoRA).",
     ),
     base: Path | None = typer.Option(
         None,
         "--base",
+        metavar="BASE",
         help="Base model folder or Hub id (needed by --to gguf; names for --to mlx).",
     ),
-    overwrite: bool = typer.Option(False, help="Replace an existing output."),
-    adapter_config: Path | None = typer.Option(
-        None, help="Training checkpoint only: the adapter_config.json giving lora_alpha."
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing output.", rich_help_panel=OUTPUT_PANEL
     ),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
+    adapter_config: Path | None = typer.Option(
+        None,
+        "--adapter-config",
+        metavar="PATH",
+        help="The adapter_config.json giving lora_alpha.",
+        rich_help_panel=CKPT_PANEL,
+    ),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP, rich_help_panel=OUTPUT_PANEL),
+    quiet: bool = typer.Option(
+        False, "-q", "--quiet", help=QUIET_HELP, rich_help_panel=OUTPUT_PANEL
+    ),
 ) -> None:
-    """Turn .bin/.pt weights into deduplicated safetensors without running pickle code;
-    consolidate DeepSpeed/FSDP checkpoints and PeftModel state dicts; or write an adapter in
-    another ecosystem's format (--to peft | mlx | gguf)."""
-    with _expected_failures():
+    """Safetensors from .bin/.pt (no pickle code runs), checkpoints, or other formats.
+
+    Turns .bin/.pt weights into deduplicated safetensors without running pickle code;
+    consolidates DeepSpeed/FSDP checkpoints and PeftModel state dicts; or writes an adapter
+    in another ecosystem's format (--to peft | mlx | gguf)."""
+    with _expected_failures(json_out):
+        from lora_cli.args import check_inputs
+
+        check_inputs([("INPUT", input_path), ("--base", base)])
         from lora_cli import output, render
         from lora_cli.stages.convert import convert as run_convert
 
@@ -130,64 +244,125 @@ def convert(
         render.convert_result(result, json_out, quiet)
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    epilog=_examples(
+        "lora merge ./Llama-3-8B ./my-adapter -o ./merged",
+        "lora merge ./Llama-3-8B ./my-adapter --dry-run",
+        "lora merge my-org/my-adapter -o ./merged",
+        "lora merge ./Llama-3-8B ./style ./domain -o ./merged --weights 0.7,0.3",
+        "lora merge ./checkpoint-500 -o ./merged --base ./Llama-3-8B",
+        "lora merge ./base ./adapter -o ./merged --part 1/4   (then --join)",
+    ),
+)
 def merge(
     base: Path = typer.Argument(
         ...,
-        metavar="[BASE]",
-        help="Base checkpoint: folder, index, weights file or Hub id (org/name[@revision]). "
+        metavar="BASE",
+        show_default=False,
+        help="Base checkpoint: folder, index, weights file or Hub id (org/name\\[@revision]). "
         "Omitted: the adapter's base_model_name_or_path. Alone: a training checkpoint "
         "(PeftModel state dict, DeepSpeed ZeRO, FSDP or HF Trainer folder) to merge.",
     ),
     adapter: list[Path] | None = typer.Argument(
         None,
         metavar="ADAPTER...",
+        show_default=False,
         help="Adapter folder, adapter weights file or Hub id; several merge their weighted sum.",
     ),
+    output_path: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="Output folder (must not exist unless --overwrite).",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
     ckpt_base: Path | None = typer.Option(
-        None, "--base", help="Training checkpoint only: base model for frozen weights and config."
+        None,
+        "--base",
+        metavar="BASE",
+        help="Base model for the frozen weights, config and tokenizer.",
+        rich_help_panel=CKPT_PANEL,
     ),
     adapter_config: Path | None = typer.Option(
-        None, help="Training checkpoint only: the adapter_config.json giving lora_alpha."
-    ),
-    output_path: Path | None = typer.Option(
-        None, "-o", "--output", help="Output folder (must not exist unless --overwrite)."
+        None,
+        "--adapter-config",
+        metavar="PATH",
+        help="The adapter_config.json giving lora_alpha (must agree with the folder's own).",
+        rich_help_panel=CKPT_PANEL,
     ),
     weights: str | None = typer.Option(
-        None, help="One weight per adapter, comma-separated, e.g. 0.7,0.3 (default 1 each)."
+        None,
+        metavar="W1,W2,…",
+        help="One weight per adapter, comma-separated, e.g. 0.7,0.3 (default 1 each).",
+        rich_help_panel=SEVERAL_PANEL,
     ),
-    dtype: str = typer.Option("keep", help="Output dtype: keep, fp32, fp16 or bf16."),
+    dtype: str = typer.Option(
+        "keep",
+        metavar="DTYPE",
+        help="Output dtype: keep, fp32, fp16 or bf16.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
     max_shard_size: str | None = typer.Option(
-        None, help=SHARD_HELP + " Default: the base's own shard files."
+        None,
+        metavar="SIZE",
+        help=SHARD_HELP + " Default: the base's own shard files.",
+        rich_help_panel=OUTPUT_PANEL,
     ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an existing output folder.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
     part: str | None = typer.Option(
-        None, "--part", metavar="I/N", help="Write only part I of N (into OUT.lora-parts/)."
+        None,
+        "--part",
+        metavar="I/N",
+        help="Write only part I of N (into OUT.lora-parts/).",
+        rich_help_panel=SPLIT_PANEL,
     ),
     join: bool = typer.Option(
-        False, "--join", help="Check the parts written with --part and publish OUT."
+        False,
+        "--join",
+        help="Check the parts written with --part and publish OUT.",
+        rich_help_panel=SPLIT_PANEL,
     ),
     checksums: bool = typer.Option(
-        True, "--checksums/--no-checksums", help="Write lora-checksums.sha256 (sha256 per file)."
+        True,
+        "--checksums/--no-checksums",
+        help="Write lora-checksums.sha256 (sha256 per file).",
+        rich_help_panel=OUTPUT_PANEL,
     ),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP, rich_help_panel=OUTPUT_PANEL),
+    quiet: bool = typer.Option(
+        False, "-q", "--quiet", help=QUIET_HELP, rich_help_panel=OUTPUT_PANEL
+    ),
     quantize: str = typer.Option(
         "bf16",
+        metavar="bf16|keep",
         help="Quantized base (FP8, compressed-tensors, MXFP4): write merged weights as bf16, "
         "or 'keep' to re-quantize them in the base's format.",
     ),
 ) -> None:
     """Fold LoRA adapters into the base weights, streaming tensor by tensor.
 
-    `lora merge ADAPTER -o OUT` takes the base from the adapter's config;
-    `lora merge CKPT -o OUT [--base BASE]` merges a training checkpoint (PeftModel state
+    [bold]lora merge BASE ADAPTER… -o OUT[/] merges adapters into a base;
+    [bold]lora merge ADAPTER -o OUT[/] takes the base from the adapter's config;
+    [bold]lora merge CKPT -o OUT [--base BASE][/] merges a training checkpoint (PeftModel state
     dict, DeepSpeed ZeRO or FSDP folder, HF Trainer checkpoint-N/)."""
-    with _expected_failures():
+    with _expected_failures(json_out):
+        from lora_cli.args import check_device, check_inputs, parse_weights
+
+        check_inputs([("BASE", base), *(("ADAPTER", a) for a in adapter or ()),
+                      ("--base", ckpt_base), ("--adapter-config", adapter_config)])  # fmt: skip
+        check_device(device)
+        if weights is not None:
+            parse_weights(weights, len(adapter or ()) or 1)
         from lora_cli import output, render
-        from lora_cli.stages.merge import merge as run_merge
 
         if not adapter and _is_training_checkpoint(base):  # `lora merge CKPT -o OUT`
             if part or join or weights or quantize != "bf16" or not checksums:
@@ -215,14 +390,14 @@ def merge(
                 )
             render.merge_result(result, json_out, quiet)
             return
-        if ckpt_base is not None or adapter_config is not None:
-            from lora_cli.errors import UsageError
+        from lora_cli.stages.merge import merge as run_merge
+        from lora_cli.stages.merge import trainer_adapter_folder
 
-            raise UsageError(
-                "--base and --adapter-config go with a single training checkpoint",
-                "lora merge CKPT -o OUT --base BASE",
-            )
-        if not adapter:  # `lora merge ADAPTER -o OUT`: the base comes from adapter_config.json
+        if ckpt_base is not None or adapter_config is not None:
+            # an HF Trainer checkpoint-N/ without DeepSpeed or FSDP is an adapter folder
+            folder = trainer_adapter_folder(base, adapter, ckpt_base, adapter_config)
+            base, adapter = ckpt_base, [folder]
+        elif not adapter:  # `lora merge ADAPTER -o OUT`: the base comes from adapter_config.json
             base, adapter = None, [base]
         with output.progress_bar("merging", not quiet and not json_out) as factory:
             result = run_merge(
@@ -252,59 +427,135 @@ def _is_training_checkpoint(path: Path) -> bool:
     return Path(path).exists() and is_training_checkpoint(Path(path))
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    epilog=_examples(
+        "lora validate ./merged",
+        "lora validate ./merged --base ./Llama-3-8B --adapter ./my-adapter",
+        "lora validate ./merged --base ./base --adapter ./adapter --sample 64 --json",
+        "lora validate ./my-adapter --base ./Llama-3-8B",
+    ),
+)
 def validate(
     path: Path = typer.Argument(
-        ..., metavar="PATH", help="Checkpoint, adapter, weights file or Hub id to check."
+        ...,
+        metavar="PATH",
+        show_default=False,
+        help="Checkpoint, adapter, weights file or Hub id to check.",
     ),
     base: Path | None = typer.Option(
-        None, help="Base checkpoint (or Hub id) PATH was merged from (with --adapter)."
+        None,
+        metavar="BASE",
+        help="Base checkpoint (or Hub id) PATH was merged from (with --adapter).",
     ),
     adapter: list[Path] | None = typer.Option(
-        None, help="Adapter (or Hub id) PATH was merged with (with --base); repeat for several."
+        None,
+        metavar="ADAPTER",
+        help="Adapter (or Hub id) PATH was merged with (with --base); repeat for several.",
     ),
     weights: str | None = typer.Option(
-        None, help="The --weights PATH was merged with, e.g. 0.7,0.3 (several adapters)."
+        None,
+        metavar="W1,W2,…",
+        help="The --weights PATH was merged with, e.g. 0.7,0.3 (several adapters).",
+        rich_help_panel=RECOMPUTE_PANEL,
     ),
-    atol: float = typer.Option(0.0, help="Extra absolute tolerance for recomputed tensors."),
-    rtol: float = typer.Option(0.0, help="Extra relative tolerance for recomputed tensors."),
+    atol: float = typer.Option(
+        0.0,
+        metavar="FLOAT",
+        help="Extra absolute tolerance for recomputed tensors.",
+        rich_help_panel=RECOMPUTE_PANEL,
+    ),
+    rtol: float = typer.Option(
+        0.0,
+        metavar="FLOAT",
+        help="Extra relative tolerance for recomputed tensors.",
+        rich_help_panel=RECOMPUTE_PANEL,
+    ),
     sample: int | None = typer.Option(
-        None, help="Recompute only N untouched tensors (plus every adapter-touched one)."
+        None,
+        metavar="N",
+        help="Recompute only N untouched tensors (plus every adapter-touched one).",
+        rich_help_panel=RECOMPUTE_PANEL,
     ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] for recomputation."),
+    device: str = typer.Option(
+        "auto",
+        metavar="DEVICE",
+        help="auto, cpu or cuda[:N] for recomputation.",
+        rich_help_panel=RECOMPUTE_PANEL,
+    ),
     part: str | None = typer.Option(
-        None, "--part", metavar="I/N", help="Read only part I of N of the weight files."
+        None,
+        "--part",
+        metavar="I/N",
+        help="Read only part I of N of the weight files.",
+        rich_help_panel=SPLIT_PANEL,
     ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Check integrity and numbers; exit 0 valid, 1 findings, 2 could not run."""
-    with _expected_failures():
+    with _expected_failures(json_out):
+        from lora_cli.args import check_device, check_inputs, parse_weights
+
+        check_inputs([("PATH", path), ("--base", base), *(("--adapter", a) for a in adapter or ())])
+        check_device(device)
+        if weights is not None and adapter:
+            parse_weights(weights, len(adapter))
         from lora_cli import output, render
         from lora_cli.stages.validate import validate as run_validate
 
-        report = run_validate(
-            path,
-            base=base,
-            adapter=adapter or None,
-            weights=weights,
-            atol=atol,
-            rtol=rtol,
-            sample=sample,
-            device=device,
-            part=part,
-            notice=output.info,
-            hub_progress=not json_out,
-        )
+        with output.progress_bar("validating", not json_out) as factory:
+            report = run_validate(
+                path,
+                base=base,
+                adapter=adapter or None,
+                weights=weights,
+                atol=atol,
+                rtol=rtol,
+                sample=sample,
+                device=device,
+                part=part,
+                notice=output.info,
+                hub_progress=not json_out,
+                progress_factory=factory,
+            )
         code = render.validate_report(report, json_out)
         raise typer.Exit(code)
+
+
+def _bug(exc: BaseException) -> int:
+    """An exception no stage expected is a bug in lora: its traceback and a line that says
+    so, exit ``EXIT_BUG`` (never 1, which ``validate`` uses for "the checkpoint is bad")."""
+    import traceback
+
+    from lora_cli.errors import EXIT_BUG
+
+    traceback.print_exception(exc)
+    message = (
+        f"internal error: {type(exc).__name__}: {exc} (this is a bug in lora {__version__}, "
+        "not a problem with your files)"
+    )
+    _report(message, "please report it with the traceback above", EXIT_BUG)
+    return EXIT_BUG
+
+
+def _tolerant_streams() -> None:
+    """A stream that cannot encode a character (``PYTHONIOENCODING=ascii``, a C locale)
+    writes it as an escape instead of crashing after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            if stream.errors == "strict":
+                stream.reconfigure(errors="backslashreplace")
 
 
 def main() -> None:
     # OpenMP workers that spin between torch's many small ops burn a core for nothing in a
     # streaming merge (profiled: ~10% of its CPU); sleeping ones cost nothing. Before torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _tolerant_streams()
     try:
         app()
     except BrokenPipeError:  # `lora inspect --json x | head`
         sys.stderr.close()
         sys.exit(0)
+    except Exception as exc:  # typer.Exit and click's usage errors are SystemExit, not here
+        sys.exit(_bug(exc))

@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from lora_cli import output
-from lora_cli.output import human_bytes
+from lora_cli.output import human_bytes, plural
+
+# Every text line goes through ``output`` (``line``, ``info``, ``warn``, tables), which
+# escapes the control characters a name read from a file may carry; JSON stays exact.
 
 
 def inspect_report(report: Any, json_out: bool) -> None:
     if json_out:
         output.print_json(report.to_json())
         return
-    from rich.markup import escape
-
     output.key_values(
-        escape(f"{report.path} — {report.kind} ({report.format})"),
+        f"{report.path} — {report.kind} ({report.format})",
         [
             ("tensors", report.tensors),
             ("parameters", f"{report.parameters:,}"),
@@ -108,15 +109,15 @@ def convert_result(result: Any, json_out: bool, quiet: bool) -> None:
         output.info(f"note: {note}")
     if result.dropped:
         output.warn(
-            f"dropped {len(result.dropped)} non-adapter or non-tensor entries: "
+            f"dropped {plural(len(result.dropped), 'non-adapter or non-tensor entry', 'entries')}: "
             + ", ".join(result.dropped[:5])
             + (" …" if len(result.dropped) > 5 else "")
         )
     if quiet:
         return
-    output.out().print(
-        f"converted {result.tensors} tensors ({human_bytes(result.bytes)}) → {result.output} "
-        f"in {result.seconds:.2f}s; every tensor re-read and verified bit-exact"
+    output.line(
+        f"converted {plural(result.tensors, 'tensor')} ({human_bytes(result.bytes)}) → "
+        f"{result.output} in {result.seconds:.2f}s; every tensor re-read and verified bit-exact"
     )
 
 
@@ -143,12 +144,13 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
                 ("to copy", c["copy"]),
                 ("untie embeddings", doc["untie_embeddings"]),
                 ("config updates", doc["config_updates"] or "-"),
+                ("tokenizer", _tokenizer_from(doc.get("tokenizer_from"))),
                 ("output shards", ", ".join(doc["shards"])),
             ],
         )
         for kind in ("merge", "replace", "rows"):
             for name in doc["tensors"][kind]:
-                output.out().print(f"  {kind:7s} {name}")
+                output.line(f"  {kind:7s} {name}")
         for w in doc["warnings"]:
             output.warn(w)
         return
@@ -158,6 +160,8 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
         return
     for w in result.warnings:
         output.warn(w)
+    if result.tokenizer_from:
+        output.info(f"note: tokenizer files {_tokenizer_from(result.tokenizer_from)}")
     if result.untied:
         output.info(
             "note: the adapter changes only one of the tied embeddings; wrote both and set "
@@ -166,26 +170,34 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
     if quiet:
         return
     if result.adapters:
-        output.out().print(
+        output.line(
             "adapters (weighted sum, one pass): "
-            + ", ".join(f"{a['path']} × {a['weight']:g}" for a in result.adapters),
-            markup=False,
+            + ", ".join(f"{a['path']} × {a['weight']:g}" for a in result.adapters)
         )
     c = result.counts
     if result.part is not None:
-        output.out().print(f"part {result.part}: {', '.join(result.files)}")
-    output.out().print(
-        f"merged {c['merge']} tensors, replaced {c['replace']}, token rows {c['rows']}, "
-        f"copied {c['copy']} → {result.output}\n"
+        output.line(f"part {result.part}: {', '.join(result.files)}")
+    output.line(
+        f"merged {plural(c['merge'], 'tensor')}, replaced {c['replace']}, token rows "
+        f"{c['rows']}, copied {c['copy']} → {result.output}"
+    )
+    output.line(
         f"name resolution: {result.rule}; device {result.device}; "
         f"{result.seconds:.2f}s, {human_bytes(result.throughput)}/s"
     )
     cosines = [q["cosine"] for q in result.quantized if q["cosine"] is not None]
     if cosines:
-        output.out().print(
-            f"re-quantized {len(result.quantized)} merged tensors into the base's format; "
+        output.line(
+            f"re-quantized {plural(len(result.quantized), 'merged tensor')} into the base's "
+            "format; "
             f"change kept with cosine {min(cosines):.3f} (worst) to {max(cosines):.3f}"
         )
+
+
+def _tokenizer_from(side: dict[str, Any] | None) -> str:
+    if not side:
+        return "the base's"
+    return f"from the adapter {side['adapter']}: {', '.join(side['files'])} (not the base's)"
 
 
 def merge_json(result: Any) -> dict[str, Any]:
@@ -202,6 +214,7 @@ def merge_json(result: Any) -> dict[str, Any]:
         "untie_embeddings": result.untied,
         "config_updates": result.config_updates,
         "warnings": result.warnings,
+        "tokenizer_from": result.tokenizer_from,
         "quantized": result.quantized,
         **({"adapters": result.adapters} if result.adapters else {}),
         "part": result.part,
@@ -215,8 +228,8 @@ def validate_report(report: Any, json_out: bool) -> int:
         output.print_json(report.to_json())
         return report.exit_code
     for f in report.findings:
-        output.out().print(f"FINDING {f.line()}", markup=False)
+        output.line(f"FINDING {f.line()}")
     for w in report.notes:
         output.info(f"note: {w}")
-    output.out().print(report.summary_line(), markup=False)
+    output.line(report.summary_line())
     return report.exit_code

@@ -445,27 +445,6 @@ def regex_matches(pattern: str, modules: list[str]) -> tuple[list[str], list[str
     return matched, sorted(set(modules) - set(matched))
 
 
-def all_zero_b(adapter: Adapter) -> list[str]:
-    """All-zero lora_B means an untrained adapter (PEFT's default init) that merges to nothing."""
-    keys = [
-        m.parts.get("lora_B.weight") or m.parts.get("lora_embedding_B")
-        for m in adapter.modules.values()
-    ]
-    keys = [k for k in keys if k and adapter.source.info(k).numel]
-    if not keys:
-        return []
-    zero = 0
-    for k in keys:
-        t = adapter.source.read(k)
-        if not bool(t.float().abs().sum()):
-            zero += 1
-    if zero == len(keys):
-        return ["every lora_B is all zeros: the adapter is untrained and merges to the base"]
-    if zero:
-        return [f"{zero} of {len(keys)} lora_B tensors are all zeros (untrained modules)"]
-    return []
-
-
 def looks_like_peft_state_dict(source: TensorSource) -> bool:
     """LoRA factor names in a plain state dict: an adapter saved without its config."""
     return any(".lora_A." in n or ".lora_B." in n for n in source.names())

@@ -168,6 +168,7 @@ def _listing(hub: HubRef) -> list[str]:
     from huggingface_hub import HfApi, snapshot_download
 
     try:
+        _reach_hub()
         return HfApi().list_repo_files(hub.repo_id, revision=hub.revision)
     except Exception as exc:
         if _kind(exc) in ("missing", "gated", "revision"):
@@ -179,6 +180,16 @@ def _listing(hub: HubRef) -> list[str]:
         except Exception:
             raise exc from None
         return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+
+
+def _reach_hub() -> None:
+    """One request, no retries: huggingface_hub (2.4) retries a refused or unresolvable
+    connection 5 times with backoff (1+2+4+8+8 s, two log lines a try) before it fails;
+    a Hub that does not answer at all is known at once and the cache is asked instead."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
 
 
 def _kind(exc: BaseException) -> str:

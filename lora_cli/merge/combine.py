@@ -27,12 +27,12 @@ The joined plan reads adapter tensors through ``CombinedSource``, which names ad
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from lora_cli.adapters.peft import Adapter, LoraModule
+from lora_cli.args import parse_weights  # noqa: F401  (merge and validate take it from here)
 from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo, TensorSource
@@ -42,27 +42,6 @@ if TYPE_CHECKING:
     import torch
 
 FIX = "merge that adapter alone first, then merge the others into its output"
-
-
-def parse_weights(spec: str | Sequence[float] | None, count: int) -> list[float]:
-    """``"0.7,0.3"`` → ``[0.7, 0.3]``, one finite number per adapter; default all 1."""
-    if spec is None:
-        return [1.0] * count
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    try:
-        weights = [float(w) for w in items]
-    except ValueError:
-        raise UsageError(
-            f"--weights {spec!r}: not a comma-separated list of numbers", "e.g. --weights 0.7,0.3"
-        ) from None
-    if len(weights) != count:
-        raise UsageError(
-            f"--weights gives {len(weights)} numbers for {count} adapters", "one weight per adapter"
-        )
-    bad = [w for w in weights if not math.isfinite(w)]
-    if bad:
-        raise UsageError(f"--weights {spec!r}: {bad[0]} is not a finite number")
-    return weights
 
 
 class CombinedSource:

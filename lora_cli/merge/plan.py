@@ -96,6 +96,7 @@ class MergePlan:
     warnings: list[str]
     combined: list[tuple[Adapter, float]] = field(default_factory=list)  # several adapters
     quantized: list[Any] = field(default_factory=list)  # QuantGroups of --quantize keep
+    side_files: Any = None  # AdapterSideFiles: the adapter's tokenizer/template (side_files.py)
 
     def actions(self) -> list[TensorAction]:
         return [a for s in self.shards for a in s.actions]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_cli.adapters.findings import refuse_or_warn, value_findings
 from lora_cli.adapters.peft import check_adapter_values
 from lora_cli.io.dtypes import to_torch
 from lora_cli.io.layout import (
@@ -29,7 +30,7 @@ from lora_cli.io.layout import (
     write_json,
     write_manifest,
 )
-from lora_cli.io.writer import OutputDir, ShardWriter, write_small_file
+from lora_cli.io.writer import OutputDir, ShardWriter, copy_file, write_small_file
 from lora_cli.merge.card import CARD_NAME
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
 from lora_cli.preload import torch_loading
@@ -164,6 +165,7 @@ class MergeResult:
     untied: bool
     config_updates: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    tokenizer_from: dict[str, Any] | None = None  # the adapter's tokenizer files, if used
     adapters: list[dict[str, Any]] = field(default_factory=list)  # several: path and weight
     quantized: list[dict[str, Any]] = field(default_factory=list)  # --quantize keep fidelity
     part: str | None = None  # "I/N" for `merge --part`, "joined N" for `merge --join`
@@ -361,6 +363,7 @@ def write_shards(
         for adapter in [ad for ad, _ in plan.combined] or [plan.adapter]:
             if adapter.values_pending:
                 check_adapter_values(adapter)
+                plan.warnings += refuse_or_warn(value_findings(adapter))  # as validate does
         device = resolve_device(device)  # ("auto" asks torch: after the early copies)
         written, digests = _write_rest(
             plan, shards, open_writer, copy, early, written, device, checksums, progress
@@ -486,6 +489,12 @@ def finish_output(
         skip.add(CARD_NAME)
         write_small_file(folder / CARD_NAME, model_card.encode())
         files.append(CARD_NAME)
+    theirs = plan.side_files
+    if theirs is not None:  # the adapter's tokenizer / chat template (merge/side_files.py)
+        skip |= theirs.replaces
+        for p in theirs.files:
+            copy_file(p, folder / p.name)
+            files.append(p.name)
     files += copy_side_files(plan.base.root, folder, skip=skip | {MANIFEST_NAME})
     if plan.config is not None:
         config = dict(plan.config)
@@ -537,4 +546,5 @@ def merge_result(
         untied=plan.untied,
         config_updates=plan.config_updates,
         warnings=plan.warnings,
+        tokenizer_from=plan.side_files.to_json() if plan.side_files is not None else None,
     )

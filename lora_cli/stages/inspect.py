@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_cli.adapters.findings import value_findings
 from lora_cli.adapters.formats import is_adapter, load_adapter
 from lora_cli.adapters.peft import (
     Adapter,
-    all_zero_b,
     looks_like_peft_state_dict,
     nonfinite_tensors,
     regex_matches,
@@ -75,7 +75,7 @@ def inspect_path(
         try:
             report = _summary(path, "adapter", adapter.source)
             report.adapter = adapter_details(adapter)
-            report.warnings = list(adapter.warnings) + all_zero_b(adapter)
+            report.warnings = list(adapter.warnings) + [f.message for f in value_findings(adapter)]
             report.warnings += [
                 f"{key}: {count} NaN/Inf values (merge and convert refuse this adapter)"
                 for key, count in nonfinite_tensors(adapter)

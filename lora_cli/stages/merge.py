@@ -7,10 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.formats import load_adapter
+from lora_cli.adapters.findings import (
+    config_findings,
+    refuse_or_warn,
+    refuse_repeated,
+    value_findings,
+)
+from lora_cli.adapters.formats import is_adapter, load_adapter
 from lora_cli.adapters.peft import Adapter
+from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.dtypes import parse_dtype_option
-from lora_cli.io.layout import parse_size
+from lora_cli.io.layout import parse_size, read_json
 from lora_cli.io.reader import open_source
 from lora_cli.io.writer import check_destination
 from lora_cli.merge.combine import build_combined_plan, parse_weights
@@ -19,6 +26,7 @@ from lora_cli.merge.parts import parse_part, part_actions, run_join, run_part
 from lora_cli.merge.plan import MergePlan, build_plan
 from lora_cli.merge.quantized import fidelity, plan_merge, refuse_quantized_base
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
+from lora_cli.merge.side_files import adapter_side_files
 from lora_cli.preload import start_torch_import
 
 
@@ -45,6 +53,7 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
             for kind in ("merge", "replace", "rows")
         },
         "warnings": plan.warnings,
+        "tokenizer_from": plan.side_files.to_json() if plan.side_files is not None else None,
         **combined_json(plan),
     }
 
@@ -89,19 +98,17 @@ def merge(
     shard_limit = parse_size(max_shard_size) if max_shard_size else None
     split = parse_part(part) if part is not None else None
     if split and (join or dry_run):
-        from lora_cli.errors import UsageError
-
         raise UsageError("--part goes without --join and --dry-run", "run parts, then one join")
     if not dry_run:
         if output is None:
-            from lora_cli.errors import UsageError
-
             raise UsageError("no output folder given", "pass -o OUTPUT")
         local = [Path(p) for p in (base, *refs) if p is not None and Path(p).exists()]
         check_destination(output, overwrite, local)  # before any download
     # "auto" asks torch whether there is a GPU: write_shards does, after the early copies
     dev = device if device.strip().lower() == "auto" else resolve_device(device)
     inputs = resolve_inputs(base, refs, notice=notice, progress=hub_progress)
+    refuse_repeated(inputs.adapters)
+    _refuse_swapped(inputs.base, inputs.adapters)
     if not dry_run:
         check_destination(Path(output), overwrite, [inputs.base, *inputs.adapters])
     writes_math = not (dry_run or join)
@@ -114,6 +121,10 @@ def merge(
             for path in inputs.adapters:
                 opened.append(load_adapter(path, base_src))
                 opened[-1].values_pending = writes_math  # scanned by write_shards
+            findings = [f for ad in opened for f in config_findings(ad)]
+            if not writes_math:  # else write_shards reads them, after torch has loaded
+                findings += [f for ad in opened for f in value_findings(ad)]
+            warnings = refuse_or_warn(findings)  # what validate finds, merge refuses
             if len(opened) == 1 and weights is None:
                 plan = plan_merge(
                     base_src,
@@ -131,6 +142,8 @@ def merge(
                     out_dtype=out_dtype,
                     max_shard_size=shard_limit,
                 )
+            plan.warnings += warnings
+            plan.side_files = adapter_side_files(opened)
             if dry_run:
                 return DryRun(plan)
             options = {
@@ -173,6 +186,65 @@ def merge(
         base_src.close()
 
 
+def _refuse_swapped(base: Path, adapters: Sequence[Path]) -> None:
+    """BASE that is an adapter: the arguments were swapped, or BASE was left out of a merge
+    of several adapters. Said before the base is opened (its errors would blame the files)."""
+    if not is_adapter(base):
+        return
+    models = [a for a in adapters if not is_adapter(a)]
+    if models:
+        raise UsageError(
+            f"BASE {base} is an adapter and ADAPTER {models[0]} is not: swapped?",
+            f"the base comes first: lora merge {models[0]} {base} -o OUT",
+        )
+    raise UsageError(
+        f"BASE {base} is an adapter, not a model",
+        "lora merge BASE ADAPTER… -o OUT (or lora merge ADAPTER -o OUT: the base from its "
+        "adapter_config.json)",
+    )
+
+
+# what --adapter-config may say about the scale, compared with the folder's own config
+_SCALE_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern",
+               "alpha_pattern", "fan_in_fan_out", "lora_bias")  # fmt: skip
+
+
+def trainer_adapter_folder(
+    ckpt: Path, adapters: Sequence[Path] | None, base: Path | None, adapter_config: Path | None
+) -> Path:
+    """``lora merge CKPT -o OUT --base BASE`` where CKPT is an HF Trainer ``checkpoint-N/``
+    trained without DeepSpeed or FSDP: an adapter folder (``adapter_model.safetensors`` and
+    ``adapter_config.json`` beside ``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``),
+    merged as ``lora merge BASE CKPT``. A redundant ``--adapter-config`` must agree with the
+    folder's own config on everything that sets the scale."""
+    if adapters:
+        raise UsageError(
+            "--base and --adapter-config go with a single training checkpoint, not with "
+            "BASE ADAPTER…",
+            "lora merge BASE ADAPTER… -o OUT, or lora merge CKPT -o OUT --base BASE",
+        )
+    if not is_adapter(ckpt):
+        raise UsageError(
+            f"{ckpt}: neither a training checkpoint (PeftModel state dict, DeepSpeed, FSDP, "
+            "HF Trainer checkpoint-N/) nor an adapter folder",
+            "lora merge CKPT -o OUT --base BASE",
+        )
+    if adapter_config is not None:
+        from lora_cli.adapters.peft import find_adapter_files
+
+        own_path, _ = find_adapter_files(ckpt)
+        own = read_json(own_path, "adapter config")
+        given = read_json(adapter_config, "adapter config")
+        for key in _SCALE_KEYS:
+            if (own.get(key) or None) != (given.get(key) or None):
+                raise UsageError(
+                    f"{adapter_config}: {key} {given.get(key)!r} disagrees with "
+                    f"{own_path} ({own.get(key)!r})",
+                    "leave out --adapter-config: the folder's own config is used",
+                )
+    return Path(ckpt)
+
+
 def _card_options(
     dtype: str,
     max_shard_size: str | None,
@@ -213,29 +285,30 @@ def merge_checkpoint(
     """``lora merge CKPT``: a training checkpoint (PeftModel state dict, DeepSpeed, FSDP)
     split into base view + adapter, then the ordinary plan and merge."""
     from lora_cli.adapters.checkpoint import default_dtype, split_checkpoint
-    from lora_cli.errors import MergeError
     from lora_cli.io.checkpoint_detect import open_training_checkpoint
 
     out_dtype = parse_dtype_option(dtype)
     shard_limit = parse_size(max_shard_size or "5GB")  # the view has no shard layout to keep
     if not dry_run:
         if output is None:
-            from lora_cli.errors import UsageError
-
             raise UsageError("no output folder given", "pass -o OUTPUT")
         check_destination(output, overwrite, [Path(ckpt_path)] + ([Path(base)] if base else []))
     dev = resolve_device(device)
     from lora_cli.io.checkpoint_detect import is_training_checkpoint
 
     if Path(ckpt_path).exists() and not is_training_checkpoint(Path(ckpt_path)):
-        from lora_cli.errors import UsageError
-
         raise UsageError(
             f"{ckpt_path}: not a training checkpoint (PeftModel state dict, DeepSpeed or FSDP)",
             "to merge an adapter into a base: lora merge BASE ADAPTER -o OUT",
         )
     ckpt = open_training_checkpoint(Path(ckpt_path))
     try:
+        if base is None and ckpt.details.get("frozen_excluded"):
+            raise MergeError(
+                f"{ckpt_path}: frozen weights are not in this checkpoint (DeepSpeed "
+                "exclude_frozen_parameters saves only the trained ones)",
+                "pass --base BASE: lora merge CKPT -o OUT --base BASE",
+            )
         split = split_checkpoint(ckpt, base=base, adapter_config=adapter_config)
     except BaseException:
         ckpt.close()
@@ -251,6 +324,9 @@ def merge_checkpoint(
             split.base, split.adapter, out_dtype=out_dtype, max_shard_size=shard_limit
         )
         plan.warnings = ckpt.notes + split.notes + plan.warnings
+        findings = config_findings(split.adapter) + value_findings(split.adapter)
+        plan.warnings += refuse_or_warn(findings)  # what validate finds, merge refuses
+        plan.side_files = adapter_side_files([split.adapter])
         if split.config is None:
             plan.warnings.append("no config.json known: the output has none (pass --base BASE "
                                  "to take the base's config and tokenizer files)")  # fmt: skip

@@ -21,7 +21,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from lora_cli.adapters.findings import refuse_repeated
 from lora_cli.adapters.formats import is_adapter
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.hub import Notice, resolve_input
@@ -45,13 +47,15 @@ def validate(
     part: str | None = None,
     notice: Notice | None = None,
     hub_progress: bool = True,
+    progress_factory: Any = None,
 ) -> ValidateReport:
     """Validate ``path`` (an adapter, a checkpoint or a weights file); with ``base`` and
     ``adapter``, also recompute it as their merge. Raises ``LoraError`` when impossible.
 
     ``adapter`` may list several adapters, merged with ``weights`` as ``merge A1 A2 …``.
     ``path``, ``base`` and each adapter may be Hub ids, resolved as ``merge`` resolves them
-    (``io/hub.py``), once the options are known to go together."""
+    (``io/hub.py``), once the options are known to go together. ``progress_factory(total
+    bytes)`` returns a callback told of each tensor read (a checkpoint's scan)."""
     refs = [] if adapter is None else [adapter] if isinstance(adapter, str | Path) else adapter
     if weights is not None and not refs:
         raise UsageError("--weights applies to --base with --adapter")
@@ -97,6 +101,7 @@ def validate(
         raise UsageError("--sample, --atol and --rtol apply to --base with --adapter")
     base_path = resolve(base, "base") if base is not None else None
     adapters = [resolve(a, "adapter") for a in refs]
+    refuse_repeated(adapters)  # as merge refuses them
     report = ValidateReport(
         path,
         "file" if path.is_file() and not path.name.endswith(INDEX_SUFFIXES) else "checkpoint",
@@ -109,5 +114,5 @@ def validate(
         sample=sample,
         part=split.label if split else None,
     )
-    WeightsCheck(report, path, device, split).run()
+    WeightsCheck(report, path, device, split, progress_factory).run()
     return report

@@ -9,14 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lora_cli.adapters.findings import AdapterFinding, config_findings, value_findings
 from lora_cli.adapters.formats import adapter_format
 from lora_cli.adapters.formats import load_adapter as load_any_adapter
 from lora_cli.adapters.peft import (
     CONFIG_NAME,
-    all_zero_b,
     find_adapter_files,
     load_adapter,
-    regex_matches,
 )
 from lora_cli.errors import LoraError
 from lora_cli.io.dtypes import FLOAT_DTYPES
@@ -92,32 +91,20 @@ def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> N
         for w in adapter.warnings:
             r.add(weights, None, "adapter", w)
             tensors_ok = tensors_ok and "zero-size" not in w and "no LoRA tensors" not in w
-        for w in all_zero_b(adapter):
-            r.add(weights, None, "adapter", w)
-        targets = config.get("target_modules")
-        if isinstance(targets, str) and targets.lower() != "all-linear" and adapter.modules:
-            matched, unmatched = regex_matches(targets, list(adapter.modules))
-            n = len(adapter.modules)
-            if not matched:
-                r.add(
-                    config_path,
-                    None,
-                    "adapter",
-                    f"regex target_modules {targets!r} matches none of the {n} adapter modules"
-                    " (or is not a valid regex): PEFT would load no LoRA weights",
-                )
-            elif unmatched:
-                r.add(
-                    config_path,
-                    None,
-                    "adapter",
-                    f"regex target_modules {targets!r} does not match {len(unmatched)} of the "
-                    f"{n} adapter modules (e.g. {unmatched[0]}): PEFT would ignore their weights",
-                )
+        _add_findings(r, value_findings(adapter) + config_findings(adapter))
         if base is not None:
             _adapter_against_base(r, adapter, base, tensors_ok)
     finally:
         adapter.close()
+
+
+def _add_findings(r: ValidateReport, findings: list[AdapterFinding]) -> None:
+    """The findings ``merge`` refuses are validate findings; its warnings are notes."""
+    for f in findings:
+        if f.refuses:
+            r.add(f.file, None, "adapter", f.message)
+        else:
+            r.notes.append(f"{f.file.name}: {f.message}")
 
 
 def _adapter_against_base(
@@ -164,8 +151,9 @@ def _validate_converted(r: ValidateReport, path: Path, base: Path | None) -> Non
                 t = src.read(info.name)
                 if info.dtype in FLOAT_DTYPES and info.numel:
                     tensors_ok = check_finite(r, adapter.weights_file, info, t) and tensors_ok
-            for w in adapter.warnings + all_zero_b(adapter):
+            for w in adapter.warnings:
                 r.add(adapter.weights_file, None, "adapter", w)
+            _add_findings(r, value_findings(adapter) + config_findings(adapter))
             if base_src is not None:
                 _adapter_against_base(r, adapter, base_src, tensors_ok)
         finally:

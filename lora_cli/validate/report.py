@@ -113,9 +113,10 @@ class ValidateReport:
             f", {len(self.recomputed)} compared with BASE + ADAPTER" if self.recomputed else ""
         )
         part = f", part {self.part}" if self.part else ""
-        head = f"{self.path} ({self.kind}{part}): {self.tensors_checked} tensors read{compared}"
+        read = f"{self.tensors_checked} tensor{'s' * (self.tensors_checked != 1)} read"
+        head = f"{self.path} ({self.kind}{part}): {read}{compared}"
         if self.valid:
-            return f"valid: {head}; checks passed: {', '.join(self.checks)}"
+            return f"VALID: {head}; checks passed: {', '.join(self.checks)}"
         failed = [c for c, s in self.checks.items() if s == "failed"]
         n = len(self.findings)
         return f"INVALID: {head}; {n} finding{'s' * (n != 1)} ({', '.join(failed)})"

@@ -56,9 +56,15 @@ class WeightsCheck:
     """The structural checks of PATH, in order, and the scan that feeds ``Recompute``."""
 
     def __init__(
-        self, report: ValidateReport, path: Path, device: str, part: Part | None = None
+        self,
+        report: ValidateReport,
+        path: Path,
+        device: str,
+        part: Part | None = None,
+        progress_factory: Any = None,
     ) -> None:
         self.r = report
+        self.progress_factory = progress_factory  # (total bytes) -> callback(nbytes, name)
         self.part = part
         self.path = path
         self.root = path if path.is_dir() else path.parent
@@ -329,12 +335,19 @@ class WeightsCheck:
         r = self.r
         r.ran("shapes")
         r.ran("finite")
+        progress = None
+        if self.progress_factory is not None:
+            sources = [s for f in self.scanned if (s := self.sources.get(f)) is not None]
+            total = sum(i.nbytes for s in sources for i in s.infos.values())
+            progress = self.progress_factory(total)
         for f in self.scanned:
             src = self.sources.get(f)
             if src is None:
                 continue
             for info in src.infos.values():
                 r.tensors_checked += 1
+                if progress is not None:
+                    progress(info.nbytes, info.name)
                 if info.numel == 0:
                     r.add(
                         f,

@@ -135,7 +135,7 @@ def test_cli_json_exit_codes_and_no_overwrite(adapters, tmp_path, run_cli):
     written = (folder / "adapter_model.safetensors").read_bytes()
 
     code, out, err = run_cli("convert", folder, "--json")
-    assert code == 2 and out == ""
+    assert code == 2 and json.loads(out)["error"] in err  # --json: the failure as a document
     assert "already exists" in err and "--overwrite" in err and "Traceback" not in err
     assert (folder / "adapter_model.safetensors").read_bytes() == written
 

@@ -422,7 +422,7 @@ def test_json_has_no_colour_even_on_warnings(llama, tmp_path, run_cli):
 
 def test_missing_path_is_a_one_line_error(tmp_path, run_cli):
     code, out, err = run_cli("inspect", tmp_path / "nope", "--json")
-    assert code == 2 and out == ""
+    assert code == 2 and json.loads(out)["schema"] == "lora-error/1"  # --json: a document
     assert "no such file" in err and len(err.strip().splitlines()) == 1
 
 

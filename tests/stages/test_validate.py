@@ -82,7 +82,7 @@ def test_valid_merge_output_exits_0(merged, run_cli) -> None:
     base, adapter, out = merged
     code, stdout, _ = run_cli("validate", out)
     assert code == 0, stdout
-    assert stdout.strip().splitlines()[-1].startswith("valid: ")
+    assert stdout.strip().splitlines()[-1].startswith("VALID: ")
     code, doc = _json(run_cli, out, "--base", base, "--adapter", adapter)
     assert code == 0 and doc["valid"] and doc["findings"] == []
     assert doc["checks"]["manifest"] == "ok" and doc["checks"]["recompute"] == "ok"
@@ -556,5 +556,5 @@ def test_ulp_helper(dtype) -> None:
 def test_validate_function_returns_a_report(merged) -> None:
     base, adapter, out = merged
     report = validate(out, base=base, adapter=adapter, device="cpu")
-    assert report.exit_code == 0 and report.valid and report.summary_line().startswith("valid:")
+    assert report.exit_code == 0 and report.valid and report.summary_line().startswith("VALID:")
     assert len(report.recomputed) == report.tensors_checked

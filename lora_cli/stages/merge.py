@@ -305,9 +305,9 @@ def merge_checkpoint(
     try:
         if base is None and ckpt.details.get("frozen_excluded"):
             raise MergeError(
-                f"{ckpt_path}: frozen weights are not in this checkpoint (DeepSpeed "
-                "exclude_frozen_parameters saves only the trained ones)",
-                "pass --base BASE: lora merge CKPT -o OUT --base BASE",
+                f"{ckpt_path}: frozen weights are not in this checkpoint (a DeepSpeed "
+                "exclude_frozen_parameters save holds only the trained ones)",
+                "pass --base BASE",
             )
         split = split_checkpoint(ckpt, base=base, adapter_config=adapter_config)
     except BaseException:

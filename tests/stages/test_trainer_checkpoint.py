@@ -69,3 +69,14 @@ def test_merge_prefers_the_master_weights_and_says_why(
     assert code == 0, err
     embed = "model.embed_tokens.weight"
     assert not torch.equal(load_file(alone / "model.safetensors")[embed], got[embed])
+
+
+def test_trainable_only_checkpoint_without_base_says_pass_base(deepspeed_2ranks, tmp_path):
+    from hostile_harness import assert_refused
+
+    ckpt = deepspeed_2ranks / "zero3-bf16-trainable-only"
+    out = tmp_path / "merged"
+    got = assert_refused(["merge", ckpt, "-o", out], [ckpt], dest=out, names=[str(ckpt)])
+    line = got.error_lines[0]
+    assert "frozen weights are not in this checkpoint" in line and line.endswith("pass --base BASE")
+    assert "lora-no-side-files" not in got.stderr and "different model" not in line

@@ -108,8 +108,9 @@ def convert_result(result: Any, json_out: bool, quiet: bool) -> None:
     for note in result.notes:
         output.info(f"note: {note}")
     if result.dropped:
+        what = "non-adapter or non-tensor entr"
         output.warn(
-            f"dropped {plural(len(result.dropped), 'non-adapter or non-tensor entry', 'entries')}: "
+            f"dropped {plural(len(result.dropped), what + 'y', what + 'ies')}: "
             + ", ".join(result.dropped[:5])
             + (" …" if len(result.dropped) > 5 else "")
         )

@@ -108,14 +108,14 @@ def merge(
     dev = device if device.strip().lower() == "auto" else resolve_device(device)
     inputs = resolve_inputs(base, refs, notice=notice, progress=hub_progress)
     refuse_repeated(inputs.adapters)
-    _refuse_swapped(inputs.base, inputs.adapters)
     if not dry_run:
         check_destination(Path(output), overwrite, [inputs.base, *inputs.adapters])
     writes_math = not (dry_run or join)
     if writes_math:
         start_torch_import()  # planning and the untouched tensors' copies need no torch
-    base_src = open_source(inputs.base)
+    base_src = open_source(inputs.base)  # (a broken file is named first, whatever its slot)
     try:
+        _refuse_swapped(inputs.base, inputs.adapters)
         opened: list[Adapter] = []
         try:
             for path in inputs.adapters:
@@ -188,7 +188,7 @@ def merge(
 
 def _refuse_swapped(base: Path, adapters: Sequence[Path]) -> None:
     """BASE that is an adapter: the arguments were swapped, or BASE was left out of a merge
-    of several adapters. Said before the base is opened (its errors would blame the files)."""
+    of several adapters. Said before planning, whose errors would blame the files."""
     if not is_adapter(base):
         return
     models = [a for a in adapters if not is_adapter(a)]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lora_cli.errors import FormatError, UsageError
+from lora_cli.output import plural
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -30,7 +31,7 @@ def parse_weights(spec: str | Sequence[float] | None, count: int) -> list[float]
         ) from None
     if len(weights) != count:
         raise UsageError(
-            f"--weights gives {_count(len(weights), 'number')} for {_count(count, 'adapter')}",
+            f"--weights gives {plural(len(weights), 'number')} for {plural(count, 'adapter')}",
             "one weight per adapter",
         )
     bad = [w for w in weights if not math.isfinite(w)]
@@ -57,7 +58,3 @@ def check_inputs(named: Iterable[tuple[str, Path | str | None]]) -> None:
             f"{what} must be a local path or a Hugging Face Hub id (org/name)",
             file=str(ref),
         )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"

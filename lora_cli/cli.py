@@ -11,15 +11,15 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from lora_cli import __version__
 
 
-def _without_type_labels(params: list[click.Parameter]) -> list[click.Parameter]:
+def _without_type_labels(params: list[Any]) -> list[Any]:
     """No type column where typer would print ``<bool>`` for a flag or ``<path>`` beside an
     argument whose name already says what it is (options show their metavar)."""
     for param in params:
@@ -31,10 +31,30 @@ def _without_type_labels(params: list[click.Parameter]) -> list[click.Parameter]
 class _Command(TyperCommand):
     """Help as click (and ``hf``) writes it: ``lora merge [OPTIONS] BASE [ADAPTER...]``."""
 
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+    def get_params(self, ctx: Any) -> list[Any]:
         return _without_type_labels(super().get_params(ctx))
 
-    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: Any | None = None,
+        **extra: Any,
+    ) -> Any:
+        """A command line click cannot parse is a failure too: with ``--json`` it gets its
+        ``lora-error/1`` document (click prints the usage line on stderr)."""
+        json_out = "--json" in args
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except Exception as exc:  # click's UsageError (typer vendors its own click)
+            if json_out and hasattr(exc, "format_message"):
+                from lora_cli import output
+
+                hint = f"see lora {info_name} --help"
+                output.error_json(exc.format_message(), hint, getattr(exc, "exit_code", 2))
+            raise
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
             if param.param_type_name == "argument":
@@ -44,7 +64,7 @@ class _Command(TyperCommand):
 
 
 class _Group(TyperGroup):
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+    def get_params(self, ctx: Any) -> list[Any]:
         return _without_type_labels(super().get_params(ctx))
 
 

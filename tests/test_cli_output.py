@@ -127,6 +127,8 @@ def test_a_usage_error_with_json_has_no_file(tmp_path):
     assert got.code == 2
     doc = json.loads(got.stdout)
     assert doc["file"] is None and doc["tensor"] is None and "--sample" in doc["error"]
+    got = run_child(["merge", tmp_path, "-o", tmp_path / "o", "--bogus", "--json"])  # click's
+    assert got.code == 2 and "--bogus" in json.loads(got.stdout)["error"]
 
 
 def test_a_bug_exits_70_with_its_traceback_never_1(pair, monkeypatch):

@@ -91,15 +91,16 @@ def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> N
         for w in adapter.warnings:
             r.add(weights, None, "adapter", w)
             tensors_ok = tensors_ok and "zero-size" not in w and "no LoRA tensors" not in w
-        _add_findings(r, value_findings(adapter) + config_findings(adapter))
+        add_adapter_findings(r, value_findings(adapter) + config_findings(adapter))
         if base is not None:
             _adapter_against_base(r, adapter, base, tensors_ok)
     finally:
         adapter.close()
 
 
-def _add_findings(r: ValidateReport, findings: list[AdapterFinding]) -> None:
+def add_adapter_findings(r: ValidateReport, findings: list[AdapterFinding]) -> None:
     """The findings ``merge`` refuses are validate findings; its warnings are notes."""
+    r.ran("adapter")
     for f in findings:
         if f.refuses:
             r.add(f.file, None, "adapter", f.message)
@@ -153,7 +154,7 @@ def _validate_converted(r: ValidateReport, path: Path, base: Path | None) -> Non
                     tensors_ok = check_finite(r, adapter.weights_file, info, t) and tensors_ok
             for w in adapter.warnings:
                 r.add(adapter.weights_file, None, "adapter", w)
-            _add_findings(r, value_findings(adapter) + config_findings(adapter))
+            add_adapter_findings(r, value_findings(adapter) + config_findings(adapter))
             if base_src is not None:
                 _adapter_against_base(r, adapter, base_src, tensors_ok)
         finally:

@@ -14,11 +14,13 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_cli.adapters.findings import config_findings, value_findings
 from lora_cli.adapters.formats import load_adapter
 from lora_cli.errors import LoraError
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import read_json
 from lora_cli.io.reader import TensorInfo, TensorSource, open_source
+from lora_cli.validate.adapter import add_adapter_findings
 from lora_cli.validate.numeric import DEFAULT_ULPS, Diff, compare
 from lora_cli.validate.report import Recomputed, ValidateReport
 
@@ -67,6 +69,8 @@ class Recompute:
             self.base_src = open_source(r.base)
             for path in r.adapters or [r.adapter]:
                 self.adapter_objs.append(load_adapter(path, self.base_src))
+        for ad in self.adapter_objs:  # what merge refuses or warns about, found here too
+            add_adapter_findings(r, config_findings(ad) + value_findings(ad))
         path_floats = {i.dtype for i in infos.values() if i.dtype in FLOAT_DTYPES}
         base_floats = {i.dtype for i in self.base_src.infos.values() if i.dtype in FLOAT_DTYPES}
         out_dtype = None

@@ -140,3 +140,15 @@ def test_two_adapters_with_different_templates_are_refused(world, tmp_path):
     out = tmp_path / "merged"
     assert_refused(["merge", base, a, other, "-o", out], [base, a, other], dest=out,
                    names=["different tokenizer or chat template files"])  # fmt: skip
+
+
+def test_validate_of_a_merged_checkpoint_finds_what_merge_refuses(world, tmp_path, run_cli):
+    """A checkpoint some other tool merged from an untrained adapter: recomputing it matches,
+    but validate still reports the adapter finding merge would have refused on."""
+    _, base, _, untrained = world
+    code, stdout, _ = run_cli("validate", base, "--base", base, "--adapter", untrained, "--json")
+    doc = json.loads(stdout)
+    assert code == 1 and doc["checks"]["adapter"] == "failed"
+    assert [f["message"] for f in doc["findings"] if f["check"] == "adapter"] == [
+        "every lora_B is all zeros: the adapter is untrained and merges to the base"
+    ]

@@ -415,7 +415,7 @@ def merge(
 
         if ckpt_base is not None or adapter_config is not None:
             # an HF Trainer checkpoint-N/ without DeepSpeed or FSDP is an adapter folder
-            folder = trainer_adapter_folder(base, adapter, ckpt_base, adapter_config)
+            folder = trainer_adapter_folder(base, adapter, adapter_config)
             base, adapter = ckpt_base, [folder]
         elif not adapter:  # `lora merge ADAPTER -o OUT`: the base comes from adapter_config.json
             base, adapter = None, [base]

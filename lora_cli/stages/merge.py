@@ -210,7 +210,7 @@ _SCALE_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "rank_p
 
 
 def trainer_adapter_folder(
-    ckpt: Path, adapters: Sequence[Path] | None, base: Path | None, adapter_config: Path | None
+    ckpt: Path, adapters: Sequence[Path] | None, adapter_config: Path | None
 ) -> Path:
     """``lora merge CKPT -o OUT --base BASE`` where CKPT is an HF Trainer ``checkpoint-N/``
     trained without DeepSpeed or FSDP: an adapter folder (``adapter_model.safetensors`` and

@@ -548,12 +548,13 @@ def _bug(exc: BaseException) -> int:
     import traceback
 
     from lora_cli.errors import EXIT_BUG
+    from lora_cli.output import clean
 
-    traceback.print_exception(exc)
-    message = (
-        f"internal error: {type(exc).__name__}: {exc} (this is a bug in lora {__version__}, "
-        "not a problem with your files)"
-    )
+    # indented and escaped: an exception's message may quote a name from a file, and must
+    # not forge an ``error:`` line of its own
+    for line in "".join(traceback.format_exception(exc)).splitlines():
+        sys.stderr.write(f"  {clean(line)}\n")
+    message = f"internal error: {type(exc).__name__}: {exc} (this is a bug in lora {__version__})"
     _report(message, "please report it with the traceback above", EXIT_BUG)
     return EXIT_BUG
 

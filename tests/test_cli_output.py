@@ -135,15 +135,16 @@ def test_a_bug_exits_70_with_its_traceback_never_1(pair, monkeypatch):
     import lora_cli.stages.inspect as stage
 
     def broken(*args, **kwargs):
-        raise ZeroDivisionError("a bug")
+        raise ZeroDivisionError("a bug\nerror: forged")
 
     monkeypatch.setattr(stage, "inspect_path", broken)
     _, adapter = pair
     for extra in ([], ["--json"]):
         got = run_child(["inspect", adapter, *extra])
         assert got.code == 70, (got.code, got.stderr)
-        assert "Traceback" in got.stderr and "ZeroDivisionError: a bug" in got.stderr
-        (line,) = got.error_lines
+        assert "Traceback" in got.stderr
+        assert "ZeroDivisionError: a bug\\nerror: forged" in got.stderr
+        (line,) = got.error_lines  # the forged line in the message stays in its line
         assert "this is a bug" in line and "please report" in line
     assert json.loads(got.stdout)["exit_code"] == 70
 

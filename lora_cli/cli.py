@@ -11,66 +11,15 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 from lora_cli import __version__
-
-
-def _without_type_labels(params: list[Any]) -> list[Any]:
-    """No type column where typer would print ``<bool>`` for a flag or ``<path>`` beside an
-    argument whose name already says what it is (options show their metavar)."""
-    for param in params:
-        if param.param_type_name == "argument" or getattr(param, "is_flag", False):
-            param.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]
-    return params
-
-
-class _Command(TyperCommand):
-    """Help as click (and ``hf``) writes it: ``lora merge [OPTIONS] BASE [ADAPTER...]``."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _without_type_labels(super().get_params(ctx))
-
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: Any | None = None,
-        **extra: Any,
-    ) -> Any:
-        """A command line click cannot parse is a failure too: with ``--json`` it gets its
-        ``lora-error/1`` document (click prints the usage line on stderr)."""
-        json_out = "--json" in args
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except Exception as exc:  # click's UsageError (typer vendors its own click)
-            if json_out and hasattr(exc, "format_message"):
-                from lora_cli import output
-
-                hint = f"see lora {info_name} --help"
-                output.error_json(exc.format_message(), hint, getattr(exc, "exit_code", 2))
-            raise
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
-                name = param.metavar or (param.name or "").upper()
-                pieces.append(name if param.required else f"[{name}]")
-        return pieces
-
-
-class _Group(TyperGroup):
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _without_type_labels(super().get_params(ctx))
-
+from lora_cli.help_format import Command, Group, examples
 
 app = typer.Typer(
     name="lora",
-    cls=_Group,
+    cls=Group,
     help="Inspect, convert, merge and validate LoRA adapters, one tensor at a time.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion, as `hf` has
@@ -89,11 +38,6 @@ CKPT_PANEL = "Training checkpoint (CKPT)"
 SPLIT_PANEL = "Split across jobs"
 RECOMPUTE_PANEL = "Recompute (with --base and --adapter)"
 _json_mode = False  # whether the running command prints JSON, for its failure report too
-
-
-def _examples(*lines: str) -> str:
-    """An epilog of example command lines for --help, one per line."""
-    return "[bold]Examples[/]\n\n" + "\n\n".join(f"  $ {ln}" for ln in lines)
 
 
 @contextlib.contextmanager
@@ -142,8 +86,8 @@ def _root(
 
 
 @app.command(
-    cls=_Command,
-    epilog=_examples(
+    cls=Command,
+    epilog=examples(
         "lora inspect ./my-adapter",
         "lora inspect ./Llama-3-8B --json",
         "lora inspect ./checkpoint-500",
@@ -172,8 +116,8 @@ def inspect(
 
 
 @app.command(
-    cls=_Command,
-    epilog=_examples(
+    cls=Command,
+    epilog=examples(
         "lora convert ./my-adapter",
         "lora convert ./old-model -o out --dtype bf16 --max-shard-size 2GB",
         "lora convert ./ds_ckpt -o ./model",
@@ -265,8 +209,8 @@ def convert(
 
 
 @app.command(
-    cls=_Command,
-    epilog=_examples(
+    cls=Command,
+    epilog=examples(
         "lora merge ./Llama-3-8B ./my-adapter -o ./merged",
         "lora merge ./Llama-3-8B ./my-adapter --dry-run",
         "lora merge my-org/my-adapter -o ./merged",
@@ -448,8 +392,8 @@ def _is_training_checkpoint(path: Path) -> bool:
 
 
 @app.command(
-    cls=_Command,
-    epilog=_examples(
+    cls=Command,
+    epilog=examples(
         "lora validate ./merged",
         "lora validate ./merged --base ./Llama-3-8B --adapter ./my-adapter",
         "lora validate ./merged --base ./base --adapter ./adapter --sample 64 --json",

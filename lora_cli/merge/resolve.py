@@ -17,7 +17,7 @@ from lora_cli.adapters.peft import Adapter, LoraModule
 from lora_cli.errors import MergeError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo, TensorSource
-from lora_cli.names import CONVERTED, Resolution, pair_names
+from lora_cli.names import CONVERTED, MISSING, Resolution, pair_names
 
 # transformers models whose projections are GPT-2 ``Conv1D`` (weight stored (in, out)).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
@@ -112,7 +112,7 @@ def _check_targets(
             if tied_head and name == OUTPUT_EMBEDDING and embed:
                 w = base.info(embed)
             else:
-                problems.append(f"{t.key}: base has no tensor {name!r}")
+                problems.append(f"{t.key}: {MISSING} {name!r}")
                 continue
         else:
             w = base.info(name)
@@ -227,7 +227,7 @@ def problem_message(adapter: Adapter, problems: list[str], base: TensorSource) -
     if converted:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         return f"{adapter.root}: cannot merge: {converted[0]}{more}"
-    missing = sum("base has no tensor" in p for p in problems)
+    missing = sum(MISSING in p for p in problems)
     if missing == len(problems):
         cause = (
             "likely cause: the adapter was trained on a different model or layer count "

@@ -21,6 +21,7 @@ from lora_cli.names.transformers_rules import transformers_rules
 IDENTITY = "identity"
 # Marks a problem that no rename can solve: transformers changes the tensor's shape at load.
 CONVERTED = "changes shape at load"
+MISSING = "base has no tensor"  # a target name the checkpoint does not hold
 
 
 @dataclass
@@ -76,14 +77,14 @@ def pair_names(
     )
 
     def missing(mapping: dict[str, str]) -> list[str]:
-        return [f"{t}: base has no tensor {n!r}" for t, n in mapping.items() if n not in names]
+        return [f"{t}: {MISSING} {n!r}" for t, n in mapping.items() if n not in names]
 
     check = accept or missing
     best: Resolution | None = None
     for candidate in _candidates(targets, names, config):
         problems = check(candidate.mapping)
         if candidate.problems:  # shape-changing conversions explain those targets better
-            problems = candidate.problems + [p for p in problems if "base has no tensor" not in p]
+            problems = candidate.problems + [p for p in problems if MISSING not in p]
         candidate.problems = problems
         if not problems:
             return candidate
@@ -120,7 +121,7 @@ def _candidates(
 def _transformers_candidate(
     targets: list[str], names: Collection[str], config: dict[str, Any] | None
 ) -> Resolution | None:
-    rules = transformers_rules(config)
+    rules = transformers_rules(config, len(names))
     if rules is None or not rules.renames_anything:
         return None
     by_runtime: dict[str, tuple[str, tuple[str, ...]]] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -131,12 +132,39 @@ def _special_floats(obj: Any) -> Any:
     return obj
 
 
-def transformers_rules(config: dict[str, Any] | None) -> TransformersRules | None:
+def transformers_rules(
+    config: dict[str, Any] | None, tensor_count: int | None = None
+) -> TransformersRules | None:
     """transformers' rules for the model ``config`` describes, or None where it has none
-    (no config, an unknown model type or class, transformers before ``conversion_mapping``)."""
+    (no config, an unknown model type or class, transformers before ``conversion_mapping``).
+
+    The rules come from building the model class on the meta device, which costs time in
+    proportion to its layer and expert counts: a config.json (from a stranger) that claims
+    more layers or experts than the checkpoint has tensors gets no rules rather than a hang.
+    """
     if not config or not isinstance(config.get("model_type"), str):
         return None
+    if tensor_count is not None and _largest_count(config) > tensor_count + 8:
+        return None
     return _rules_for(json.dumps(config, sort_keys=True, default=str))
+
+
+_COUNT_KEY = re.compile(r"layer|depth|expert|blocks", re.IGNORECASE)
+
+
+def _largest_count(config: Any) -> int:
+    """The largest layer / expert / block count anywhere in ``config`` (sub-configs too)."""
+    if isinstance(config, dict):
+        found = [
+            v
+            for k, v in config.items()
+            if _COUNT_KEY.search(str(k)) and isinstance(v, int) and not isinstance(v, bool)
+        ]
+        found += [_largest_count(v) for v in config.values() if isinstance(v, (dict, list))]
+        return max(found, default=0)
+    if isinstance(config, list):
+        return max((_largest_count(v) for v in config), default=0)
+    return 0
 
 
 @functools.lru_cache(maxsize=8)

@@ -181,3 +181,15 @@ def test_unknown_model_keeps_lora_prefix_rules() -> None:
     assert not resolution.problems and resolution.source == "lora"
     assert resolution.mapping == {"h.0.attn.c_attn.weight": "transformer.h.0.attn.c_attn.weight"}
     assert resolution.renamed[0].rules == ["^ → transformer."]
+
+
+def test_config_claiming_huge_layer_counts_gets_no_rules_not_a_hang(built) -> None:
+    """A stranger's config.json claiming 10⁹ layers must not make lora build 10⁹ modules on
+    the meta device: more layers than the checkpoint has tensors means no transformers rules."""
+    base, _, _ = built("vit")
+    config = json.loads((base / "config.json").read_text())
+    config["num_hidden_layers"] = 10**9
+    names = _names(base)
+    target = "vit.layers.0.attention.q_proj.weight"
+    resolution = pair_names([target], names, config)
+    assert resolution.source != "transformers" and resolution.problems

@@ -140,16 +140,17 @@ def transformers_rules(
 
     The rules come from building the model class on the meta device, which costs time in
     proportion to its layer and expert counts: a config.json (from a stranger) that claims
-    more layers or experts than the checkpoint has tensors gets no rules rather than a hang.
+    far more layers or experts than the checkpoint has tensors gets no rules, not a hang.
     """
     if not config or not isinstance(config.get("model_type"), str):
         return None
-    if tensor_count is not None and _largest_count(config) > tensor_count + 8:
-        return None
+    if tensor_count is not None and _largest_count(config) > 8 * tensor_count + 1024:
+        return None  # (defaults such as an unused expert count stay far below this)
     return _rules_for(json.dumps(config, sort_keys=True, default=str))
 
 
-_COUNT_KEY = re.compile(r"layer|depth|expert|blocks", re.IGNORECASE)
+# Config keys that count modules: num_hidden_layers, n_layer, num_local_experts, depth, …
+_COUNT_KEY = re.compile(r"^(n|num)_\w*(layers?|experts)$|^depth$|_num_layers$")
 
 
 def _largest_count(config: Any) -> int:
@@ -173,18 +174,23 @@ def _rules_for(config_json: str) -> TransformersRules | None:
         import torch
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import rename_source_key  # noqa: F401
     except ImportError:  # transformers < 5: no rules to use (the prefix rules remain)
         return None
     config = _special_floats(json.loads(config_json))
-    archs = config.get("architectures") or []
-    model_class = getattr(transformers, archs[0], None) if archs else None
-    if model_class is None:
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
         return None
+    model_class = getattr(transformers, archs[0], None)
+    if not (
+        isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)
+    ):
+        return None  # only a model class is ever built (a config names it, strangers write it)
     try:
         with _transformers_quiet(), torch.device("meta"):
             cfg = transformers.AutoConfig.for_model(**config)
             model = model_class(cfg)
             transforms = get_model_conversion_mapping(model)
+            return TransformersRules(model, transforms, transformers.__version__)
     except Exception:  # noqa: BLE001 - a config transformers cannot build: no rules from it
         return None
-    return TransformersRules(model, transforms, transformers.__version__)

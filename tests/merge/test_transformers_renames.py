@@ -193,3 +193,8 @@ def test_config_claiming_huge_layer_counts_gets_no_rules_not_a_hang(built) -> No
     target = "vit.layers.0.attention.q_proj.weight"
     resolution = pair_names([target], names, config)
     assert resolution.source != "transformers" and resolution.problems
+    config["num_hidden_layers"] = 1
+    assert pair_names([target], names, config).source == "transformers"  # the control
+    for hostile in (["pipeline"], [{"x": 1}], "ViTModel"):  # only a model class is built
+        config["architectures"] = hostile
+        assert pair_names([target], names, config).source != "transformers"

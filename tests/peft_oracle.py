@@ -21,24 +21,17 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
-
-from lora_cli.merge.run import CPU_MATH_THREADS
+from lora_cli.merge.run import CPU_MATH_THREADS, torch_threads
 
 # Methods that compute merged weights (every other merge path in PEFT goes through them).
 MERGE_ENTRY_POINTS = ("merge_and_unload", "merge_adapter", "_unload_and_optionally_merge")
 _state = threading.local()
 
 
-@contextlib.contextmanager
-def product_threads(n: int = CPU_MATH_THREADS) -> Iterator[None]:
-    """torch at ``n`` intra-op threads inside, the caller's count restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def product_threads(n: int = CPU_MATH_THREADS) -> contextlib.AbstractContextManager[None]:
+    """torch at ``n`` intra-op threads inside (the merge's own switch), the caller's count
+    restored after."""
+    return torch_threads(n)
 
 
 @contextlib.contextmanager

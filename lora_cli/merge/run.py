@@ -421,7 +421,7 @@ def _write_rest(
     with (
         ThreadPoolExecutor(depth, initializer=torch.set_num_threads, initargs=(intra,)) as workers,
         ThreadPoolExecutor(1) as finisher,
-        _torch_threads(intra),
+        torch_threads(intra),
     ):
         buffers = BufferPool(pin=cuda, keep=depth + 3)
         for shard in shards:
@@ -458,7 +458,7 @@ def _finish_shard(writer: ShardWriter, checksums: bool) -> str:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()

@@ -161,6 +161,7 @@ def test_validate_pairs_through_the_same_rules(built, run_cli) -> None:
     code, out, err = run_cli("validate", adapter, "--base", base, "--json")
     doc = json.loads(out)
     assert code == 0 and doc["checks"].get("adapter-base") == "ok", (out, err)
+    assert any("transformers" in note and "paired" in note for note in doc["notes"]), doc["notes"]
 
 
 def test_shape_changing_conversion_is_refused_in_one_line(built, tmp_path: Path) -> None:

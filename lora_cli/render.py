@@ -208,6 +208,7 @@ def merge_json(result: Any) -> dict[str, Any]:
         "files": result.files,
         "counts": result.counts,
         "rule": result.rule,
+        "renames": result.renames,
         "device": result.device,
         "seconds": round(result.seconds, 3),
         "bytes": result.bytes_written,

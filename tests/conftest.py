@@ -16,6 +16,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from peft_oracle import pin_peft_merges_on_import  # noqa: E402
+
+# Every PEFT merge in the suite runs at the thread count lora's merge math runs at: torch's
+# kernels (and so the oracle's bits) change with it (tests/peft_oracle.py).
+pin_peft_merges_on_import()
+
 TINY = {
     "llama": dict(
         model_type="llama",

@@ -37,6 +37,7 @@ from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo, TensorSource
 from lora_cli.merge.plan import MergePlan, TensorAction, _layout, build_plan
+from lora_cli.names import Resolution
 
 if TYPE_CHECKING:
     import torch
@@ -151,7 +152,17 @@ def build_combined_plan(
         untied=untied,
         warnings=warnings,
         combined=list(zip(adapters, weights, strict=True)),
+        resolution=_joined_resolution(rule, plans),
     )
+
+
+def _joined_resolution(rule: str, plans: list[MergePlan]) -> Resolution:
+    """One report of the renames every adapter's own pairing made (the same name once)."""
+    renamed = {}
+    for p in plans:
+        for r in p.resolution.renamed if p.resolution else []:
+            renamed.setdefault((r.target, r.checkpoint), r)
+    return Resolution(rule, "several", {}, list(renamed.values()))
 
 
 def _join(

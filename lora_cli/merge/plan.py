@@ -38,6 +38,7 @@ from lora_cli.merge.resolve import (
     problem_message,
     resolve_targets,
 )
+from lora_cli.names import Resolution
 
 
 @dataclass
@@ -97,6 +98,12 @@ class MergePlan:
     combined: list[tuple[Adapter, float]] = field(default_factory=list)  # several adapters
     quantized: list[Any] = field(default_factory=list)  # QuantGroups of --quantize keep
     side_files: Any = None  # AdapterSideFiles: the adapter's tokenizer/template (side_files.py)
+    resolution: Resolution | None = None  # how adapter names met checkpoint names
+
+    def renames(self) -> list[dict[str, Any]]:
+        """Each adapter name the checkpoint spells differently: ``{adapter, checkpoint,
+        rules}`` (the ``renames`` of ``--json``; empty when every name matched as it is)."""
+        return [r.to_json() for r in self.resolution.renamed] if self.resolution else []
 
     def actions(self) -> list[TensorAction]:
         return [a for s in self.shards for a in s.actions]
@@ -142,9 +149,10 @@ def build_plan(
     expert_ops, expert_modules, expert_problems = plan_parameters(adapter, base, model_type)
     if expert_problems:
         raise MergeError(problem_message(adapter, expert_problems, base))
-    rule_label, mapping, any_targets = resolve_targets(
+    resolution, any_targets = resolve_targets(
         adapter, base, config, skip=expert_modules, tied_head=tied_head, embed=embed
     )
+    mapping = resolution.mapping
     if not any_targets and not expert_ops:
         raise MergeError(
             f"{adapter.weights_file}: the adapter holds no LoRA or replacement tensors",
@@ -212,7 +220,8 @@ def build_plan(
         base=base,
         adapter=adapter,
         shards=shards,
-        rule=rule_label,
+        rule=resolution.rule,
+        resolution=resolution,
         config=config,
         config_updates=config_updates,
         untied=untied,

@@ -1,10 +1,11 @@
 """Which base tensor each adapter entry lands in, and whether it fits there.
 
 Adapter paths come from the model class that was trained; checkpoint names from
-the class that saved it (GPT-2's ``transformer.`` prefix, VLM ``language_model``
-moves). A small ordered set of prefix rules is tried, and a rule is accepted only
-if every target resolves with compatible shapes; otherwise every offender is
-reported with the likely cause. Nothing is ever silently skipped.
+the class that saved it. The pairing itself lives below this layer (``lora_cli.names``:
+transformers' own rename rules, then lora's prefix rules); this module says whether a
+candidate pairing fits (shapes, orientation, ranks), so a rename is accepted only if every
+target resolves with compatible shapes; otherwise every offender is reported with the
+likely cause. Nothing is ever silently skipped.
 """
 
 from __future__ import annotations
@@ -16,47 +17,12 @@ from lora_cli.adapters.peft import Adapter, LoraModule
 from lora_cli.errors import MergeError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo, TensorSource
+from lora_cli.names import CONVERTED, MISSING, Resolution, pair_names
 
 # transformers models whose projections are GPT-2 ``Conv1D`` (weight stored (in, out)).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
 CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
-
-# Ordered name-resolution rules: (label, [(adapter prefix, base prefix), ...]).
-# A rule rewrites each name with its first matching pair whose result exists in the base.
-RESOLUTION_RULES: list[tuple[str, list[tuple[str, str]]]] = [
-    ("identity", []),
-    ("strip 'transformer.' (GPT-2 style checkpoint)", [("transformer.", "")]),
-    ("add 'transformer.'", [("", "transformer.")]),
-    ("strip 'model.' (bare base model)", [("model.", "")]),
-    ("add 'model.'", [("", "model.")]),
-    (
-        "VLM: model. → model.language_model.",
-        [("model.language_model.", "model.language_model."), ("model.", "model.language_model.")],
-    ),
-    (
-        "VLM: model.language_model. → model.",
-        [("model.language_model.", "model."), ("model.visual.", "visual.")],
-    ),
-    (
-        "VLM: model.language_model. → language_model.model.",
-        [
-            ("model.language_model.", "language_model.model."),
-            ("lm_head.", "language_model.lm_head."),
-            ("model.vision_tower.", "vision_tower."),
-            ("model.multi_modal_projector.", "multi_modal_projector."),
-        ],
-    ),
-    (
-        "VLM: language_model.model. → model.language_model.",
-        [
-            ("language_model.model.", "model.language_model."),
-            ("language_model.lm_head.", "lm_head."),
-        ],
-    ),
-    ("VLM: model. → language_model.model.", [("model.", "language_model.model.")]),
-    ("drop doubled 'model.'", [("model.model.", "model.")]),
-]
 
 
 @dataclass
@@ -84,17 +50,6 @@ def _targets(adapter: Adapter, skip: set[str]) -> list[_Target]:
     for module, (key, _) in adapter.token_rows.items():
         out.append(_Target(module + ".weight", key, "rows"))
     return out
-
-
-def _resolve(name: str, rule: list[tuple[str, str]], base: TensorSource, tied_head: bool) -> str:
-    if name in base or (tied_head and name == OUTPUT_EMBEDDING):
-        return name
-    for src, dst in rule:
-        if name.startswith(src):
-            candidate = dst + name[len(src) :]
-            if candidate in base or (tied_head and candidate == OUTPUT_EMBEDDING):
-                return candidate
-    return name
 
 
 def factor_infos(module: LoraModule, adapter: Adapter) -> tuple[TensorInfo, TensorInfo]:
@@ -157,7 +112,7 @@ def _check_targets(
             if tied_head and name == OUTPUT_EMBEDDING and embed:
                 w = base.info(embed)
             else:
-                problems.append(f"{t.key}: base has no tensor {name!r}")
+                problems.append(f"{t.key}: {MISSING} {name!r}")
                 continue
         else:
             w = base.info(name)
@@ -268,7 +223,11 @@ def problem_message(adapter: Adapter, problems: list[str], base: TensorSource) -
         return f"{adapter.root}: cannot merge: {unsupported[0]}" + (
             f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
         )
-    missing = sum("base has no tensor" in p for p in problems)
+    converted = [p for p in problems if CONVERTED in p]
+    if converted:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return f"{adapter.root}: cannot merge: {converted[0]}{more}"
+    missing = sum(MISSING in p for p in problems)
     if missing == len(problems):
         cause = (
             "likely cause: the adapter was trained on a different model or layer count "
@@ -292,16 +251,17 @@ def resolve_targets(
     skip: set[str],
     tied_head: bool,
     embed: str | None,
-) -> tuple[str, dict[str, str], bool]:
-    """(rule label, adapter target name → base tensor name, any targets at all)."""
+) -> tuple[Resolution, bool]:
+    """(the accepted pairing of adapter target names with base names, any targets at all)."""
     targets = _targets(adapter, skip)
-    best: tuple[int, str, dict[str, str], list[str]] | None = None
-    for label, rule in RESOLUTION_RULES:
-        mapping = {t.name: _resolve(t.name, rule, base, tied_head) for t in targets}
-        problems = _check_targets(targets, mapping, base, adapter, config, tied_head, embed)
-        if not problems:
-            return label, mapping, bool(targets)
-        if best is None or len(problems) < best[0]:
-            best = (len(problems), label, mapping, problems)
-    assert best is not None
-    raise MergeError(problem_message(adapter, best[3], base))
+    names = set(base.names())
+    if tied_head:
+        names.add(OUTPUT_EMBEDDING)  # written from the embedding when the merge unties it
+
+    def fits(mapping: dict[str, str]) -> list[str]:
+        return _check_targets(targets, mapping, base, adapter, config, tied_head, embed)
+
+    resolution = pair_names((t.name for t in targets), names, config, accept=fits)
+    if resolution.problems:
+        raise MergeError(problem_message(adapter, resolution.problems, base))
+    return resolution, bool(targets)

@@ -169,6 +169,7 @@ class MergeResult:
     adapters: list[dict[str, Any]] = field(default_factory=list)  # several: path and weight
     quantized: list[dict[str, Any]] = field(default_factory=list)  # --quantize keep fidelity
     part: str | None = None  # "I/N" for `merge --part`, "joined N" for `merge --join`
+    renames: list[dict[str, Any]] = field(default_factory=list)  # MergePlan.renames()
 
     @property
     def throughput(self) -> float:
@@ -208,6 +209,10 @@ class BufferPool:
 
 
 BLOCK_BYTES = 16 << 20
+# torch intra-op threads of each CPU merge worker. torch picks kernels by thread count (a
+# conv is im2col + GEMM at one thread, oneDNN with fused multiply-add at more), so this
+# number is part of the result's bits: tests pin PEFT's oracle to it (tests/peft_oracle.py).
+CPU_MATH_THREADS = 1
 AHEAD_BYTES = 64 << 20  # merged blocks computed ahead of the writer, all workers together
 
 
@@ -414,12 +419,12 @@ def _write_rest(
     digests: dict[str, Future] = {}
     cuda = device.startswith("cuda")
     depth = 1 if cuda else cpu_workers()
-    intra = torch.get_num_threads() if cuda else 1
+    intra = torch.get_num_threads() if cuda else CPU_MATH_THREADS
     gc.freeze()  # torch's import left ~10⁵ objects that every collection would walk again
     with (
         ThreadPoolExecutor(depth, initializer=torch.set_num_threads, initargs=(intra,)) as workers,
         ThreadPoolExecutor(1) as finisher,
-        _torch_threads(intra),
+        torch_threads(intra),
     ):
         buffers = BufferPool(pin=cuda, keep=depth + 3)
         for shard in shards:
@@ -456,7 +461,7 @@ def _finish_shard(writer: ShardWriter, checksums: bool) -> str:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
@@ -547,4 +552,5 @@ def merge_result(
         config_updates=plan.config_updates,
         warnings=plan.warnings,
         tokenizer_from=plan.side_files.to_json() if plan.side_files is not None else None,
+        renames=plan.renames(),
     )

@@ -44,6 +44,7 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
         "base": str(plan.base.root),
         "adapter": str(plan.adapter.root),
         "rule": plan.rule,
+        "renames": plan.renames(),
         "counts": plan.counts(),
         "untie_embeddings": plan.untied,
         "config_updates": plan.config_updates,

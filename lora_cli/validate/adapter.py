@@ -124,7 +124,12 @@ def _adapter_against_base(
     else:
         base_src, owned = open_source(base), True
     try:
-        plan_merge(base_src, adapter)  # (quantized bases included)
+        plan = plan_merge(base_src, adapter)  # (quantized bases included)
+        if plan.renames():
+            r.notes.append(
+                f"{len(plan.renames())} adapter names paired with differently named base "
+                f"tensors by {plan.rule} (`lora merge --dry-run --json` lists each)"
+            )
     except MergeError as exc:
         r.add(adapter.config_path, None, "adapter-base", exc.message)
     finally:

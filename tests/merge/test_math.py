@@ -15,11 +15,22 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft_oracle import product_threads  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from lora_cli.adapters.peft import scaling  # noqa: E402
 from lora_cli.errors import MergeError  # noqa: E402
 from lora_cli.merge import math as mm  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _at_lora_math_threads():
+    """merge/math.py called directly runs at the thread count merge/run.py gives it, like the
+    PEFT oracle (pinned to it suite-wide, tests/peft_oracle.py): torch's kernels, and so the
+    bits, change with the thread count."""
+    with product_threads():
+        yield
+
 
 # PEFT warns about fan_in_fan_out fix-ups and the like on these toy modules.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

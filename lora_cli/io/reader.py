@@ -184,7 +184,8 @@ def open_source(path: Path) -> TensorSource:
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or directory")
-    if path.is_file():
+    if not path.is_dir():
+        os.close(sysio.open_regular(path))  # a FIFO or device is refused, not waited on
         if path.name.endswith(INDEX_SUFFIXES):
             return _open_index(path)
         return _open_files(path.parent, [path])

@@ -78,7 +78,7 @@ def read_file(path: Path | str, limit: int, what: str = "file") -> bytes:
         if size > limit:
             raise FormatError(f"{path}: {what} is {size} bytes, over the {limit}-byte limit",
                               "this is not the file it is named after")  # fmt: skip
-        data = f.read(limit + 1)
+        data = f.read(size + 1)  # not limit + 1: read() allocates what it is asked for
     if len(data) > limit:  # grew while being read
         raise FormatError(f"{path}: {what} is over the {limit}-byte limit")
     return data

@@ -101,7 +101,9 @@ def move_chunk(meta: Any, fqn: str, index: int, offsets: tuple, sizes: tuple | N
     old = md.chunks[index]
     new = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes or old.sizes))
     md.chunks[index] = new
-    key = next(k for k in meta.storage_data if k.fqn == fqn and tuple(k.offset) == tuple(old.offsets))
+    key = next(
+        k for k in meta.storage_data if k.fqn == fqn and tuple(k.offset) == tuple(old.offsets)
+    )
     info = meta.storage_data.pop(key)
     meta.storage_data[MetadataIndex(fqn, torch.Size(offsets))] = info
 

@@ -198,8 +198,8 @@ def _dcp_mutant(records, data) -> tuple[Path, Path]:
         field = data.draw(st.sampled_from(["relative_path", "offset", "length"]))
         _set(infos[data.draw(st.integers(0, len(infos) - 1), "info")], field, value)
     elif where == "key":
-        meta.state_dict_metadata[value if not isinstance(value, (list, dict, torch.Tensor))
-                                 and value is not DELETE else 7] = meta.state_dict_metadata.pop(fqn)  # fmt: skip
+        hashable = value is not DELETE and not isinstance(value, (list, dict, torch.Tensor))
+        meta.state_dict_metadata[value if hashable else 7] = meta.state_dict_metadata.pop(fqn)
     else:  # the chunk list itself: drop, duplicate or reorder a chunk
         op = data.draw(st.sampled_from(["drop", "duplicate", "reverse"]))
         if op == "drop":

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
-import signal
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ from checkpoint_mutations import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rel_helpers import no_hang
 
 from lora_cli.errors import LoraError
 
@@ -63,23 +61,9 @@ VALUES = st.one_of(
 )
 
 
-@contextmanager
-def no_hang() -> Iterator[None]:
-    def alarm(signum, frame):
-        raise AssertionError(f"reader still busy after {HANG_SECONDS}s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(HANG_SECONDS)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _read_everything(open_fn, path: Path) -> None:
     """Open, list and read every tensor; a ``LoraError`` anywhere is a fine refusal."""
-    with no_hang():
+    with no_hang(HANG_SECONDS):
         try:
             source, _ = open_fn(path)
         except LoraError:

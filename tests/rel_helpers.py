@@ -10,9 +10,11 @@ import hashlib
 import json
 import pickle
 import shutil
+import signal
 import struct
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -303,3 +305,24 @@ def add_ulps(k: int) -> Callable[[torch.Tensor], None]:
         bits[i] += k
 
     return fn
+
+
+# -- in-process fuzzing: a hang becomes a failure ----------------------------------------------
+class Hang(Exception):
+    pass
+
+
+@contextmanager
+def no_hang(seconds: int) -> Iterator[None]:
+    """Raise ``Hang`` in the main thread if the block runs past ``seconds``."""
+
+    def alarm(signum, frame):
+        raise Hang(f"reader still busy after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

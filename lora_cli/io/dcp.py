@@ -12,21 +12,19 @@ The oracle is torch's ``dcp_to_torch_save``; ``training-checkpoints.md`` §3 has
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import FormatError
+from lora_cli.io import sysio
+from lora_cli.io.dcp_records import MAX_METADATA, Entry, MetadataRecords
 from lora_cli.io.dtypes import nbytes_of, to_torch
 from lora_cli.io.reader import TensorInfo, TensorSource
-from lora_cli.io.safe_pickle import Inert, PickledTensor, Tag, safe_loads
+from lora_cli.io.safe_pickle import PickledTensor, safe_loads
 from lora_cli.io.torch_zip import TorchZipFile
 
 if TYPE_CHECKING:
     import torch
-
-_MAX_METADATA = 1 << 30
 
 
 def _is_dcp(folder: Path) -> bool:
@@ -51,25 +49,8 @@ def find_dcp_folder(path: Path) -> Path | None:
     return found[0] if found else None
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-    file: str
-    start: int
-    length: int
-
-
-@dataclass(frozen=True)
-class _Entry:
-    fqn: str
-    dtype: str
-    shape: tuple[int, ...]
-    chunks: tuple[_Chunk, ...]
-
-
 class DcpReader:
-    def __init__(self, folder: Path, entries: dict[str, _Entry]) -> None:
+    def __init__(self, folder: Path, entries: dict[str, Entry]) -> None:
         self.folder = folder
         self.entries = entries
 
@@ -98,58 +79,20 @@ class DcpReader:
         pass
 
 
-def _field(record: Any, name: str) -> Any:
-    return record.get(name) if isinstance(record, Inert) else None
-
-
-def _dtype(props: Any) -> str | None:
-    state = props.state if isinstance(props, Inert) else None
-    tag = state[0] if isinstance(state, tuple) and state else _field(props, "dtype")
-    return tag.dtype if isinstance(tag, Tag) else None
-
-
 def open_dcp(folder: Path) -> tuple[TensorSource, dict[str, Any]]:
     folder = Path(folder)
     meta_path = folder / ".metadata"
-    if meta_path.stat().st_size > _MAX_METADATA:
-        raise FormatError(f"{meta_path}: {meta_path.stat().st_size} bytes; too large")
-    meta = safe_loads(meta_path.read_bytes(), str(meta_path), "dcp")
-    tensors = _field(meta, "state_dict_metadata")
-    storage = _field(meta, "storage_data")
-    if not isinstance(tensors, dict) or not isinstance(storage, dict):
-        raise FormatError(f"{meta_path}: not torch.distributed.checkpoint metadata")
-    where: dict[tuple[str, tuple[int, ...]], tuple[str, int, int]] = {}
-    for index, info in storage.items():
-        fqn, offset = _field(index, "fqn"), _field(index, "offset")
-        rel, start, length = (_field(info, k) for k in ("relative_path", "offset", "length"))
-        if not (isinstance(rel, str) and "/" not in rel and not rel.startswith(".")
-                and type(start) is int and type(length) is int):  # fmt: skip
-            raise FormatError(f"{meta_path}: malformed storage record for {fqn!r}")
-        where[fqn, tuple(offset or ())] = (rel, start, length)
-    fqns = [f for f, md in tensors.items() if _field(md, "chunks") is not None]
-    strip = "model." if fqns and all(f.startswith("model.") for f in fqns) else ""
-    entries: dict[str, _Entry] = {}
-    skipped = [f for f in tensors if f not in fqns]
-    for fqn in fqns:
-        md = tensors[fqn]
-        shape, dtype = tuple(_field(md, "size") or ()), _dtype(_field(md, "properties"))
-        if dtype is None:
-            raise FormatError(f"{meta_path}: {fqn} has a dtype safetensors cannot store")
-        chunks = []
-        for c in _field(md, "chunks"):
-            offsets, sizes = tuple(_field(c, "offsets")), tuple(_field(c, "sizes"))
-            if (fqn, offsets) not in where:
-                raise FormatError(f"{meta_path}: chunk {list(offsets)} of {fqn} has no storage "
-                                  "record", "the checkpoint is incomplete")  # fmt: skip
-            rel, start, length = where[fqn, offsets]
-            if not (folder / rel).is_file():
-                raise FormatError(f"{folder}: {rel} (holding {fqn}) is missing",
-                                  "copy every rank's .distcp file")  # fmt: skip
-            chunks.append(_Chunk(offsets, sizes, rel, start, length))
-        if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
-            raise FormatError(f"{meta_path}: the chunks of {fqn} do not cover its shape "
-                              f"{list(shape)}")  # fmt: skip
-        entries[fqn[len(strip) :]] = _Entry(fqn, dtype, shape, tuple(chunks))
+    meta = safe_loads(sysio.read_file(meta_path, MAX_METADATA, ".metadata"), str(meta_path), "dcp")
+    records = MetadataRecords(meta_path, meta)
+    entries: dict[str, Entry] = {}
+    skipped: list[str] = []
+    for fqn, md in records.tensors.items():
+        if md.qualname.endswith(".BytesStorageMetadata"):
+            skipped.append(fqn)
+        else:
+            entries[fqn] = records.entry(fqn, md)
+    strip = "model." if entries and all(f.startswith("model.") for f in entries) else ""
+    entries = {fqn[len(strip) :]: e for fqn, e in entries.items()}
     infos = {
         name: TensorInfo(name, e.dtype, e.shape, nbytes_of(e.dtype, e.shape), folder)
         for name, e in entries.items()

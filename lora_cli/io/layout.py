@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import FormatError, UsageError
+from lora_cli.io import sysio
 from lora_cli.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
 from lora_cli.io.writer import copy_file, io_error, write_small_file
 
@@ -173,12 +174,19 @@ def config_dtype_update(config: dict[str, Any] | None, dtype: str) -> dict[str, 
     return {k: value for k in keys}
 
 
+MAX_JSON_FILE = 128 << 20
+"""Bytes of a config or index JSON read whole: the largest real ones (the index of a
+several-hundred-billion-parameter model with ~100k tensors) are near 10 MB."""
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``path`` or a one-line error naming it."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(sysio.read_file(path, MAX_JSON_FILE, what).decode("utf-8"))
     except OSError as exc:
         raise FormatError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: {what} is nested too deeply to be real JSON") from None
     except ValueError as exc:
         raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
@@ -195,7 +203,7 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with sysio.open_binary(path) as f:
         while chunk := f.read(16 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -234,7 +242,8 @@ def read_manifest(folder: Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     entries = {}
-    for line in path.read_text().splitlines():
+    text = sysio.read_file(path, MAX_JSON_FILE, "checksum manifest").decode("utf-8", "replace")
+    for line in text.splitlines():
         digest, _, name = line.partition("  ")
         if len(digest) != 64 or not name:
             raise FormatError(f"{path}: malformed line {line!r}")

@@ -7,7 +7,6 @@ byte locations are exposed so untouched tensors can be copied without decoding.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +102,7 @@ class TensorSource:
         only); two threads opening the same file at once keep the first and close the other."""
         fd = self._fds.get(path)
         if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise FormatError(f"{path}: cannot open ({exc.strerror})") from None
+            fd = sysio.open_regular(path)
             kept = self._fds.setdefault(path, fd)
             if kept != fd:
                 os.close(fd)
@@ -188,7 +184,8 @@ def open_source(path: Path) -> TensorSource:
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or directory")
-    if path.is_file():
+    if not path.is_dir():
+        os.close(sysio.open_regular(path))  # a FIFO or device is refused, not waited on
         if path.name.endswith(INDEX_SUFFIXES):
             return _open_index(path)
         return _open_files(path.parent, [path])
@@ -248,17 +245,17 @@ def find_weight_files(folder: Path) -> WeightFiles:
 
 
 def _open_index(index_path: Path) -> TensorSource:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
+    from lora_cli.io.layout import read_json
+
+    weight_map = read_json(index_path, "index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise FormatError(
-            f"{index_path}: not a valid index (needs a 'weight_map' of tensor name → file)"
-        ) from None
+            f"{index_path}: weight_map: not a valid index (needs a 'weight_map' of "
+            "tensor name → shard file)",
+            "re-download the index or rebuild it",
+        )
     root = index_path.parent
     files: list[Path] = []
     for shard in sorted(set(weight_map.values())):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import pickle
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,38 @@ _STORAGES = {
     "ComplexFloatStorage": "C64", "ComplexDoubleStorage": None, "UntypedStorage": None,
 }  # fmt: skip
 MALICIOUS = "not part of a tensor state dict; this file may be malicious"
+
+MAX_KEY_NODES = 10_000
+"""Nodes (counting shared ones each time they occur) of a tuple or frozenset used as a
+dict key or set member. Hashing walks the whole expanded tree, so 200 nested tuples that
+each hold the previous one twice take 2^200 steps from a 2 KB pickle; real keys are
+strings, ints, records and short tuples of them."""
+
+MAX_KEY_DEPTH = 100
+"""Nesting depth of such a key: hashing and comparing recurse in C, where a deep enough
+chain overflows the stack instead of raising."""
+
+
+class _Brief(reprlib.Repr):
+    """``repr`` with bounded work: few levels, few items, short strings and numbers (a
+    hostile record's full ``repr`` can be exponential in its pickle's size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxtuple, self.maxlist, self.maxdict = 3, 4, 4, 4
+        self.maxset = self.maxfrozenset = self.maxdeque = self.maxarray = 4
+        self.maxstring, self.maxlong, self.maxother = 60, 40, 60
+
+    def repr_int(self, x: int, level: int) -> str:
+        return repr(x) if x.bit_length() <= 128 else f"<int of {x.bit_length()} bits>"
+
+    def repr_instance(self, x: object, level: int) -> str:
+        if isinstance(x, Inert):
+            return f"<{x.qualname[-60:]}>"
+        return f"<{type(x).__name__}>"
+
+
+brief = _Brief().repr
 
 
 @dataclass(frozen=True)
@@ -87,12 +120,15 @@ class Inert:
         """An attribute from the BUILD state (dict, or a (dict, slots) pair)."""
         state = self.state
         if isinstance(state, tuple) and len(state) == 2:
-            merged = {**(state[0] or {}), **(state[1] or {})}
-            return merged.get(key, default)
+            parts = [s for s in state if isinstance(s, dict)]
+            for part in reversed(parts):  # slots (the second) win, as in ``copyreg``
+                if key in part:
+                    return part[key]
+            return default
         return state.get(key, default) if isinstance(state, dict) else default
 
     def __repr__(self) -> str:
-        return f"<{self.qualname}{self.args!r:.60}>"
+        return f"<{self.qualname}{brief(self.args)}>"
 
 
 def _ints(value: Any) -> bool:
@@ -185,6 +221,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python one, so opcodes can b
         self.label = label
         self.allowed = PROFILES[profile]
         self.calls = tuple(self.allowed.values())
+        self._costs: dict[int, tuple[Any, int, int]] = {}  # id -> (key node, nodes, depth)
 
     def _refuse(self, what: str) -> UnsafePickleError:
         return UnsafePickleError(f"{self.label}: refused {what}", MALICIOUS)
@@ -206,18 +243,76 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python one, so opcodes can b
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ValueError(f"unexpected persistent id {pid!r:.80}")
+            raise ValueError(f"unexpected persistent id {brief(pid)}")
         _, tag, key, _location, numel = pid
         if not (isinstance(tag, Tag) and tag.torch_name.endswith("Storage")):
             raise ValueError("persistent id without a storage type")
         if not (isinstance(key, str) and key and "/" not in key and type(numel) is int):
-            raise ValueError(f"malformed storage id {pid!r:.80}")
+            raise ValueError(f"malformed storage id {brief(pid)}")
         return Storage(key, tag, numel)
 
     def load_reduce(self) -> None:
-        if not any(self.stack[-2] is f for f in self.calls):
-            raise self._refuse(f"to call {self.stack[-2]!r:.80}")
+        func, args = self.stack[-2], self.stack[-1]
+        if not any(func is f for f in self.calls):
+            raise self._refuse(f"to call {brief(func)}")
+        if func is dict and isinstance(args, tuple):  # OrderedDict(pairs) hashes the keys
+            for pairs in args:
+                for pair in pairs if isinstance(pairs, (list, tuple)) else ():
+                    self._check_key(pair[0] if isinstance(pair, (tuple, list)) and pair else pair)
         super().load_reduce()
+
+    def _check_key(self, key: Any) -> None:
+        """Refuse a dict key or set member whose hash would take unbounded work."""
+        if not isinstance(key, (tuple, frozenset)):
+            return
+        nodes, depth = self._key_cost(key)
+        if nodes > MAX_KEY_NODES or depth > MAX_KEY_DEPTH:
+            raise self._refuse(f"a dict key or set member too costly to hash (over "
+                               f"{MAX_KEY_NODES} items or {MAX_KEY_DEPTH} levels)")  # fmt: skip
+
+    def _key_cost(self, key: tuple | frozenset) -> tuple[int, int]:
+        """(expanded node count, depth) of a key, each shared node computed once."""
+        costs = self._costs
+        todo = [(key, False)]
+        while todo:
+            node, ready = todo.pop()
+            if id(node) in costs:
+                continue
+            kids = [k for k in node if isinstance(k, (tuple, frozenset))]
+            if not ready:
+                todo.append((node, True))
+                todo += [(k, False) for k in kids if id(k) not in costs]
+                continue
+            n = 1 + len(node) - len(kids) + sum(costs[id(k)][1] for k in kids)
+            d = 1 + max((costs[id(k)][2] for k in kids), default=0)
+            costs[id(node)] = (node, min(n, 1 << 62), d)  # the node is kept: ids stay unique
+        return costs[id(key)][1], costs[id(key)][2]
+
+    # every opcode that hashes what the pickle built: check the keys first (after a MARK,
+    # ``self.stack`` holds exactly the marked items)
+    def load_setitem(self) -> None:
+        self._check_key(self.stack[-2])
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        for key in self.stack[0::2]:
+            self._check_key(key)
+        super().load_setitems()
+
+    def load_dict(self) -> None:
+        for key in self.stack[0::2]:
+            self._check_key(key)
+        super().load_dict()
+
+    def load_additems(self) -> None:
+        for item in self.stack:
+            self._check_key(item)
+        super().load_additems()
+
+    def load_frozenset(self) -> None:
+        for item in self.stack:
+            self._check_key(item)
+        super().load_frozenset()
 
     def load_newobj(self) -> None:
         """``cls.__new__(cls, *args)``: only for our inert classes (dataclass records)."""
@@ -243,6 +338,11 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python one, so opcodes can b
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
     dispatch[pickle.BUILD[0]] = load_build
     dispatch[pickle.NEWOBJ[0]] = load_newobj
     for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ_EX):
@@ -259,4 +359,5 @@ def safe_loads(data: bytes, label: str, profile: str = "state_dict") -> Any:
     except FormatError:
         raise
     except Exception as exc:  # every callable is ours: any failure is a malformed pickle
-        raise FormatError(f"{label}: bad pickle ({type(exc).__name__}: {exc})") from None
+        detail = str(exc)[:200]  # messages from pickle itself are short; ours use ``brief``
+        raise FormatError(f"{label}: bad pickle ({type(exc).__name__}: {detail})") from None

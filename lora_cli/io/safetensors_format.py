@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli.errors import FormatError
+from lora_cli.io import sysio
 from lora_cli.io.dtypes import DTYPE_ORDER, SAFETENSORS_DTYPES, nbytes_of
 
 MAX_HEADER_SIZE = 100_000_000
@@ -168,7 +169,7 @@ def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
 def read_header(path: Path) -> SafetensorsHeader:
     """Read and validate the header of the safetensors file at ``path``."""
     try:
-        with open(path, "rb") as f:
+        with sysio.open_binary(path) as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) == 8:

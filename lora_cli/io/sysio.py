@@ -13,14 +13,84 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
 
 COPY_CHUNK = 8 << 20
 
 # The fallbacks move the file position that threads sharing an fd also use (merge reads
 # ahead on a worker thread while the main thread copies from the same base shard).
 _POSITION_LOCK = threading.Lock()
+
+
+# -- opening: every file the tool reads is opened here ---------------------------------------
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def open_regular(path: Path | str) -> int:
+    """A read-only descriptor on ``path``, refused unless it is a regular file.
+
+    A FIFO where a shard, rank file or config is expected would block ``open`` (or the
+    first read) forever, a character device (``/dev/zero``) reads without end, and a
+    socket cannot be opened at all. ``O_NONBLOCK`` makes the open of a FIFO return at once
+    so ``fstat`` can look at what was opened (no race between a check and the open); the
+    flag is then cleared (it means nothing to a regular file).
+    """
+    from lora_cli.errors import FormatError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            hint = "point at the file itself (reading a FIFO or device never ends)"
+            raise FormatError(f"{path}: is a {kind}, not a regular file", hint)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+          stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}  # fmt: skip
+
+
+def open_binary(path: Path | str) -> BinaryIO:
+    """``open(path, "rb")`` through ``open_regular``."""
+    return os.fdopen(open_regular(path), "rb")
+
+
+def read_file(path: Path | str, limit: int, what: str = "file") -> bytes:
+    """The whole of a small regular file (configs, indexes, ``.metadata``, ``latest``),
+    refused past ``limit`` bytes before anything is read."""
+    from lora_cli.errors import FormatError
+
+    with open_binary(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise FormatError(f"{path}: {what} is {size} bytes, over the {limit}-byte limit",
+                              "this is not the file it is named after")  # fmt: skip
+        data = f.read(size + 1)  # not limit + 1: read() allocates what it is asked for
+    if len(data) > limit:  # grew while being read
+        raise FormatError(f"{path}: {what} is over the {limit}-byte limit")
+    return data
+
+
+def regular_size(path: Path | str) -> int:
+    """The size of a regular file (refused, like ``open_regular``, when it is not one)."""
+    fd = open_regular(path)
+    try:
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 # -- reads: fill ``view`` from ``offset`` (returns the bytes read; 0 at end of file) -----------

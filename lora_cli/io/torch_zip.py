@@ -20,6 +20,7 @@ import os
 import struct
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from lora_cli.errors import FormatError
 from lora_cli.io import sysio
 from lora_cli.io.dtypes import itemsize_bits, nbytes_of, to_torch
-from lora_cli.io.safe_pickle import PickledTensor, Storage, Tag, safe_loads
+from lora_cli.io.safe_pickle import PickledTensor, Storage, Tag, brief, safe_loads
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,26 @@ if TYPE_CHECKING:
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _MAX_DEPTH = 64
-_MAX_PICKLE = 1 << 30
+
+MAX_PICKLE = 64 << 20
+"""Bytes of ``data.pkl``. It holds only records (names, shapes, strides, storage keys:
+~120 bytes per tensor), so a 100k-tensor state dict is ~12 MB. The pure-Python unpickler
+reads about 1 MB/s, so this also bounds the time a file can cost."""
+
+MAX_INFLATE_RATIO = 16
+"""Decompressed / compressed size of a DEFLATEd ``data.pkl`` (torch stores it
+uncompressed; a re-zipped one compresses about 5:1). DEFLATE reaches 1000:1, so a 390 KB
+file could declare a 400 MB pickle: refused from the declared sizes before inflating
+(zipfile never inflates past the declared size), which keeps the work proportional to
+the bytes the file really holds."""
+
+_RESAVE = "not a state dict as torch.save writes it; re-save it with torch.save"
+
+MAX_SMALL_RECORD = 64
+"""Bytes of the ``byteorder`` record (``little`` or ``big``)."""
+
+MAX_DIM = (1 << 63) - 1
+"""A tensor dimension safetensors can write (its header's shapes are 64-bit)."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +167,7 @@ class TorchZipFile:
         self.tree: Any = None
         self._profile = profile
         self._tree_only = tree_only
-        self._fh = open(self.path, "rb")  # noqa: SIM115 - held for read()
+        self._fh = sysio.open_binary(self.path)  # held for read()
         size = os.fstat(self._fh.fileno()).st_size
         self._start, self._length = window if window else (0, size)
         if self._start < 0 or self._start + self._length > size:
@@ -188,12 +208,15 @@ class TorchZipFile:
         if len(pickles) != 1:
             raise self._error(f"expected one <prefix>/data.pkl entry, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
-        order = zf.read(infos[f"{prefix}byteorder"]) if f"{prefix}byteorder" in infos else b"little"
+        order = b"little"
+        if f"{prefix}byteorder" in infos:
+            if infos[f"{prefix}byteorder"].file_size > MAX_SMALL_RECORD:
+                raise self._error("byteorder record is too large to be 'little' or 'big'")
+            order = zf.read(infos[f"{prefix}byteorder"])
         if order not in (b"little", b"big"):
             raise self._error(f"unknown byteorder {order[:16]!r}")
         self.big_endian = order == b"big"
-        if infos[pickles[0]].file_size > _MAX_PICKLE:
-            raise self._error(f"data.pkl is {infos[pickles[0]].file_size} bytes; too large")
+        self._check_pickle_size(infos[pickles[0]])
         self._infos, self._prefix = infos, prefix
         tree = self._unpickle(zf.read(infos[pickles[0]]))
         if self._tree_only:
@@ -201,6 +224,16 @@ class TorchZipFile:
             return
         for name, tensor in self._flatten(tree):
             self.records[name] = self.record(name, tensor)
+
+    def _check_pickle_size(self, info: zipfile.ZipInfo) -> None:
+        size, packed = info.file_size, info.compress_size
+        if size > MAX_PICKLE:
+            raise self._error(f"data.pkl is {size} bytes, over the {MAX_PICKLE >> 20} MiB "
+                              "limit for tensor records", _RESAVE)  # fmt: skip
+        if info.compress_type != zipfile.ZIP_STORED and size > MAX_INFLATE_RATIO * max(packed, 1):
+            raise self._error(f"data.pkl inflates {packed} bytes to {size}, over "
+                              f"{MAX_INFLATE_RATIO}:1 (a decompression bomb?)",
+                              _RESAVE)  # fmt: skip
 
     def _unpickle(self, data: bytes) -> Any:
         try:
@@ -249,9 +282,9 @@ class TorchZipFile:
                 tree = tree[self.unwrapped]
         out: list[tuple[str, PickledTensor]] = []
         self._walk(tree, "", out, set(), 0)
-        names = [n for n, _ in out]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
+        counts = Counter(n for n, _ in out)
+        if len(counts) != len(out):
+            dup = next(n for n, k in counts.items() if k > 1)
             raise self._error(f"tensor name {dup!r} occurs twice after flattening nested dicts")
         return out
 
@@ -260,7 +293,7 @@ class TorchZipFile:
             raise self._error(f"dicts nested deeper than {_MAX_DEPTH} levels at {prefix!r}")
         seen.add(id(node))
         for key, value in node.items():
-            name = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{key!r}"
+            name = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{brief(key)}"
             if isinstance(value, PickledTensor) and isinstance(key, str):
                 out.append((name, value))
             elif (
@@ -304,11 +337,20 @@ class TorchZipFile:
                               "which safetensors cannot store")  # fmt: skip
         if t.offset < 0 or min(t.shape, default=0) < 0 or min(t.stride, default=0) < 0:
             raise self._error(f"tensor {name!r} has a negative offset, size or stride")
+        if max(t.shape, default=0) > MAX_DIM or len(t.shape) > 64:
+            raise self._error(f"tensor {name!r}: shape {brief(list(t.shape))} cannot be written "
+                              "(a dimension over 2^63 or more than 64 dimensions)")  # fmt: skip
+        elements = nbytes // (bits // 8)
         end = t.offset + _extent(t.shape, t.stride)
-        if end > nbytes // (bits // 8):
-            raise self._error(f"tensor {name!r} (offset {t.offset}, shape {list(t.shape)}, "
-                              f"stride {list(t.stride)}) overruns its storage of "
-                              f"{nbytes // (bits // 8)} elements")  # fmt: skip
+        if end > elements:
+            raise self._error(f"tensor {name!r} (offset {t.offset}, shape {brief(list(t.shape))}, "
+                              f"stride {brief(list(t.stride))}) overruns its storage of "
+                              f"{elements} elements")  # fmt: skip
+        if t.numel > elements:
+            raise self._error(f"tensor {name!r} declares {t.numel} elements over a storage of "
+                              f"{elements} (a stride-0 or overlapping view; written out it "
+                              f"would take {t.numel * (bits // 8)} bytes)",
+                              "save it with .contiguous() (or .clone())")  # fmt: skip
         return TorchTensorRecord(name, t.tag.dtype, t.shape, t.stride, t.storage.key,
                                  t.offset, nbytes, data_offset)  # fmt: skip
 

@@ -18,14 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lora_cli.errors import FormatError
 from lora_cli.io.dtypes import nbytes_of
 from lora_cli.io.reader import TensorInfo, TensorSource
-from lora_cli.io.safe_pickle import Inert, PickledTensor
+from lora_cli.io.safe_pickle import PickledTensor
 from lora_cli.io.torch_zip import TorchZipFile
 from lora_cli.io.zero_layout import check_ranks, find_tag_folder, rank_files, refuse_unsupported
+from lora_cli.io.zero_records import Fields
 
 if TYPE_CHECKING:
     import torch
@@ -141,12 +142,18 @@ def open_zero(path: Path) -> tuple[TensorSource, ZeroCheckpoint]:
         raise
 
 
-def _load(tag: Path, name: str, files: list[TorchZipFile]) -> TorchZipFile:
+class _RankFile(Fields):
+    """A parsed rank file: its checked fields, and the zip its tensors are read from."""
+
+    def __init__(self, zf: TorchZipFile) -> None:
+        super().__init__(zf.path, zf.tree)
+        self.zf = zf
+
+
+def _load(tag: Path, name: str, files: list[TorchZipFile]) -> _RankFile:
     zf = TorchZipFile(tag / name, profile="deepspeed", tree_only=True)
     files.append(zf)
-    if not isinstance(zf.tree, dict):
-        raise FormatError(f"{tag / name}: not a DeepSpeed states file (top level is not a dict)")
-    return zf
+    return _RankFile(zf)
 
 
 def _open(tag: Path, files: list[TorchZipFile]) -> tuple[TensorSource, ZeroCheckpoint]:
@@ -154,18 +161,10 @@ def _open(tag: Path, files: list[TorchZipFile]) -> tuple[TensorSource, ZeroCheck
     if not optim_names:
         raise FormatError(f"{tag}: no *_optim_states.pt files", "not a DeepSpeed ZeRO checkpoint")
     first = _load(tag, optim_names[min(optim_names)], files)
-    osd = first.tree.get("optimizer_state_dict")
-    if not isinstance(osd, dict):
-        raise FormatError(f"{first.path}: no optimizer_state_dict")
-    stage_rec = osd.get("zero_stage")
-    stage = int(stage_rec.args[0]) if isinstance(stage_rec, Inert) and stage_rec.args else None
-    if stage is None and isinstance(stage_rec, int):
-        stage = stage_rec
-    count = osd.get("partition_count")
-    world = max(count) if isinstance(count, list) and count else count
-    if type(world) is not int or world < 1:
-        raise FormatError(f"{first.path}: no partition_count", "not a DeepSpeed ZeRO checkpoint")
-    optim_files = [first] + [
+    osd = first.sub("optimizer_state_dict")
+    stage = osd.zero_stage()
+    world = osd.partition_count()
+    optim = [first] + [
         _load(tag, n, files) for n in check_ranks(tag, optim_names, world, "optimizer")[1:]
     ]
     if stage == 3:
@@ -174,66 +173,43 @@ def _open(tag: Path, files: list[TorchZipFile]) -> tuple[TensorSource, ZeroCheck
         if not (tag / "mp_rank_00_model_states.pt").is_file():
             raise FormatError(f"{tag}: mp_rank_00_model_states.pt is missing")
         model_names = ["mp_rank_00_model_states.pt"]
-    model_files = [_load(tag, n, files) for n in model_names]
-    states = model_files[0].tree
-    dp = states.get("dp_world_size")
-    if type(dp) is int and dp != world:
+    models = [_load(tag, n, files) for n in model_names]
+    states = models[0]
+    dp = states.optional_int("dp_world_size")
+    if dp is not None and dp != world:
         raise FormatError(f"{tag}: model states say {dp} data-parallel ranks but the optimizer "
                           f"was partitioned {world} ways", "mismatched rank files")  # fmt: skip
-    module = states.get("module")
-    if not isinstance(module, dict):
-        raise FormatError(f"{model_files[0].path}: no 'module' state dict")
+    module = states.tensors("module", required=True)
     bf16 = "bf16_" in next(iter(optim_names.values()))
     params: dict[str, _Param] = {}
     notes: list[str] = []
-    shapes = states.get("param_shapes") or []
+    shapes = states.shape_groups("param_shapes")
     trainable = [n for g in shapes for n in g]
     if stage is None:
-        if "single_partition_of_fp32_groups" not in osd:
-            raise FormatError(f"{first.path}: neither a ZeRO nor a BF16_Optimizer state")
+        if not osd.has("single_partition_of_fp32_groups"):
+            raise osd.bad("single_partition_of_fp32_groups", "missing: neither a ZeRO nor a "
+                          "BF16_Optimizer state")  # fmt: skip
         notes.append("BF16_Optimizer checkpoint (no zero_stage): the 16-bit weights saved in "
                      "'module' are used; its fp32 master partitions are not read")  # fmt: skip
     elif stage in (1, 2):
-        _flat_params(params, shapes, optim_files, osd, world)
-    elif stage == 3:
-        _sliced_params(params, shapes, optim_files, world)
+        _flat_params(params, shapes, optim, world)
     else:
-        raise FormatError(f"{first.path}: unknown ZeRO stage {stage}")
-    frozen_excluded = states.get("frozen_param_shapes") is None and stage in (2, 3)
-    frozen: list[str] = []
-    fragments = states.get("frozen_param_fragments") or {}
-    frozen_shapes = states.get("frozen_param_shapes") or {}
-    aliases = states.get("shared_params") or {}
-    for name, t in module.items():
-        if name in params or name in aliases or not isinstance(t, PickledTensor):
-            continue
-        if stage == 3:
-            if name not in frozen_shapes:
-                continue  # a trainable placeholder without a partition, or a buffer (below)
-            per_rank = [[_Piece(m, m.tree["frozen_param_fragments"][name], name)]
-                        for m in model_files]  # fmt: skip
-            dtype = per_rank[0][0].tensor.tag.dtype
-            params[name] = _Param(tuple(frozen_shapes[name]), dtype, "sliced", per_rank)
-        else:
-            src = fragments.get(name, t)
-            params[name] = _Param(
-                t.shape, t.tag.dtype, "whole", whole=_Piece(model_files[0], src, name)
-            )
-        frozen.append(name)
-    for name in states.get("buffer_names") or []:
+        _sliced_params(params, shapes, optim, world)
+    frozen_shapes = states.shapes("frozen_param_shapes")
+    frozen_excluded = frozen_shapes is None and stage in (2, 3)
+    frozen = _frozen_params(params, module, states, models, stage, frozen_shapes or {})
+    for name in states.names("buffer_names"):
         t = module.get(name)
-        if isinstance(t, PickledTensor) and name not in params:
-            params[name] = _Param(
-                t.shape, t.tag.dtype, "whole", whole=_Piece(model_files[0], t, name)
-            )
+        if t is not None and name not in params:
+            params[name] = _Param(t.shape, t.tag.dtype, "whole", whole=_Piece(states.zf, t, name))
     if frozen_excluded:
         notes.append("saved with exclude_frozen_parameters: frozen weights are not in the "
                      "checkpoint and come from --base")  # fmt: skip
+    aliases = states.name_map("shared_params")
     shared = {a: s for a, s in aliases.items() if s in params}
     infos: dict[str, TensorInfo] = {}
     for name, p in params.items():
-        alias_of = name
-        infos[name] = _info(name, p, tag, alias_of, shared)
+        infos[name] = _info(name, p, tag, name, shared)
     for alias, src in shared.items():
         if alias not in params:
             params[alias] = params[src]
@@ -255,6 +231,48 @@ def _open(tag: Path, files: list[TorchZipFile]) -> tuple[TensorSource, ZeroCheck
     return source, info
 
 
+def _frozen_params(
+    params: dict[str, _Param],
+    module: dict[str, PickledTensor],
+    states: _RankFile,
+    models: list[_RankFile],
+    stage: int | None,
+    frozen_shapes: dict[str, tuple[int, ...]],
+) -> list[str]:
+    """Frozen parameters: ZeRO-3 slices them over every rank's ``frozen_param_fragments``
+    (each ``ceil(n/W)`` elements); ZeRO-1/2 saves them whole in ``module`` (or in
+    ``frozen_param_fragments``, same size)."""
+    frozen: list[str] = []
+    aliases = states.name_map("shared_params")
+    fragments = [m.tensors("frozen_param_fragments") for m in models]
+    for name, t in module.items():
+        if name in params or name in aliases:
+            continue
+        if stage == 3:
+            if name not in frozen_shapes:
+                continue  # a trainable placeholder without a partition, or a buffer (below)
+            shape = frozen_shapes[name]
+            per_rank = math.ceil(_numel(shape) / len(models))
+            pieces = []
+            for m, frags in zip(models, fragments, strict=True):
+                frag = frags.get(name)
+                if frag is None or frag.numel < per_rank:
+                    raise m.bad(f"frozen_param_fragments[{name!r}]",
+                                f"{'missing' if frag is None else f'{frag.numel} elements'}; "
+                                f"shape {list(shape)} needs {per_rank} on each of "
+                                f"{len(models)} ranks")  # fmt: skip
+                pieces.append([_Piece(m.zf, frag, name)])
+            params[name] = _Param(shape, pieces[0][0].tensor.tag.dtype, "sliced", pieces)
+        else:
+            src = fragments[0].get(name, t)
+            if src.numel != t.numel:
+                field = f"frozen_param_fragments[{name!r}]"
+                raise states.bad(field, f"{src.numel} elements; module's tensor has {t.numel}")
+            params[name] = _Param(t.shape, t.tag.dtype, "whole", whole=_Piece(states.zf, src, name))
+        frozen.append(name)
+    return frozen
+
+
 def _info(name: str, p: _Param, tag: Path, storage: str, shared: dict[str, str]) -> TensorInfo:
     nbytes = nbytes_of(p.dtype, p.shape)
     tied = storage != name or name in shared.values()
@@ -272,37 +290,31 @@ def _info(name: str, p: _Param, tag: Path, storage: str, shared: dict[str, str])
 def _flat_params(
     params: dict[str, _Param],
     shapes: list[dict[str, tuple[int, ...]]],
-    optim_files: list[TorchZipFile],
-    osd: dict[str, Any],
+    optim: list[_RankFile],
     world: int,
 ) -> None:
     """ZeRO-1/2: group g is the concatenation of every rank's partition g, walked in the
     saved ``param_shapes`` order (plus per-parameter alignment padding, if any)."""
-    paddings = osd.get("param_alignment_paddings")
+    osds = [f.sub("optimizer_state_dict") for f in optim]
+    parts = [o.tensor_list("single_partition_of_fp32_groups") for o in osds]
+    paddings = osds[0].int_lists("param_alignment_paddings")
     for g, group in enumerate(shapes):
         pieces = []
-        for zf in optim_files:
-            parts = zf.tree["optimizer_state_dict"].get("single_partition_of_fp32_groups")
-            if (
-                not isinstance(parts, list)
-                or g >= len(parts)
-                or not isinstance(parts[g], PickledTensor)
-            ):
-                raise FormatError(f"{zf.path}: no fp32 partition for param group {g}")
-            pieces.append(_Piece(zf, parts[g], f"single_partition_of_fp32_groups[{g}]"))
+        for f, o, rank_parts in zip(optim, osds, parts, strict=True):
+            if g >= len(rank_parts):
+                raise o.bad("single_partition_of_fp32_groups",
+                            f"no fp32 partition for param group {g}")  # fmt: skip
+            pieces.append(_Piece(f.zf, rank_parts[g], f"single_partition_of_fp32_groups[{g}]"))
         offset = 0
-        pads = paddings[g] if isinstance(paddings, list) and g < len(paddings) else None
+        pads = paddings[g] if paddings is not None and g < len(paddings) else []
         for i, (name, shape) in enumerate(group.items()):
-            shape = tuple(shape)
             params[name] = _Param(shape, pieces[0].tensor.tag.dtype, "flat", [pieces], offset)
-            offset += _numel(shape)
-            if isinstance(pads, list) and i < len(pads):
-                offset += int(pads[i])
+            offset += _numel(shape) + (pads[i] if i < len(pads) else 0)
         total = sum(p.numel for p in pieces)
         align = 2 * world
         if -(-offset // align) * align != -(-total // align) * align:
             raise FormatError(
-                f"{optim_files[0].path.parent}: param group {g} holds {total} fp32 elements "
+                f"{optim[0].path.parent}: param group {g} holds {total} fp32 elements "
                 f"but its parameters need {offset}",
                 "the rank files do not belong together (or an old checkpoint was overwritten)",
             )
@@ -311,28 +323,25 @@ def _flat_params(
 def _sliced_params(
     params: dict[str, _Param],
     shapes: list[dict[str, tuple[int, ...]]],
-    optim_files: list[TorchZipFile],
+    optim: list[_RankFile],
     world: int,
 ) -> None:
     """ZeRO-3: each parameter has ``ceil(n/W)`` elements at the same offset on every rank
     (sub-group partitions of a rank read as one vector)."""
     per_rank: list[list[_Piece]] = []
-    for zf in optim_files:
-        groups = zf.tree["optimizer_state_dict"].get("fp32_flat_groups")
-        if not isinstance(groups, list) or not all(isinstance(t, PickledTensor) for t in groups):
-            raise FormatError(f"{zf.path}: no fp32_flat_groups")
-        per_rank.append([_Piece(zf, t, f"fp32_flat_groups[{i}]") for i, t in enumerate(groups)])
+    for f in optim:
+        groups = f.sub("optimizer_state_dict").tensor_list("fp32_flat_groups")
+        per_rank.append([_Piece(f.zf, t, f"fp32_flat_groups[{i}]") for i, t in enumerate(groups)])
+    totals = [sum(p.numel for p in rank) for rank in per_rank]
     offset = 0
+    dtype = per_rank[0][0].tensor.tag.dtype
     for group in shapes:
         for name, shape in group.items():
-            shape = tuple(shape)
-            dtype = per_rank[0][0].tensor.tag.dtype
             params[name] = _Param(shape, dtype, "sliced", per_rank, offset)
             offset += math.ceil(_numel(shape) / world)
-    total = sum(p.numel for p in per_rank[0])
-    if offset != total:
+    if any(total != offset for total in totals):
         raise FormatError(
-            f"{optim_files[0].path.parent}: each rank holds {total} fp32 elements but the "
-            f"parameters need {offset}",
+            f"{optim[0].path.parent}: the ranks hold {sorted(set(totals))} fp32 elements "
+            f"each but the parameters need {offset}",
             "the rank files do not belong together (or an old checkpoint was overwritten)",
         )

@@ -3,11 +3,13 @@ exist, and one-line refusals for the layouts ``zero.py`` does not consolidate.""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import FormatError
+from lora_cli.io import sysio
 
 _RANK_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(optim|model)_states\.pt$")
 _GLOBAL_STEP = re.compile(r"^global_step\d+$")
@@ -38,13 +40,7 @@ def find_tag_folder(path: Path) -> Path:
         return path
     latest = path / "latest"
     if latest.is_file():
-        tag = latest.read_text().strip()
-        if not tag or "/" in tag or not (path / tag).is_dir():
-            raise FormatError(
-                f"{latest}: names tag {tag!r}, which is not a folder here",
-                "the checkpoint is incomplete; point at an existing global_stepN folder",
-            )
-        return path / tag
+        return path / _read_latest(latest)
     steps = sorted((p for p in path.iterdir() if _GLOBAL_STEP.match(p.name)),
                    key=lambda p: natural_key(p.name))  # fmt: skip
     if len(steps) == 1:
@@ -53,6 +49,30 @@ def find_tag_folder(path: Path) -> Path:
         f"{path}: {len(steps)} global_step folders and no 'latest' file",
         "point at the global_stepN folder you want",
     )
+
+
+MAX_LATEST = 4096
+"""Bytes of a ``latest`` file: DeepSpeed writes one tag name (``global_step123``); a
+name longer than a path component (255 on every common filesystem) is not a tag."""
+
+
+def _read_latest(latest: Path) -> str:
+    """The tag ``latest`` names: one plain child folder name (never ``..``, ``.``, a
+    path, or a name with control characters), as an existing folder beside it."""
+    raw = sysio.read_file(latest, MAX_LATEST, "'latest' file")
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise FormatError(f"{latest}: not UTF-8 text (DeepSpeed writes a tag name)",
+                          "point at the global_stepN folder you want") from None  # fmt: skip
+    plain = (tag not in ("", ".", "..") and not any(c in tag for c in "/\\")
+             and tag.isprintable())  # fmt: skip
+    if not plain or not (latest.parent / tag).is_dir():
+        raise FormatError(
+            f"{latest}: names tag {tag[:80]!r}, which is not a folder here",
+            "the checkpoint is incomplete; point at an existing global_stepN folder",
+        )
+    return tag
 
 
 def refuse_unsupported(tag: Path) -> None:
@@ -88,10 +108,13 @@ def rank_files(tag: Path, kind: str) -> dict[int, str]:
 
 
 def check_ranks(tag: Path, found: dict[int, str], world: int, kind: str) -> list[str]:
-    missing = [r for r in range(world) if r not in found]
+    # the first few missing ranks: a world size read from a file may be 2**40, so
+    # this stops after len(found) + 3 steps instead of walking every rank
+    missing = list(itertools.islice((r for r in range(world) if r not in found), 3))
     extra = sorted(r for r in found if r >= world)
     if missing or extra:
-        what = f"missing rank {', '.join(map(str, missing))}" if missing else (
+        more = ", ..." if world - len(found) > len(missing) else ""
+        what = f"missing rank {', '.join(map(str, missing))}{more}" if missing else (
             f"extra rank {', '.join(map(str, extra))}")  # fmt: skip
         raise FormatError(
             f"{tag}: checkpoint has {len(found)} of {world} {kind} rank files ({what})",

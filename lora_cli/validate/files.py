@@ -6,11 +6,13 @@ impossible rather than failed, a tensor's NaN/Inf finding, and the checksum mani
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_cli.errors import FormatError, LoraError
+from lora_cli.io import sysio
 from lora_cli.io.layout import MANIFEST_NAME, read_manifest, sha256_file
 from lora_cli.validate.numeric import count_nonfinite
 from lora_cli.validate.report import ValidateReport
@@ -42,8 +44,7 @@ def split_error(exc: LoraError, file: Path) -> tuple[str | None, str]:
 def ensure_readable(path: Path) -> None:
     """A file we may not open makes validation impossible (exit 2), not a finding."""
     try:
-        with open(path, "rb"):
-            pass
+        os.close(sysio.open_regular(path))
     except OSError as exc:
         raise FormatError(f"{path}: cannot read ({exc.strerror})") from None
 

@@ -86,3 +86,36 @@ def test_fast_paths_are_used_where_they_exist() -> None:
         assert chosen["read_at"] == "_read_preadv"
     if hasattr(os, "copy_file_range"):
         assert chosen["copy_range"] == "_copy_kernel"
+
+
+# -- every read opens a regular file, or refuses at once ------------------------------------
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    from lora_cli.errors import FormatError
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(FormatError, match="FIFO, not a regular file"):
+        sysio.open_regular(fifo)  # no writer: a plain open would block here
+    with pytest.raises(FormatError, match="FIFO"):
+        sysio.read_file(fifo, 100)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_device_and_a_folder_are_refused(tmp_path):
+    from lora_cli.errors import FormatError
+
+    with pytest.raises(FormatError, match="character device"):
+        sysio.open_regular("/dev/zero")
+    with pytest.raises(FormatError, match="folder"):
+        sysio.open_regular(tmp_path)
+
+
+def test_read_file_refuses_past_its_limit(tmp_path):
+    from lora_cli.errors import FormatError
+
+    path = tmp_path / "latest"
+    path.write_bytes(b"x" * 11)
+    assert sysio.read_file(path, 11) == b"x" * 11
+    with pytest.raises(FormatError, match="over the 10-byte limit"):
+        sysio.read_file(path, 10)

@@ -9,16 +9,15 @@ database, and an alarm that turns a hang into a failure.
 from __future__ import annotations
 
 import json
-import signal
 import struct
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from rel_helpers import no_hang
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
@@ -33,24 +32,6 @@ FUZZ = settings(
     derandomize=True,  # the same mutants on every CI run
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-
-
-class Hang(Exception):
-    pass
-
-
-@contextmanager
-def no_hang():
-    def alarm(signum, frame):
-        raise Hang(f"reader still busy after {HANG_SECONDS}s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(HANG_SECONDS)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -83,7 +64,7 @@ VALID_BIN = _torch_bytes()
 def _read_all(path: Path) -> dict[str, torch.Tensor] | None:
     """Our reader: every tensor, or None when it refuses the file with a LoraError."""
     try:
-        with no_hang(), open_source(path) as src:
+        with no_hang(HANG_SECONDS), open_source(path) as src:
             return {name: src.read(name).clone() for name in src.names()}
     except LoraError:
         return None
@@ -198,7 +179,7 @@ def test_torch_zip_byte_mutations(tmp_path, flips, cut) -> None:
     ours = _read_all(path)
     if ours is None:
         return
-    with no_hang(), open_source(path) as src:
+    with no_hang(HANG_SECONDS), open_source(path) as src:
         for name, t in ours.items():  # what was read is what the listing promised
             info = src.info(name)
             assert tuple(t.shape) == info.shape and t.numel() * t.element_size() == info.nbytes

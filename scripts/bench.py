@@ -1261,7 +1261,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(workdir)
     env.update(run_helper("env", {}, child_env))
     env["loadavg_start"] = loadavg()
-    env["torch_import_s"] = time_torch_import(child_env, 1 if args.smoke else 3)
+    env["torch_import_s"] = None if args.smoke else time_torch_import(child_env)
     print(
         f"bench: {env['cpu_model']}, {env['cpu_affinity']} cores allowed "
         f"({env['cpu_count']} online), RAM {env['ram_total']}, "
@@ -1271,7 +1271,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workdir {workdir}")
     help_s = time_help(lora, child_env, 1 if args.smoke else 5)
     print("lora --help: " + (f"{help_s['median_s']:.3f} s" if help_s["ok"] else help_s["error"]))
-    print(f"python -c 'import torch': {env['torch_import_s']:.2f} s")
+    if env["torch_import_s"] is not None:
+        print(f"python -c 'import torch': {env['torch_import_s']:.2f} s")
 
     live = LiveResults(json_path, env, args, help_s)
     for size in args.size_list:
@@ -1292,7 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
             "(use --timed-sync to charge write-back to the contender)."
         ),
         "Wall time includes interpreter start-up for lora and PEFT (`lora --help` and "
-        f"`import torch` = {env['torch_import_s']:.2f} s are the floors).",
+        f"`import torch` = {_fmt(env['torch_import_s'], '.2f')} s are the floors).",
         "Peak RSS = max over repetitions of the polled (~20 ms) sum of VmRSS over the child's "
         "process tree; HWM-sum = sum of per-process kernel VmHWM (upper bound, cross-check); "
         "per-run wait4 ru_maxrss is in the JSON too.",

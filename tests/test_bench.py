@@ -59,3 +59,17 @@ def test_smoke_run_renders_every_row_and_saves_results_first(
     table = rendered[0]
     assert "fp8:qv     -> bf16" in table and "fp8:qv     keep" in table
     assert "the bf16-base merge" in table
+
+
+def test_every_readme_bench_command_parses(bench) -> None:
+    """Every bench command the README shows is one the script accepts (parsing only: the
+    smoke run above runs the code they share)."""
+    import re
+    import shlex
+
+    readme = (SCRIPT.parent.parent / "README.md").read_text()
+    lines = re.findall(r"^\.venv/bin/python scripts/bench\.py(.*)$", readme, re.M)
+    assert len(lines) >= 6
+    for line in lines:
+        args = bench.parse_args(shlex.split(line, comments=True))
+        assert args.size_list and args.adapter_list

@@ -146,19 +146,26 @@ def fp8_block_quant(
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """int32 words → signed values in [−8, 7] (offset binary, column 8j+i at bits 4i..4i+3)."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    nibbles = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF
-    return nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8) - 8
+    nibbles = packed.to(torch.int32).unsqueeze(-1) >> shifts
+    nibbles &= 0xF
+    return nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8).sub_(8)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Signed values in [−8, 7] of shape (rows, cols) → int32 ``(rows, ceil(cols/8))``."""
+    """Signed values in [−8, 7] of shape (rows, cols) → int32 ``(rows, ceil(cols/8))``; the
+    top nibble lands in the sign bit, as compressed-tensors' words read as int32."""
     rows, cols = q.shape
     words = _cdiv(cols, 8)
-    nib = torch.zeros(rows, words * 8, dtype=torch.int64, device=q.device)
-    nib[:, :cols] = q.to(torch.int64) + 8
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
-    packed = (nib.reshape(rows, words, 8) << shifts).sum(-1)
-    return packed.to(torch.int64).where(packed < 2**31, packed - 2**32).to(torch.int32)
+    nib = torch.zeros(rows, words * 8, dtype=torch.int32, device=q.device)
+    nib[:, :cols] = q
+    nib += 8
+    if cols < words * 8:
+        nib[:, cols:] = 0  # the last word's padding stays zero
+    nib = nib.view(rows, words, 8)
+    packed = nib[..., 0].clone()
+    for i in range(1, 8):  # eight nibble positions, whatever the tensor's size
+        packed |= nib[..., i] << (4 * i)
+    return packed
 
 
 def _scaled_(

@@ -227,9 +227,10 @@ class BufferPool:
 
 BLOCK_BYTES = 16 << 20
 # A quantized weight's block is decoded, merged and (with --quantize keep) re-encoded through
-# a few fp32/int32 copies of itself: 1 MiB bf16 blocks kept a keep merge's peak RSS at the
-# bf16 merge's (measured: 4 MiB blocks 390-490 MiB, 1 MiB 270-280 MiB, same CPU time).
-QUANT_BLOCK_DIVISOR = 16
+# a few fp32/int32 copies of itself: 2 MiB bf16 blocks keep a keep merge's peak RSS near the
+# bf16 merge's (measured on a 160 MB base: 16 MiB blocks 400-590 MiB, 4 MiB 300-390 MiB,
+# 2 MiB 280-340 MiB, 1 MiB 270-280 MiB; CPU time the same within a loaded machine's noise).
+QUANT_BLOCK_DIVISOR = 8
 AHEAD_BYTES = 64 << 20  # merged blocks computed ahead of the writer, all workers together
 
 

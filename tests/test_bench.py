@@ -45,10 +45,10 @@ def test_smoke_run_renders_every_row_and_saves_results_first(
     rows = {(c["adapter"], c["contender"]): c for c in saved["cases"]}
     assert set(rows) == {
         ("-", "cp"),
-        ("qv", "lora"),
+        ("all-linear", "lora"),
         ("fp8", "cp"),
-        ("fp8:qv", "lora"),
-        ("fp8:qv", "lora-keep"),
+        ("fp8:all-linear", "lora"),
+        ("fp8:all-linear", "lora-keep"),
     }
     for key, case in rows.items():
         assert case["ok"], (key, case["runs"][-1]["error"], case["runs"][-1]["stderr_tail"])
@@ -57,7 +57,7 @@ def test_smoke_run_renders_every_row_and_saves_results_first(
     assert set(quantized) == {"lora", "lora-keep"}
     assert all(r["over_bf16_merge"] > 0 for r in quantized.values())
     table = rendered[0]
-    assert "fp8:qv     -> bf16" in table and "fp8:qv     keep" in table
+    assert "fp8:all-linear -> bf16" in table and "fp8:all-linear keep" in table
     assert "the bf16-base merge" in table
 
 

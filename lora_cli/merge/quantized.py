@@ -24,7 +24,13 @@ from lora_cli.io.reader import TensorSource
 from lora_cli.merge.plan import MergePlan, build_plan, load_base_config
 from lora_cli.merge.requant import fidelity, requantize_actions
 
-__all__ = ["fidelity", "plan_merge", "quantize_mode_of", "refuse_quantized_base"]
+__all__ = [
+    "fidelity",
+    "is_quantized_base",
+    "plan_merge",
+    "quantize_mode_of",
+    "refuse_quantized_base",
+]
 
 QUANTIZE_MODES = ("bf16", "keep")
 
@@ -132,6 +138,12 @@ def _config_update(plan: MergePlan, scheme: QuantScheme, touched: set[str]) -> d
         key = "modules_to_not_convert"
     qc[key] = list(qc.get(key) or []) + [m for m in modules if m not in (qc.get(key) or [])]
     return {"quantization_config": qc}
+
+
+def is_quantized_base(base: TensorSource) -> bool:
+    """Whether ``base`` holds quantized weights (headers only)."""
+    scheme = detect(base, load_base_config(base), values=False)
+    return bool(scheme.tensors or scheme.unsupported or scheme.whole)
 
 
 def quantize_mode_of(base: TensorSource, merged: dict[str, Any]) -> str:

@@ -62,6 +62,7 @@ ADAPTER_TARGETS: dict[str, tuple[str, ...]] = {
     "all-linear": ATTN_MODULES + MLP_MODULES,
     "qv": ("q_proj", "v_proj"),
 }
+QUANT_SCHEMES = ("fp8", "int4")  # scripts/bench_quant.py
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,46 +248,13 @@ def ensure_base(workdir: Path, spec: SizeSpec) -> tuple[Path, bool, float]:
     return base, False, time.perf_counter() - t0
 
 
-def ensure_fp8_base(workdir: Path, spec: SizeSpec, base: Path) -> Path:
-    """The FP8-block (DeepSeek-style) version of ``base``: every projection weight as
-    float8_e4m3fn with an F32 ``weight_scale_inv`` per 128×128 block, shard by shard."""
-    import torch
-    from safetensors.torch import load_file, save_file
+def ensure_quant_base(workdir: Path, spec: SizeSpec, base: Path, scheme: str) -> Path:
+    """The ``scheme`` (fp8, int4) version of ``base`` (scripts/bench_quant.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_quant import ensure_quant_base as make
 
-    from lora_cli.io.quant import fp8_block_quant
-
-    path = workdir / f"base-{spec.name}-fp8"
-    stamp = workdir / f"base-{spec.name}-fp8.spec.json"
-    expected = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec), "fp8": [128, 128]}
-    if _spec_matches(stamp, expected) and path.is_dir():
-        return path
-    stamp.unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp = workdir / f"base-{spec.name}-fp8.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weight_map: dict[str, str] = {}
-    for shard in sorted(base.glob("*.safetensors")):
-        tensors = load_file(str(shard))
-        for name in [n for n in tensors if n.endswith("_proj.weight")]:
-            q, s = fp8_block_quant(tensors[name], (128, 128), torch.float32, pow2=False)
-            tensors[name], tensors[f"{name}_scale_inv"] = q, s
-        weight_map.update(dict.fromkeys(tensors, shard.name))
-        save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
-        del tensors
-    config = llama_config(spec)
-    config["quantization_config"] = {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": [128, 128],
-    }
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    index = {"metadata": {}, "weight_map": weight_map}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    tmp.rename(path)
-    stamp.write_text(json.dumps(expected))
-    return path
+    expected = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec)}
+    return make(workdir, spec.name, expected, base, llama_config(spec), scheme)
 
 
 def module_shape(spec: SizeSpec, module: str) -> tuple[int, int]:
@@ -734,17 +702,18 @@ def library_versions() -> dict[str, Any]:
     return out
 
 
-def prepare(workdir: Path, spec: SizeSpec, kinds: list[str], fp8_too: bool) -> dict[str, Any]:
-    """Helper task: make sure the base checkpoint and the adapters for one size exist."""
+def prepare(workdir: Path, spec: SizeSpec, kinds: list[str], schemes: list[str]) -> dict[str, Any]:
+    """Helper task: make sure the base checkpoint, its quantized versions and the adapters
+    for one size exist."""
     base, reused, gen_s = ensure_base(workdir, spec)
     adapters = {k: str(ensure_adapter(workdir, spec, k, base)[0]) for k in kinds}
-    fp8 = str(ensure_fp8_base(workdir, spec, base)) if fp8_too else None
+    quant = {q: str(ensure_quant_base(workdir, spec, base, q)) for q in schemes}
     return {
         "base": str(base),
         "reused": reused,
         "generate_s": gen_s,
         "adapters": adapters,
-        "fp8_base": fp8,
+        "quant_bases": quant,
     }
 
 
@@ -756,7 +725,7 @@ def internal_task(task: str, payload: str) -> int:
     if task == "env":
         result = library_versions()
     elif task == "prepare":
-        result = prepare(Path(p["workdir"]), SIZES[p["size"]], p["adapters"], p["fp8"])
+        result = prepare(Path(p["workdir"]), SIZES[p["size"]], p["adapters"], p["quant"])
     elif task == "check":
         adapter = Path(p["adapter"]) if p["adapter"] else None
         result = check_output(
@@ -896,6 +865,16 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
     lines.append("")
     lines.append("ratios (median wall time; RSS = polled process-tree peak):")
     for r in ratios:
+        if "quantized" in r:  # a merge into a quantized base: issue 19's ratios
+            keep = r["lora"] == "lora-keep"
+            lines.append(
+                f"  {r['size']:<6} {r['adapter']:<10} {'keep' if keep else '-> bf16':<7} "
+                f"{_x(r['over_bf16_merge'])} the bf16-base merge "
+                f"(cpu {_x(r['cpu_over_bf16_merge'])}, target <= {2.0 if keep else 1.3:.1f}x), "
+                f"{_x(r['lora_over_cp'])} cp of the {r['quantized']} base, "
+                f"peak RSS {_fmt(r['peak_rss_mib'], '.0f')} MiB (target <= 400)"
+            )
+            continue
         lines.append(
             f"  {r['size']:<6} {r['adapter']:<10} {r['lora']}/cp {_x(r['lora_over_cp'])}   "
             f"PEFT/lora {_x(r['peft_over_lora'])} time, {_x(r['peft_over_lora_rss'])} peak RSS; "
@@ -903,7 +882,8 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
             f"cp {_fmt(r['cp_cpu_s_per_gib'], '.2f')}"
         )
     if help_s.get("ok"):
-        lines.append(f"\n`lora --help`: median {help_s['median_s']:.3f} s over 5 runs")
+        runs = len(help_s["samples"])
+        lines.append(f"\n`lora --help`: median {help_s['median_s']:.3f} s over {runs} runs")
     else:
         lines.append(f"\n`lora --help`: FAILED: {help_s.get('error', '')}")
     for c in cases:
@@ -926,7 +906,7 @@ def checked_output(
     """check_output in a helper child; a crashing check is reported, never fatal. An FP8-base
     merge changes dtypes and drops scales, so it is checked by `lora validate --base --adapter`
     (every merged tensor recomputed, untouched ones byte-compared) instead."""
-    if case.adapter.startswith("fp8:") and adapter is not None:
+    if ":" in case.adapter and adapter is not None:
         lora = Path(sys.executable).parent / "lora"
         cmd = [str(lora), "validate", str(out), "--base", str(base), "--adapter", str(adapter)]
         proc = subprocess.run(cmd + ["--json"], capture_output=True, env=env, check=False)
@@ -948,10 +928,10 @@ def checked_output(
         return {"ok": False, "problem": str(exc)}
 
 
-def time_help(lora: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Startup cost of the CLI (one discarded warm-up, then the median of 5)."""
+def time_help(lora: Path, env: dict[str, str], runs: int = 5) -> dict[str, Any]:
+    """Startup cost of the CLI (one discarded warm-up, then the median of ``runs``)."""
     samples: list[float] = []
-    for i in range(6):
+    for i in range(runs + 1):
         t0 = time.perf_counter()
         p = subprocess.run(
             [str(lora), "--help"], capture_output=True, env=env, stdin=subprocess.DEVNULL
@@ -985,17 +965,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--adapters", default="all-linear,qv", help="comma list of: all-linear, qv")
     ap.add_argument("--peft-large", action="store_true", help="also run PEFT at the large size")
     ap.add_argument(
+        "--quant",
+        default="fp8,int4",
+        help="comma list of quantized versions of the base to merge into as well (fp8: block "
+        "FP8, int4: compressed-tensors pack-quantized), each with cp, lora merge and lora merge "
+        "--quantize keep; 'none' for none (default: fp8,int4)",
+    )
+    ap.add_argument(
         "--no-fp8",
-        dest="fp8",
-        action="store_false",
-        help="skip the FP8-block base cases (cp, lora merge, lora merge --quantize keep)",
+        dest="quant",
+        action="store_const",
+        const="none",
+        help="skip the quantized-base cases (same as --quant none)",
     )
     ap.add_argument(
         "--workdir", type=Path, default=REPO_ROOT / "bench-output", help="default: bench-output/"
     )
     ap.add_argument("--json", type=Path, default=None, help="default: WORKDIR/results.json")
     ap.add_argument("--keep", action="store_true", help="keep the last repetition's outputs")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke size only (a few MB)")
+    ap.add_argument("--quick", action="store_true", help="tiny size only (a few MB)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the fastest run that still exercises every code path of this script (the test "
+        "suite's check): the tiny size, 1 repetition, all-linear only, no PEFT, one --help sample",
+    )
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per contender run")
     ap.add_argument(
         "--timed-sync",
@@ -1017,8 +1011,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--internal", nargs=2, metavar=("TASK", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.quick:
+    if args.quick or args.smoke:
         args.sizes = "quick"
+    if args.smoke:
+        # all-linear: every quantized weight is merged (its validation is the one that once
+        # failed); the merges are a few MB
+        args.repeats, args.adapters = 1, "all-linear"
+    args.quant_list = [q.strip() for q in args.quant.split(",") if q.strip() not in ("", "none")]
+    for q in args.quant_list:
+        if q not in QUANT_SCHEMES:
+            ap.error(f"unknown --quant {q!r} (choose from {', '.join(QUANT_SCHEMES)}, none)")
     args.size_list = [s.strip() for s in args.sizes.split(",") if s.strip()]
     args.adapter_list = [a.strip() for a in args.adapters.split(",") if a.strip()]
     for s in args.size_list:
@@ -1069,8 +1071,10 @@ def run_repetitions(
     lora: Path,
     args: argparse.Namespace,
     child_env: dict[str, str],
+    on_run: Any = None,
 ) -> None:
-    """Run every case `--repeats` times, interleaved, filling each Case's runs and check."""
+    """Run every case `--repeats` times, interleaved, filling each Case's runs and check;
+    ``on_run()`` after each run (saves what was measured so far)."""
     order = list(cases)
     for rep in range(args.repeats):
         # Rotate the order every repetition so no contender always runs first/after another.
@@ -1079,7 +1083,7 @@ def run_repetitions(
             case = cases[key]
             if case.failed:
                 continue  # a broken contender is reported once, not re-run
-            adapter = adapters.get(case.adapter.removeprefix("fp8:"))
+            adapter = adapters.get(case.adapter.rpartition(":")[2])
             case_base = case.base or base
             out = workdir / f"out-{case.size}-{case.adapter.replace(':', '-')}-{case.contender}"
             shutil.rmtree(out, ignore_errors=True)
@@ -1101,6 +1105,8 @@ def run_repetitions(
                 print("    " + tail.replace("\n", "\n    "), flush=True)
             if not (args.keep and rep == args.repeats - 1):
                 shutil.rmtree(out, ignore_errors=True)
+            if on_run is not None:
+                on_run()
 
 
 def size_ratios(
@@ -1130,8 +1136,37 @@ def size_ratios(
     return out
 
 
+def quantized_ratios(cases: dict[tuple[str, str], Case], size: str) -> list[dict[str, Any]]:
+    """Issue 19's ratios: each merge into a quantized base over the merge of the same adapter
+    into the bf16 base it was made from (same run), and over a `cp -r` of the quantized base."""
+    out: list[dict[str, Any]] = []
+    for (label, contender), case in cases.items():
+        if ":" not in label:
+            continue
+        scheme, kind = label.split(":")
+        bf16, cp = cases.get((kind, "lora")), cases.get((scheme, "cp"))
+        out.append(
+            {
+                "size": size,
+                "adapter": label,
+                "lora": contender,
+                "quantized": scheme,
+                "over_bf16_merge": _ratio(case.median_s(), bf16.median_s() if bf16 else None),
+                "cpu_over_bf16_merge": _ratio(case.cpu_s(), bf16.cpu_s() if bf16 else None),
+                "lora_over_cp": _ratio(case.median_s(), cp.median_s() if cp else None),
+                "peak_rss_mib": case.peak_rss_mib(),
+            }
+        )
+    return out
+
+
 def bench_size(
-    size: str, args: argparse.Namespace, workdir: Path, lora: Path, child_env: dict[str, str]
+    size: str,
+    args: argparse.Namespace,
+    workdir: Path,
+    lora: Path,
+    child_env: dict[str, str],
+    live: LiveResults,
 ) -> tuple[list[Case], list[dict[str, Any]], dict[str, Any] | None]:
     """Prepare inputs for one size, warm the cache, run all its cases; (cases, ratios, info)."""
     spec = SIZES[size]
@@ -1147,7 +1182,7 @@ def bench_size(
         "workdir": str(workdir),
         "size": size,
         "adapters": args.adapter_list,
-        "fp8": args.fp8,
+        "quant": args.quant_list,
     }
     prep = run_helper("prepare", payload, child_env)
     base = Path(prep["base"])
@@ -1170,7 +1205,7 @@ def bench_size(
         f"page cache warmed by cat in {warm_s:.1f} s",
         flush=True,
     )
-    run_peft = size != "large" or args.peft_large
+    run_peft = (size != "large" or args.peft_large) and not args.smoke
     cases: dict[tuple[str, str], Case] = {("-", "cp"): Case(size, "-", "cp", base_bytes)}
     for kind in args.adapter_list:
         cases[(kind, "lora")] = Case(size, kind, "lora", base_bytes)
@@ -1178,38 +1213,21 @@ def bench_size(
             cases[(kind, f"lora@{n}")] = Case(size, kind, f"lora@{n}", base_bytes)
         if run_peft:
             cases[(kind, "peft")] = Case(size, kind, "peft", base_bytes)
-    fp8_kinds = []
-    if prep["fp8_base"]:  # the same merges into the FP8-block version of the base
-        fp8_base = Path(prep["fp8_base"])
-        fp8_bytes = dir_bytes(fp8_base)
-        warm_cache([fp8_base])
-        cases[("fp8", "cp")] = Case(size, "fp8", "cp", fp8_bytes, base=fp8_base)
+    for scheme, qpath in prep["quant_bases"].items():  # the same merges, quantized base
+        qbase = Path(qpath)
+        qbytes = dir_bytes(qbase)
+        warm_cache([qbase])
+        cases[(scheme, "cp")] = Case(size, scheme, "cp", qbytes, base=qbase)
         for kind in args.adapter_list:
             for contender in ("lora", "lora-keep"):
-                key = (f"fp8:{kind}", contender)
-                cases[key] = Case(size, f"fp8:{kind}", contender, fp8_bytes, base=fp8_base)
-            fp8_kinds.append(f"fp8:{kind}")
-        info["fp8_base_bytes"] = fp8_bytes
-    run_repetitions(cases, base, adapters, workdir, lora, args, child_env)
+                key = (f"{scheme}:{kind}", contender)
+                cases[key] = Case(size, f"{scheme}:{kind}", contender, qbytes, base=qbase)
+        info[f"{scheme}_base_bytes"] = qbytes
+    live.update(cases=list(cases.values()), size=size, info=info)
+    run_repetitions(cases, base, adapters, workdir, lora, args, child_env, live.save)
     ratios = size_ratios(cases, size, args.adapter_list)
-    cp8 = cases.get(("fp8", "cp"))
-    for kind in fp8_kinds:
-        for contender in ("lora", "lora-keep"):
-            case = cases[(kind, contender)]
-            ratio = _ratio(case.median_s(), cp8.median_s() if cp8 else None)
-            ratios.append(
-                {
-                    "size": size,
-                    "adapter": f"{kind} {contender}",
-                    "lora_over_cp": ratio,
-                    "lora_over_cp_rss": _ratio(
-                        case.peak_rss_mib(), cp8.peak_rss_mib() if cp8 else None
-                    ),
-                    "peft_over_lora": None,
-                    "peft_over_lora_rss": None,
-                }
-            )
-    return list(cases.values()), ratios, info
+    quant_ratios = quantized_ratios(cases, size)
+    return list(cases.values()), ratios + quant_ratios, info
 
 
 def loadavg() -> str:
@@ -1220,10 +1238,10 @@ def loadavg() -> str:
         return "unknown"
 
 
-def time_torch_import(env: dict[str, str]) -> float:
+def time_torch_import(env: dict[str, str], runs: int = 3) -> float:
     """Median seconds for `python -c 'import torch'`: the start-up floor of any torch-based CLI."""
     samples = []
-    for _ in range(3):
+    for _ in range(runs):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import torch"], env=env, check=False)
         samples.append(time.perf_counter() - t0)
@@ -1245,7 +1263,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(workdir)
     env.update(run_helper("env", {}, child_env))
     env["loadavg_start"] = loadavg()
-    env["torch_import_s"] = time_torch_import(child_env)
+    env["torch_import_s"] = None if args.smoke else time_torch_import(child_env)
     print(
         f"bench: {env['cpu_model']}, {env['cpu_affinity']} cores allowed "
         f"({env['cpu_count']} online), RAM {env['ram_total']}, "
@@ -1253,20 +1271,17 @@ def main(argv: list[str] | None = None) -> int:
         f"load {env['loadavg_start']}"
     )
     print(f"workdir {workdir}")
-    help_s = time_help(lora, child_env)
+    help_s = time_help(lora, child_env, 1 if args.smoke else 5)
     print("lora --help: " + (f"{help_s['median_s']:.3f} s" if help_s["ok"] else help_s["error"]))
-    print(f"python -c 'import torch': {env['torch_import_s']:.2f} s")
+    if env["torch_import_s"] is not None:
+        print(f"python -c 'import torch': {env['torch_import_s']:.2f} s")
 
-    cases: list[Case] = []
-    ratios: list[dict[str, Any]] = []
-    sizes_info: dict[str, Any] = {}
+    live = LiveResults(json_path, env, args, help_s)
     for size in args.size_list:
-        size_cases, size_r, info = bench_size(size, args, workdir, lora, child_env)
-        cases += size_cases
-        ratios += size_r
-        if info is not None:
-            sizes_info[size] = info
+        size_cases, size_r, info = bench_size(size, args, workdir, lora, child_env, live)
+        live.finish_size(size_cases, size_r, info)
     env["loadavg_end"] = loadavg()
+    cases, ratios = live.cases, live.ratios
 
     notes = [
         "Page cache: NOT dropped (no privileges). Each size's inputs are read once with `cat` "
@@ -1280,7 +1295,7 @@ def main(argv: list[str] | None = None) -> int:
             "(use --timed-sync to charge write-back to the contender)."
         ),
         "Wall time includes interpreter start-up for lora and PEFT (`lora --help` and "
-        f"`import torch` = {env['torch_import_s']:.2f} s are the floors).",
+        f"`import torch` = {_fmt(env['torch_import_s'], '.2f')} s are the floors).",
         "Peak RSS = max over repetitions of the polled (~20 ms) sum of VmRSS over the child's "
         "process tree; HWM-sum = sum of per-process kernel VmHWM (upper bound, cross-check); "
         "per-run wait4 ru_maxrss is in the JSON too.",
@@ -1289,32 +1304,72 @@ def main(argv: list[str] | None = None) -> int:
         f"Load average {env['loadavg_start']} at start, {env['loadavg_end']} at end: anything "
         "well above 0 means other work shared the cores and the timings are noisy.",
     ]
-    report = render(cases, ratios, help_s)
-    print("\n" + report)
+    live.notes = notes
+    live.save()  # everything measured is on disk before the table is rendered
+    print("\n" + render(cases, ratios, help_s))
     print("\nnotes:\n  - " + "\n  - ".join(notes))
-    result = {
-        "schema": 1,
-        "env": env,
-        "settings": {
-            "sizes": args.size_list,
-            "adapters": args.adapter_list,
-            "repeats": args.repeats,
-            "peft_large": args.peft_large,
-            "timed_sync": args.timed_sync,
-            "lora_rank": LORA_RANK,
-            "lora_alpha": LORA_ALPHA,
-            "poll_interval_s": POLL_INTERVAL_S,
-        },
-        "notes": notes,
-        "lora_help": help_s,
-        "sizes": sizes_info,
-        "cases": [c.summary() for c in cases],
-        "ratios": ratios,
-    }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {json_path}")
     return 0
+
+
+class LiveResults:
+    """results.json, rewritten after every run (atomically): a crash or Ctrl-C loses nothing
+    that was measured."""
+
+    def __init__(
+        self, path: Path, env: dict[str, Any], args: argparse.Namespace, help_s: dict[str, Any]
+    ) -> None:
+        self.path, self.env, self.args, self.help_s = path, env, args, help_s
+        self.cases: list[Case] = []
+        self.ratios: list[dict[str, Any]] = []
+        self.sizes: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.current: list[Case] = []  # the size being measured
+        self.current_info: tuple[str, dict[str, Any]] | None = None
+
+    def update(self, *, cases: list[Case], size: str, info: dict[str, Any]) -> None:
+        self.current, self.current_info = cases, (size, info)
+
+    def finish_size(
+        self, cases: list[Case], ratios: list[dict[str, Any]], info: dict[str, Any] | None
+    ) -> None:
+        self.cases += cases
+        self.ratios += ratios
+        if info is not None and self.current_info is not None:
+            self.sizes[self.current_info[0]] = info
+        self.current, self.current_info = [], None
+        self.save()
+
+    def save(self) -> None:
+        sizes = dict(self.sizes)
+        if self.current_info is not None:
+            sizes[self.current_info[0]] = self.current_info[1]
+        a = self.args
+        result = {
+            "schema": 1,
+            "complete": not self.current and "loadavg_end" in self.env,
+            "env": self.env,
+            "settings": {
+                "sizes": a.size_list,
+                "adapters": a.adapter_list,
+                "quantized_bases": a.quant_list,
+                "repeats": a.repeats,
+                "peft_large": a.peft_large,
+                "timed_sync": a.timed_sync,
+                "lora_rank": LORA_RANK,
+                "lora_alpha": LORA_ALPHA,
+                "poll_interval_s": POLL_INTERVAL_S,
+            },
+            "notes": self.notes,
+            "lora_help": self.help_s,
+            "sizes": sizes,
+            "cases": [c.summary() for c in self.cases + self.current],
+            "ratios": self.ratios,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(self.path)
 
 
 if __name__ == "__main__":

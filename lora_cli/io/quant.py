@@ -37,6 +37,45 @@ def expand_blocks(s: torch.Tensor, shape: tuple[int, int], block: tuple[int, int
     return grid.repeat_interleave(block[1], 1)[:, :cols]
 
 
+def block_rows(s: torch.Tensor, rows: int, height: int, first_row: int = 0) -> torch.Tensor:
+    """Per row of ``[first_row, first_row + rows)``: its row of the scale grid ``s`` (whose
+    first row is the block holding ``first_row``); a gather of one scale row per weight row."""
+    index = torch.arange(first_row, first_row + rows, device=s.device) // height
+    return s[index - first_row // height]
+
+
+def blockwise_(x: torch.Tensor, per_row: torch.Tensor, width: int, op: str) -> torch.Tensor:
+    """``x[i, j] op= per_row[i, j // width]`` in place (``op``: mul_, div_ or sub_), with the
+    ragged last column block taking the last scale; two broadcast ops, no copies."""
+    rows, cols = x.shape
+    whole = cols // width
+    full = whole * width
+    if whole:  # splitting the column dim of a row-major slice is a view
+        getattr(x[:, :full].view(rows, whole, width), op)(per_row[:, :whole, None])
+    if full < cols:
+        getattr(x[:, full:], op)(per_row[:, whole : whole + 1])
+    return x
+
+
+def block_amax(a: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Max of the non-negative ``a`` per ``block`` (ragged edges: the partial block), as the
+    producers compute it on a zero-padded copy (padding with zeros changes no max)."""
+    rows, cols = a.shape
+    whole = cols // block[1]
+    full = whole * block[1]
+    parts = []
+    if whole:
+        parts.append(a[:, :full].view(rows, whole, block[1]).amax(-1))
+    if full < cols:
+        parts.append(a[:, full:].amax(-1, keepdim=True))
+    per_row = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    grid_rows = _cdiv(rows, block[0])
+    pad = grid_rows * block[0] - rows
+    if pad:
+        per_row = torch.cat([per_row, per_row.new_zeros(pad, per_row.shape[1])])
+    return per_row.view(grid_rows, block[0], -1).amax(1)
+
+
 # --------------------------------------------------------------------------- FP8 block
 
 
@@ -56,21 +95,9 @@ def fp8_block_dequant(
     want = (_cdiv(first_row + rows, block[0]) - top, _cdiv(cols, block[1]))
     if tuple(s.shape) != want:
         raise ValueError(f"scale grid {list(s.shape)} does not fit weight {[rows, cols]} ({block})")
-    out = torch.empty(q.shape, dtype=out_dtype)
-    scales = s.float()
-    row_block = torch.arange(first_row, first_row + rows) // block[0] - top
-    full = cols // block[1] * block[1]  # columns in whole blocks; the rest is the ragged edge
-    step = max(1, (1 << 22) // max(cols, 1))  # ~16 MB of fp32 temporaries per chunk
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
-        x, srow = q[r0:r1].float(), scales[row_block[r0:r1]]
-        if full:
-            blocks = x[:, :full].reshape(r1 - r0, full // block[1], block[1])
-            blocks.mul_(srow[:, : full // block[1], None])
-            out[r0:r1, :full] = blocks.reshape(r1 - r0, full)
-        if full < cols:
-            out[r0:r1, full:] = x[:, full:] * srow[:, -1:]
-    return out
+    x = q.float()
+    blockwise_(x, block_rows(s.float(), rows, block[0], first_row), block[1], "mul_")
+    return x.to(out_dtype)
 
 
 def is_power_of_two(s: torch.Tensor) -> bool:
@@ -86,6 +113,11 @@ def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
 
 
+def _work32(w: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of ``w`` this codec may overwrite (never the caller's tensor)."""
+    return w.clone() if w.dtype == torch.float32 else w.float()
+
+
 def fp8_block_quant(
     w: torch.Tensor,
     block: tuple[int, int],
@@ -94,21 +126,18 @@ def fp8_block_quant(
     pow2: bool,
     weight_dtype: torch.dtype = torch.float8_e4m3fn,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh ``(q, scale_inv)`` for a 2-D weight: ``s = amax/448`` per block (zero padding
-    leaves amax unchanged); a zero block gets scale 1; quantized with the scale as stored."""
-    rows, cols = w.shape
-    grid = (_cdiv(rows, block[0]), _cdiv(cols, block[1]))
-    w32 = w.float()
-    padded = torch.zeros(grid[0] * block[0], grid[1] * block[1])
-    padded[:rows, :cols] = w32.abs()
-    amax = padded.reshape(grid[0], block[0], grid[1], block[1]).amax(dim=(1, 3))
+    """Fresh ``(q, scale_inv)`` for a 2-D weight (or rows of it starting at a multiple of
+    ``block[0]``): ``s = amax/448`` per block; a zero block gets scale 1; quantized with the
+    scale as stored."""
+    x = _work32(w)
+    amax = block_amax(x.abs(), block)
     s = amax / FP8_MAX
     s = torch.where(amax == 0, torch.ones_like(s), s)
     if pow2 or scale_dtype == torch.float8_e8m0fnu:
         s = pow2_ceil(s)
     stored = s.to(scale_dtype)
-    q = (w32 / expand_blocks(stored, (rows, cols), block)).clamp(-FP8_MAX, FP8_MAX)
-    return q.to(weight_dtype), stored
+    blockwise_(x, block_rows(stored.float(), x.shape[0], block[0]), block[1], "div_")
+    return x.clamp_(-FP8_MAX, FP8_MAX).to(weight_dtype), stored
 
 
 # --------------------------------------------------------------------------- compressed-tensors
@@ -116,30 +145,48 @@ def fp8_block_quant(
 
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """int32 words → signed values in [−8, 7] (offset binary, column 8j+i at bits 4i..4i+3)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    nibbles = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF
-    return nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8) - 8
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = packed.to(torch.int32).unsqueeze(-1) >> shifts
+    nibbles &= 0xF
+    return nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8).sub_(8)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Signed values in [−8, 7] of shape (rows, cols) → int32 ``(rows, ceil(cols/8))``."""
+    """Signed values in [−8, 7] of shape (rows, cols) → int32 ``(rows, ceil(cols/8))``; the
+    top nibble lands in the sign bit, as compressed-tensors' words read as int32."""
     rows, cols = q.shape
     words = _cdiv(cols, 8)
-    nib = torch.zeros(rows, words * 8, dtype=torch.int64)
-    nib[:, :cols] = q.to(torch.int64) + 8
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    packed = (nib.reshape(rows, words, 8) << shifts).sum(-1)
-    return packed.to(torch.int64).where(packed < 2**31, packed - 2**32).to(torch.int32)
+    nib = torch.zeros(rows, words * 8, dtype=torch.int32, device=q.device)
+    nib[:, :cols] = q
+    nib += 8
+    if cols < words * 8:
+        nib[:, cols:] = 0  # the last word's padding stays zero
+    nib = nib.view(rows, words, 8)
+    packed = nib[..., 0].clone()
+    for i in range(1, 8):  # eight nibble positions, whatever the tensor's size
+        packed |= nib[..., i] << (4 * i)
+    return packed
 
 
-def expand_groups(s: torch.Tensor, cols: int, g_idx: torch.Tensor | None) -> torch.Tensor:
-    """Per-(row, group) scales → per element; ``g_idx`` maps columns to groups (actorder)."""
-    if s.dim() < 2 or s.shape[-1] == 1:  # tensor (1,) or channel (out, 1): broadcasts
-        return s.reshape(-1, 1)
+def _scaled_(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    op: str,
+    *,
+    block: tuple[int, int] | None,
+    g_idx: torch.Tensor | None,
+    first_row: int = 0,
+) -> torch.Tensor:
+    """``x op= s`` with ``s`` broadcast as compressed-tensors lays it out: a block grid,
+    per (row, group), per (row, column) through ``g_idx``, per channel or per tensor."""
+    rows, cols = x.shape
+    if block is not None:
+        return blockwise_(x, block_rows(s, rows, block[0], first_row), block[1], op)
+    if s.dim() < 2 or s.shape[-1] == 1:  # tensor (1,) or channel (rows, 1)
+        return getattr(x, op)(s.reshape(-1, 1))
     if g_idx is not None:
-        return s[:, g_idx.long()]
-    group = _cdiv(cols, s.shape[1])
-    return s.repeat_interleave(group, 1)[:, :cols]
+        return getattr(x, op)(s[:, g_idx.long()])
+    return blockwise_(x, s, _cdiv(cols, s.shape[1]), op)
 
 
 def ct_dequant(
@@ -150,17 +197,16 @@ def ct_dequant(
     block: tuple[int, int] | None,
     g_idx: torch.Tensor | None,
     out_dtype: torch.dtype,
+    first_row: int = 0,
 ) -> torch.Tensor:
-    """compressed-tensors ``_dequantize``: ``(q − zp) · s`` in the scale's dtype, then cast."""
-    rows, cols = q.shape
-    if block is not None:
-        s32 = expand_blocks(scale, (rows, cols), block)
-        zp = expand_blocks(zero_point, (rows, cols), block) if zero_point is not None else None
-    else:
-        s32 = expand_groups(scale, cols, g_idx).float()
-        zp = expand_groups(zero_point, cols, g_idx).float() if zero_point is not None else None
-    x = q.float() if zp is None else q.float() - zp
-    return (x * s32).to(scale.dtype).to(out_dtype)
+    """compressed-tensors ``_dequantize``: ``(q − zp) · s`` in the scale's dtype, then cast.
+    ``q`` may be rows from ``first_row`` on, with the scale (and zero-point) rows they use."""
+    x = q.float()
+    where = {"block": block, "g_idx": g_idx, "first_row": first_row}
+    if zero_point is not None:
+        _scaled_(x, zero_point.float(), "sub_", **where)
+    _scaled_(x, scale.float(), "mul_", **where)
+    return x.to(scale.dtype).to(out_dtype)
 
 
 def ct_int_quant(
@@ -187,38 +233,42 @@ def ct_float_quant(
     block: tuple[int, int] | None,
     scale_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 ``float-quantized`` (tensor, channel or block strategy): ``s = absmax/448``."""
-    rows, cols = w.shape
+    """FP8 ``float-quantized`` (tensor, channel or block strategy): ``s = absmax/448``, all
+    in the scale's dtype. A block or channel weight may come as rows (block-aligned)."""
+    rows, _ = w.shape
     x = w.to(scale_dtype)
+    if x is w:
+        x = x.clone()
     if block is not None:
-        grid = (_cdiv(rows, block[0]), _cdiv(cols, block[1]))
-        padded = torch.zeros(grid[0] * block[0], grid[1] * block[1], dtype=scale_dtype)
-        padded[:rows, :cols] = x.abs()
-        amax = padded.reshape(grid[0], block[0], grid[1], block[1]).amax(dim=(1, 3))
-    elif len(scale_shape) == 2 and scale_shape[0] == rows and scale_shape[1] == 1:
+        amax = block_amax(x.abs(), block)
+    elif len(scale_shape) == 2 and scale_shape[1] == 1 and scale_shape[0] != 1:
         amax = x.abs().amax(1, keepdim=True)
     else:
         amax = x.abs().amax().reshape(scale_shape)
     s = amax / FP8_MAX
     s = torch.where(s == 0, torch.full_like(s, torch.finfo(scale_dtype).eps), s)
-    full = expand_blocks(s, (rows, cols), block) if block else expand_groups(s, cols, None)
-    q = (x / full.to(scale_dtype)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, s
+    _scaled_(x, s, "div_", block=block, g_idx=None)
+    return x.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
 
 
 # --------------------------------------------------------------------------- MXFP4
 
 
+def _fp4_pairs(device: torch.device) -> torch.Tensor:
+    """(256, 2): the two E2M1 values of each byte, low nibble (even element) first."""
+    lut = torch.tensor(FP4_VALUES + tuple(-v for v in FP4_VALUES), dtype=torch.float32)
+    byte = torch.arange(256)
+    return torch.stack((lut[byte & 0x0F], lut[byte >> 4]), dim=-1).to(device)
+
+
 def mxfp4_dequant(
     blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """``(…, G, 16)`` bytes + ``(…, G)`` E8M0 exponents → ``(…, G·32)`` values (exact)."""
-    lut = torch.tensor(FP4_VALUES + tuple(-v for v in FP4_VALUES), dtype=torch.float32)
-    lo, hi = blocks & 0x0F, blocks >> 4
-    codes = torch.stack((lo, hi), dim=-1).reshape(*blocks.shape[:-1], 32).long()
-    exp = scales.to(torch.int32) - 127
-    vals = torch.ldexp(lut[codes], exp.unsqueeze(-1).float())
-    return vals.reshape(*blocks.shape[:-2], -1).to(out_dtype)
+    """``(…, G, 16)`` bytes + ``(…, G)`` E8M0 exponents → ``(…, G·32)`` values (exact):
+    one table lookup per byte, one ``ldexp`` per value."""
+    vals = _fp4_pairs(blocks.device)[blocks.long()].reshape(*blocks.shape[:-1], 32)
+    exp = (scales.to(torch.int32) - 127).unsqueeze(-1).float()
+    return torch.ldexp(vals, exp).reshape(*blocks.shape[:-2], -1).to(out_dtype)
 
 
 def mxfp4_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

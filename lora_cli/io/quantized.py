@@ -49,39 +49,79 @@ class QuantizedTensor:
 
     @property
     def reads_rows(self) -> bool:
-        """Whether ``decode(rows=…)`` reads only those rows' bytes and scales."""
-        if self.scheme == CT_PACKED:
-            return "zero_point" not in self.parts
-        return self.scheme == FP8_BLOCK
+        """Whether ``decode(rows=…)`` reads only those rows' bytes and scales (rows of the
+        dequantized first dimension: output rows, or experts for MXFP4)."""
+        return "zero_point" not in self.parts and "g_idx" not in self.parts
 
-    def decode(self, raw: TensorSource, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The bf16 tensor (or rows of it), bit for bit what the producer's own dequantizer
-        returns."""
+    def scale_rows(self, rows: tuple[int, int], raw: TensorSource) -> tuple[int, int] | None:
+        """The rows of the scale tensor that weight rows ``rows`` use (None: all of it)."""
+        if self.block is not None:
+            return rows[0] // self.block[0], -(-rows[1] // self.block[0])
+        shape = raw.info(self.parts["scale"]).shape
+        if self.scheme == CT_FLOAT and (len(shape) < 2 or shape[0] != self.shape[0]):
+            return None  # one scale for the whole tensor
+        return rows
+
+    def read_parts(
+        self, raw: TensorSource, rows: tuple[int, int] | None = None, *, pin: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The raw tensors that decode rows ``rows`` (all: None) of this weight."""
+        if rows is not None and not self.reads_rows:
+            raise ValueError(f"{self.name}: row blocks need a symmetric, in-order encoding")
+        parts = {"weight": raw.read(self.parts["weight"], rows=rows, pin=pin)}
+        scale_rows = self.scale_rows(rows, raw) if rows is not None else None
+        parts["scale"] = raw.read(self.parts["scale"], rows=scale_rows, pin=pin)
+        for role in ("zero_point", "g_idx"):
+            if role in self.parts:
+                parts[role] = raw.read(self.parts[role])
+        return parts
+
+    def decode_parts(self, parts: dict[str, torch.Tensor], first_row: int = 0) -> torch.Tensor:
+        """The bf16 value of rows ``first_row…`` from their raw tensors, on their device: bit
+        for bit what the producer's own dequantizer returns (pure: no I/O)."""
         import torch
 
         from lora_cli.io import quant
 
         bf16 = torch.bfloat16
-        if rows is not None and not self.reads_rows:
-            return self.decode(raw)[rows[0] : rows[1]].contiguous()
-        weight = raw.read(self.parts["weight"], rows=rows)
+        weight, scale = parts["weight"], parts["scale"]
         if self.scheme == FP8_BLOCK:
             assert self.block is not None
-            first = rows[0] if rows else 0
-            scale_rows = (first // self.block[0], -(-(first + len(weight)) // self.block[0]))
-            scale = raw.read(self.parts["scale"], rows=scale_rows)
-            return quant.fp8_block_dequant(weight, scale, self.block, bf16, first)
-        scale = raw.read(self.parts["scale"], rows=rows if self.scheme == CT_PACKED else None)
+            return quant.fp8_block_dequant(weight, scale, self.block, bf16, first_row)
         if self.scheme == MXFP4:
             return quant.mxfp4_dequant(weight, scale, bf16).transpose(1, 2).contiguous()
-        zp = raw.read(self.parts["zero_point"]) if "zero_point" in self.parts else None
-        g_idx = raw.read(self.parts["g_idx"]) if "g_idx" in self.parts else None
+        zp, g_idx = parts.get("zero_point"), parts.get("g_idx")
         if self.scheme == CT_PACKED:
             out_features, cols = self.shape
             weight = quant.unpack_int4(weight, cols)
             if zp is not None:  # packed along the output dim
                 zp = quant.unpack_int4(zp.T.contiguous(), out_features).T
-        return quant.ct_dequant(weight, scale, zp, block=self.block, g_idx=g_idx, out_dtype=bf16)
+        return quant.ct_dequant(
+            weight, scale, zp, block=self.block, g_idx=g_idx, out_dtype=bf16, first_row=first_row
+        )
+
+    def decode(
+        self, raw: TensorSource, rows: tuple[int, int] | None = None, device: str | None = None
+    ) -> torch.Tensor:
+        """The bf16 tensor (or rows of it), decoded on ``device`` (default: the CPU), from
+        pinned host buffers when that is a GPU."""
+        if rows is not None and not self.reads_rows:
+            return self.decode(raw, device=device)[rows[0] : rows[1]].contiguous()
+        cuda = device is not None and device.startswith("cuda")
+        parts = self.read_parts(raw, rows, pin=cuda)
+        if device is not None:
+            parts = {k: v.to(device, non_blocking=cuda) for k, v in parts.items()}
+        return self.decode_parts(parts, rows[0] if rows else 0)
+
+    def row_unit(self, raw: TensorSource) -> int | None:
+        """Rows that ``encode`` can re-quantize apart from the rest (a block of a multiple
+        of them from a multiple of them gives the bytes the whole tensor would), or None
+        when the scale depends on the whole tensor."""
+        if not self.reads_rows or self.requant_problem(raw):
+            return None
+        if self.block is not None:
+            return self.block[0]
+        return None if self.scale_rows((0, 1), raw) is None else 1
 
     def requant_problem(self, raw: TensorSource) -> str | None:
         """Why ``encode`` cannot re-quantize this weight (checked before anything is written)."""
@@ -102,8 +142,10 @@ class QuantizedTensor:
         return None
 
     def encode(self, merged: torch.Tensor, raw: TensorSource) -> dict[str, torch.Tensor]:
-        """Fresh raw tensors for ``merged`` (bf16, dequantized shape) by the producer's
-        rules, with the scale dtype and grid shape read from the base."""
+        """Fresh raw tensors for ``merged`` (bf16, dequantized shape, or rows of it from a
+        multiple of ``row_unit``) by the producer's rules, with the scale dtype and grid
+        shape read from the base; on ``merged``'s device. ``shape`` (pack-quantized) is
+        the base's own tensor."""
         from lora_cli.io import quant
 
         scale_info = raw.info(self.parts["scale"])
@@ -111,23 +153,23 @@ class QuantizedTensor:
         if self.scheme == FP8_BLOCK:
             assert self.block is not None
             q, s = quant.fp8_block_quant(merged, self.block, scale_dtype, pow2=self.pow2)
-            return {"weight": q, "scale": s.reshape(scale_info.shape)}
+            return {"weight": q, "scale": s}
         if self.scheme == MXFP4:
             blocks, scales = quant.mxfp4_quant(merged.transpose(1, 2))
             return {"weight": blocks, "scale": scales}
         problem = self.requant_problem(raw)
         assert problem is None, problem  # the planner refused it already
         if self.scheme == CT_PACKED:
-            rows, cols = self.shape
-            group = cols // scale_info.shape[1]
+            group = self.shape[1] // scale_info.shape[1]
             q, s = quant.ct_int_quant(merged, group, scale_dtype)
             return {
                 "weight": quant.pack_int4(q),
                 "scale": s,
                 "shape": raw.read(self.parts["shape"]),
             }
-        q, s = quant.ct_float_quant(merged, tuple(scale_info.shape), self.block, scale_dtype)
-        return {"weight": q, "scale": s.reshape(scale_info.shape)}
+        shape = tuple(scale_info.shape)
+        q, s = quant.ct_float_quant(merged, shape, self.block, scale_dtype)
+        return {"weight": q, "scale": s if len(s.shape) == 2 else s.reshape(shape)}
 
 
 @dataclass
@@ -335,11 +377,14 @@ class DequantizedSource(TensorSource):
         pin: bool = False,
         out: torch.Tensor | None = None,
         rows: tuple[int, int] | None = None,
+        device: str | None = None,
     ) -> torch.Tensor:
+        """``device``: decode an exposed weight there (its raw parts are copied over from
+        pinned buffers); other tensors come back on the CPU as from any source."""
         qt = self.exposed.get(name)
         if qt is None:
             return self.raw.read(name, pin=pin, out=out, rows=rows)
-        return qt.decode(self.raw, rows)
+        return qt.decode(self.raw, rows, device)
 
     def reads_rows(self, name: str) -> bool:
         qt = self.exposed.get(name)

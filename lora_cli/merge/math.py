@@ -456,12 +456,14 @@ def expert_delta(
     *,
     param_shape: Sequence[int],
     layout: ExpertLayout | None = None,
+    expert_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The fp32 ``target_parameters`` delta in the parameter's layout, on A's device.
 
     ``A_e = A.reshape(E, r, in)[e]`` (expert-major) and
     ``B_e = B.reshape(out, r, E)[:, :, e]`` (expert-minor);
     ``Δ[e] = s · B_e @ A_e``, transposed per expert for ``(E,in,out)``.
+    ``expert_rows``: only experts ``[e0, e1)`` of a 3-D parameter (streamed in blocks).
     """
     experts, r, layout = expert_layout(param_shape, A.shape, B.shape, layout=layout)
     device = A.device
@@ -471,6 +473,8 @@ def expert_delta(
     else:
         a3 = a32.reshape(experts, r, a32.shape[-1])
         b3 = b32.reshape(b32.shape[0], r, experts)
+        if expert_rows is not None:
+            a3, b3 = a3[expert_rows[0] : expert_rows[1]], b3[:, :, expert_rows[0] : expert_rows[1]]
         out = "eoi" if layout == "out_in" else "eio"
         delta = torch.einsum(f"ore,eri->{out}", b3, a3)
     delta.mul_(scale)
@@ -492,10 +496,15 @@ def merge_expert_param(
     scale: float,
     *,
     layout: ExpertLayout | None = None,
+    expert_rows: tuple[int, int] | None = None,
+    param_shape: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Merge a ``target_parameters`` LoRA into the parameter: ``P + round(Δ)``; new tensor."""
+    """Merge a ``target_parameters`` LoRA into the parameter: ``P + round(Δ)``; new tensor.
+    ``expert_rows``: ``P`` holds only experts ``[e0, e1)`` of a ``param_shape`` tensor."""
     _check_float(P)
-    delta = expert_delta(A, B, scale, param_shape=P.shape, layout=layout)
+    shape = P.shape if expert_rows is None else param_shape
+    assert shape is not None
+    delta = expert_delta(A, B, scale, param_shape=shape, layout=layout, expert_rows=expert_rows)
     return add_rounded(P, delta)
 
 

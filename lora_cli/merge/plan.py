@@ -65,7 +65,7 @@ class TensorAction:
     bias: LoraModule | None = None  # lora_B.bias added to this bias
     rows: tuple[str, list[int]] | None = None
     experts: list[ExpertOp] = field(default_factory=list)  # target_parameters deltas
-    quant: Any = None  # a part of a re-quantized weight (merge/quantized.py QuantPart)
+    quant: Any = None  # a part of a re-quantized weight (merge/requant.py QuantPart)
 
     @property
     def kind(self) -> str:

@@ -8,35 +8,31 @@ dequantized. Untouched tensors, quantized or not, are then plain copies of their
 A touched weight is written as bf16 by default (its scales and packing tensors dropped,
 ``quantization_config`` updated; the other experts of a touched expert module too, since
 loaders fuse them into one module that is quantized or not as a whole), or with
-``--quantize keep`` re-encoded into the base's own format by ``QuantGroup``: the merged
-bf16 value is computed once, encoded, and its parts (weight, scale, …) handed to the writer
-one by one. Re-quantizing can erase a small
-delta, so each group records the cosine between the intended change (merged − base) and
-the change that survives (decode(encode(merged)) − base).
+``--quantize keep`` re-encoded into the base's own format (``merge/requant.py``: row block
+by row block where the format allows, with the fidelity of the change measured).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lora_cli.adapters.expert_factors import expand_expert_factors
 from lora_cli.adapters.peft import Adapter
 from lora_cli.errors import MergeError, UsageError
-from lora_cli.io.quantized import DequantizedSource, QuantizedTensor, QuantScheme, detect
+from lora_cli.io.quantized import DequantizedSource, QuantScheme, detect
 from lora_cli.io.reader import TensorSource
-from lora_cli.merge.plan import MergePlan, TensorAction, build_plan, load_base_config
+from lora_cli.merge.plan import MergePlan, build_plan, load_base_config
+from lora_cli.merge.requant import fidelity, requantize_actions
 
-if TYPE_CHECKING:
-    import torch
+__all__ = [
+    "fidelity",
+    "is_quantized_base",
+    "plan_merge",
+    "quantize_mode_of",
+    "refuse_quantized_base",
+]
 
 QUANTIZE_MODES = ("bf16", "keep")
-# Below this cosine between intended and re-quantized change, --quantize keep warns: the
-# format's step swamps the delta (docs/quantized-bases.md §5: FP8 reaches ~0.9 only when
-# ‖Δ‖ is ~5 % of ‖W‖; 4-bit formats usually fall far below).
-COSINE_WARN = 0.9
 
 
 def plan_merge(
@@ -78,7 +74,7 @@ def plan_merge(
     view = DequantizedSource(base, scheme, touched)
     plan = build_plan(view, adapter, max_shard_size=max_shard_size)
     if quantize == "keep":
-        _requantize_actions(plan, view)
+        requantize_actions(plan, view)
     else:
         plan.config_updates.update(_config_update(plan, scheme, touched))
     return plan
@@ -144,106 +140,10 @@ def _config_update(plan: MergePlan, scheme: QuantScheme, touched: set[str]) -> d
     return {"quantization_config": qc}
 
 
-@dataclass
-class QuantGroup:
-    """One re-quantized weight: computed once, handed out part by part."""
-
-    tensor: QuantizedTensor
-    merge: TensorAction  # the bf16 merge of the dequantized weight
-    source: DequantizedSource
-    cosine: float | None = None
-    _parts: dict[str, torch.Tensor] = field(default_factory=dict)
-    _done: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def take(self, role: str, compute: Callable[[TensorAction], torch.Tensor]) -> torch.Tensor:
-        with self._lock:
-            if not self._done:
-                merged = compute(self.merge)
-                base = self.source.read(self.tensor.name)
-                self._parts = self.tensor.encode(merged, self.source.raw)
-                self.cosine = _change_cosine(self, merged, base)
-                self._done = True
-            return self._parts.pop(role)
-
-    def report(self) -> dict[str, Any]:
-        return {
-            "tensor": self.tensor.name,
-            "scheme": self.tensor.scheme,
-            "parts": sorted(self.tensor.parts.values()),
-            "cosine": None if self.cosine is None else round(self.cosine, 6),
-        }
-
-
-def _change_cosine(group: QuantGroup, merged: torch.Tensor, base: torch.Tensor) -> float:
-
-    raw = group.source.raw
-    qt = group.tensor
-
-    class Parts:  # decode the fresh parts through the same codec as the base
-        def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-            role = next(r for r, n in qt.parts.items() if n == name)
-            t = group._parts[role] if role in group._parts else raw.read(name)
-            return t[rows[0] : rows[1]] if rows else t
-
-    achieved = qt.decode(Parts()).float() - base.float()  # type: ignore[arg-type]
-    intended = merged.float() - base.float()
-    norm = intended.norm() * achieved.norm()
-    if intended.norm() == 0:
-        return 1.0
-    return float((intended * achieved).sum() / norm) if norm > 0 else 0.0
-
-
-@dataclass
-class QuantPart:
-    """On a ``TensorAction``: this output tensor is part ``role`` of a re-quantized group."""
-
-    group: QuantGroup
-    role: str
-
-    def take(self, compute: Callable[[TensorAction], torch.Tensor]) -> torch.Tensor:
-        return self.group.take(self.role, compute)
-
-
-def _requantize_actions(plan: MergePlan, view: DequantizedSource) -> None:
-    """Replace each merged quantized weight by its parts, in the weight's shard."""
-    groups = []
-    for shard in plan.shards:
-        actions = []
-        for act in shard.actions:
-            qt = view.exposed.get(act.name)
-            if qt is None:
-                actions.append(act)
-                continue
-            problem = qt.requant_problem(view.raw)
-            if problem:
-                raise MergeError(
-                    f"{qt.primary}: --quantize keep cannot re-quantize {problem} yet",
-                    "merge without --quantize keep (writes bf16)",
-                )
-            group = QuantGroup(qt, replace(act), view)
-            groups.append(group)
-            for role, raw_name in qt.parts.items():
-                info = view.raw.info(raw_name)
-                part = TensorAction(raw_name, info.dtype, info.shape, base=None)
-                if role == "weight":  # keeps the merge ops so the plan counts it as merged
-                    part = replace(act, name=raw_name, dtype=info.dtype, shape=info.shape)
-                part.quant = QuantPart(group, role)
-                actions.append(part)
-        shard.actions = actions
-    plan.quantized = groups
-
-
-def fidelity(plan: MergePlan) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per re-quantized tensor: the change's cosine; and warnings for those below the bound."""
-    reports = [g.report() for g in getattr(plan, "quantized", [])]
-    warnings = [
-        f"{r['tensor']}: re-quantized as {r['scheme']}, the merged change survives with cosine "
-        f"{r['cosine']:.3f} (< {COSINE_WARN}); write bf16 (the default) to keep it"
-        for r in reports
-        if r["cosine"] is not None and r["cosine"] < COSINE_WARN
-    ]
-    return reports, warnings
+def is_quantized_base(base: TensorSource) -> bool:
+    """Whether ``base`` holds quantized weights (headers only)."""
+    scheme = detect(base, load_base_config(base), values=False)
+    return bool(scheme.tensors or scheme.unsupported or scheme.whole)
 
 
 def quantize_mode_of(base: TensorSource, merged: dict[str, Any]) -> str:

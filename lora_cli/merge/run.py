@@ -33,6 +33,7 @@ from lora_cli.io.layout import (
 from lora_cli.io.writer import OutputDir, ShardWriter, copy_file, write_small_file
 from lora_cli.merge.card import CARD_NAME
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
+from lora_cli.merge.requant import write_order
 from lora_cli.preload import torch_loading
 
 if TYPE_CHECKING:
@@ -69,27 +70,39 @@ def resolve_device(spec: str) -> str:
     raise UsageError(f"unknown device {spec!r}", "use auto, cpu or cuda[:N]")
 
 
-def compute_tensor(
+def compute_tensor(  # noqa: PLR0912 - one branch per kind of merge op
     plan: MergePlan,
     action: TensorAction,
     device: str,
     buffer: torch.Tensor | None = None,
     rows: tuple[int, int] | None = None,
+    start: torch.Tensor | None = None,
+    keep_device: bool = False,
 ) -> torch.Tensor:
     """The output value of one planned tensor, as a CPU tensor of the planned dtype.
 
     Shared by ``merge`` and ``validate`` so that both run the same arithmetic.
     ``buffer``: scratch memory to read the starting value into (may hold the result).
     ``rows``: only those output rows (for actions where ``row_blocks`` allows it).
+    ``start``: the starting value, already read (merged in place); ``keep_device``: leave
+    the result on ``device`` (a re-quantized weight is encoded there).
     """
-    if action.quant is not None:  # one part of a re-quantized weight (merge/quantized.py)
-        return action.quant.take(lambda merge: compute_tensor(plan, merge, device))
+    if action.quant is not None:  # one part of a re-quantized weight (merge/requant.py)
+
+        def merge(act: TensorAction, rows: Any, start: torch.Tensor) -> torch.Tensor:
+            return compute_tensor(plan, act, device, None, rows, start, keep_device=True)
+
+        return action.quant.compute(merge, device, rows)
     from lora_cli.merge import math as lora_math  # (torch: see run_merge's early copies)
 
     src = plan.adapter.source
     cuda = device.startswith("cuda")
-    if action.replacement:
+    if start is not None:
+        value = start
+    elif action.replacement:
         value = src.read(action.replacement, pin=cuda, out=buffer)
+    elif action.base in getattr(plan.base, "exposed", ()):  # a quantized weight: decoded
+        value = plan.base.read(action.base, rows=rows, device=device)  # where it is merged
     else:
         value = plan.base.read(action.base, pin=cuda, out=buffer, rows=rows)
     # The planned dtype is the base's, or --dtype's: like loading the base (and a
@@ -138,11 +151,18 @@ def compute_tensor(
         )
     for ex in action.experts:
         a, b = factor(ex.module.parts["lora_A.weight"]), factor(ex.module.parts["lora_B.weight"])
-        if ex.expert is None:
-            value = lora_math.merge_expert_param(value, a, b, ex.scale, layout=ex.layout)
-        else:
+        if ex.expert is None:  # (rows: a range of the fused tensor's experts)
+            shape = plan.base.info(action.base).shape if rows else None
+            value = lora_math.merge_expert_param(
+                value, a, b, ex.scale, layout=ex.layout, expert_rows=rows, param_shape=shape
+            )
+        else:  # (rows: rows of this expert's share of the delta)
+            share = ex.rows
+            if rows is not None:
+                offset = ex.rows[0] if ex.rows else 0
+                share = (offset + rows[0], offset + rows[1])
             value = lora_math.merge_expert_slice(
-                value, a, b, ex.scale, experts=ex.experts, expert=ex.expert, rows=ex.rows
+                value, a, b, ex.scale, experts=ex.experts, expert=ex.expert, rows=share
             )
     if action.bias is not None:
         m = action.bias
@@ -150,7 +170,7 @@ def compute_tensor(
     if action.rows is not None:
         key, indices = action.rows
         value = lora_math.replace_rows(value, indices, factor(key))
-    return value.to("cpu")
+    return value if keep_device else value.to("cpu")
 
 
 @dataclass
@@ -213,6 +233,11 @@ BLOCK_BYTES = 16 << 20
 # conv is im2col + GEMM at one thread, oneDNN with fused multiply-add at more), so this
 # number is part of the result's bits: tests pin PEFT's oracle to it (tests/peft_oracle.py).
 CPU_MATH_THREADS = 1
+# A quantized weight's block is decoded, merged and (with --quantize keep) re-encoded through
+# a few fp32/int32 copies of itself: 2 MiB bf16 blocks keep a keep merge's peak RSS near the
+# bf16 merge's (measured on a 160 MB base: 16 MiB blocks 400-590 MiB, 4 MiB 300-390 MiB,
+# 2 MiB 280-340 MiB, 1 MiB 270-280 MiB; CPU time the same within a loaded machine's noise).
+QUANT_BLOCK_DIVISOR = 8
 AHEAD_BYTES = 64 << 20  # merged blocks computed ahead of the writer, all workers together
 
 
@@ -234,32 +259,53 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
     A plain Linear LoRA gives each output row from the same input row alone
     (``W[i] + s·B[i]@A``), so big projections stream through in ~16 MB blocks and
     memory stays flat whatever the tensor or model size; so does a weighted sum of several
-    adapters' Linear LoRAs. Everything else (DoRA
-    norms, transposed or conv layouts, replacements) takes the whole tensor.
+    adapters' Linear LoRAs, and a fused expert tensor's LoRA, expert by expert (rows of its
+    first dimension). A re-quantized weight's blocks start and end where its scales do
+    (``merge/requant.py``). Everything else (DoRA norms, transposed or conv layouts,
+    replacements) takes the whole tensor.
     """
+    unit = 1
+    if act.quant is not None:
+        unit = act.quant.group.unit if act.quant.role == "weight" else None
+        if unit is None:
+            return None
+        act = act.quant.group.merge
     info = plan.base.info(act.base) if act.base else None
+    budget = BLOCK_BYTES
+    if act.base in getattr(plan.base, "exposed", ()):  # decoded via fp32: smaller blocks
+        budget = max(1, BLOCK_BYTES // QUANT_BLOCK_DIVISOR)
     if (
         info is None
         or act.replacement
         or act.bias
         or act.rows
-        or act.experts
-        or act.quant is not None  # re-quantized: encoded from the whole merged tensor
-        or not act.loras
+        or (act.experts and act.loras)
+        or not _experts_stream(act, len(info.shape))
         or (len(act.loras) > 1 and any(op.weight is None for op in act.loras))
         or any(op.kind != "linear" or op.fan_in_fan_out or op.block for op in act.loras)
         or any("lora_magnitude_vector" in op.module.parts for op in act.loras)
         or not plan.base.reads_rows(info.name)
         or info.dtype != act.dtype
-        or len(info.shape) != 2
-        or info.nbytes <= BLOCK_BYTES
+        or (len(info.shape) != 2 and not act.experts)
+        or info.nbytes <= budget
     ):
         return None
-    step = max(1, BLOCK_BYTES // (info.nbytes // info.shape[0]))
+    step = max(1, budget // (info.nbytes // info.shape[0]) // unit) * unit
     return [(r, min(r + step, info.shape[0])) for r in range(0, info.shape[0], step)]
 
 
+def _experts_stream(act: TensorAction, dims: int) -> bool:
+    """Expert deltas that merge in row blocks: a fused 3-D parameter's, expert by expert,
+    or a per-expert 2-D tensor's share of one (its rows of that expert's delta)."""
+    if not act.experts:
+        return True
+    fused = {ex.expert is None for ex in act.experts}
+    return fused == {True} and dims == 3 or fused == {False} and dims == 2
+
+
 def _start_bytes(plan: MergePlan, act: TensorAction, rows: tuple[int, int] | None) -> int:
+    if act.quant is not None:  # re-quantized parts decode into their own tensors
+        return 0
     if act.replacement:
         return plan.adapter.source.info(act.replacement).nbytes
     info = plan.base.info(act.base) if act.base else None
@@ -292,6 +338,9 @@ def _computed(
         else:
             items += [(act, r) for r in (row_blocks(plan, act) or [None])]
     todo = [i for i in items if i[0].kind != "copy" or _needs_decode(plan, i[0])]
+    for act, rows in todo:
+        if act.quant is not None and rows is not None:
+            act.quant.group.expect()  # its other parts wait for this block
     todo.reverse()
     pending: list[tuple[Future, torch.Tensor]] = []
 
@@ -430,7 +479,8 @@ def _write_rest(
         for shard in shards:
             writer = open_writer(shard)
             todo = [a for a in shard.actions if a.name not in done]
-            order = sorted(todo, key=lambda a: writer.entries[a.name].start)
+            starts = {name: entry.start for name, entry in writer.entries.items()}
+            order = sorted(todo, key=lambda a: write_order(a, starts.__getitem__))
             for act, rows, value in _computed(plan, order, device, workers, buffers, depth):
                 if value is None:
                     written += copy(writer, act)

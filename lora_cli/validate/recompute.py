@@ -50,7 +50,12 @@ class Recompute:
 
     def prepare(self, infos: dict[str, TensorInfo]) -> None:
         """Open BASE and ADAPTER, plan the merge, and choose the tensors to compare."""
-        from lora_cli.merge.quantized import plan_merge, quantize_mode_of, refuse_quantized_base
+        from lora_cli.merge.quantized import (
+            is_quantized_base,
+            plan_merge,
+            quantize_mode_of,
+            refuse_quantized_base,
+        )
         from lora_cli.merge.run import resolve_device
 
         r = self.r
@@ -71,16 +76,18 @@ class Recompute:
                 self.adapter_objs.append(load_adapter(path, self.base_src))
         for ad in self.adapter_objs:  # what merge refuses or warns about, found here too
             add_adapter_findings(r, config_findings(ad) + value_findings(ad))
+        # (a merge into a quantized base writes bf16 without --dtype, which it refuses)
+        quantized_base = is_quantized_base(self.base_src)
         path_floats = {i.dtype for i in infos.values() if i.dtype in FLOAT_DTYPES}
         base_floats = {i.dtype for i in self.base_src.infos.values() if i.dtype in FLOAT_DTYPES}
         out_dtype = None
-        if len(path_floats) == 1 and path_floats != base_floats:
+        quantize = quantize_mode_of(self.base_src, infos)
+        if len(path_floats) == 1 and path_floats != base_floats and not quantized_base:
             out_dtype = next(iter(path_floats))
             r.notes.append(
                 f"every floating point tensor of PATH is {out_dtype} (BASE: "
                 f"{', '.join(sorted(base_floats))}): recomputed as `merge --dtype` {out_dtype}"
             )
-        quantize = quantize_mode_of(self.base_src, infos)
         if quantize == "keep":
             r.notes.append(
                 "PATH keeps the base's quantization: recomputed as `merge --quantize keep`"

@@ -276,8 +276,16 @@ def validate(
         None, "--part", metavar="I/N", help="Read only part I of N of the weight files."
     ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    tuned: Path | None = typer.Option(
+        None, help="With --base: the fine-tune PATH (an adapter) was extracted from."
+    ),
+    max_error: float | None = typer.Option(
+        None, help="With --tuned: relative error above which a tensor is a finding."
+    ),
 ) -> None:
     """Check integrity and numbers; exit 0 valid, 1 findings, 2 could not run."""
+    if tuned is not None or max_error is not None:
+        _validate_extracted(path, base, tuned, max_error, device, json_out)
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.validate import validate as run_validate
@@ -297,6 +305,103 @@ def validate(
         )
         code = render.validate_report(report, json_out)
         raise typer.Exit(code)
+
+
+@app.command()
+def extract(
+    base: Path = typer.Argument(
+        ..., metavar="BASE", help="Base checkpoint: folder, index, weights file or Hub id."
+    ),
+    tuned: Path = typer.Argument(
+        ..., metavar="TUNED", help="The full fine-tune of BASE: folder, weights file or Hub id."
+    ),
+    output_path: Path | None = typer.Option(
+        None, "-o", "--output", help="Adapter folder to write (must not exist unless --overwrite)."
+    ),
+    rank: str = typer.Option("32", help="LoRA rank per module, or 'auto' (see --energy)."),
+    energy: float = typer.Option(
+        0.99, help="--rank auto: share of each change's ‖Δ‖² the rank must keep."
+    ),
+    max_rank: int = typer.Option(128, help="--rank auto: the largest rank a module may get."),
+    exact: bool = typer.Option(
+        False, "--exact", help="Full SVD instead of randomized (slower; optimal error)."
+    ),
+    dtype: str = typer.Option("bf16", help="Factor dtype: bf16, fp16 or fp32."),
+    min_change: float = typer.Option(
+        0.0, help="Skip tensors whose ‖Δ‖ is at most this fraction of ‖BASE‖."
+    ),
+    include_full: bool | None = typer.Option(
+        None,
+        "--include-full/--no-include-full",
+        help="Ship changed non-LoRA tensors (norms, biases) whole [default: on]; given "
+        "explicitly, also a grown embedding/head.",
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] for the SVDs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the targets, write nothing."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
+) -> None:
+    """Turn a full fine-tune into a PEFT LoRA adapter of its base (truncated SVD of each
+    weight's change), streaming one tensor pair at a time."""
+    with _expected_failures():
+        from lora_cli import output
+        from lora_cli.render_extract import extract_result
+        from lora_cli.stages.extract import extract as run_extract
+
+        with output.progress_bar("extracting", not quiet and not json_out) as factory:
+            result = run_extract(
+                base,
+                tuned,
+                output_path,
+                rank=rank,
+                energy=energy,
+                max_rank=max_rank,
+                exact=exact,
+                dtype=dtype,
+                min_change=min_change,
+                include_full=include_full,
+                device=device,
+                dry_run=dry_run,
+                overwrite=overwrite,
+                progress_factory=factory,
+                notice=None if quiet else output.info,
+                hub_progress=not quiet and not json_out,
+            )
+        extract_result(result, json_out, quiet)
+
+
+def _validate_extracted(
+    path: Path,
+    base: Path | None,
+    tuned: Path | None,
+    max_error: float | None,
+    device: str,
+    json_out: bool,
+) -> None:
+    """``lora validate OUT --base BASE --tuned TUNED``: exits with 0, 1 (findings) or 2."""
+    with _expected_failures():
+        from lora_cli import output
+        from lora_cli.errors import UsageError
+        from lora_cli.render_extract import extract_validation
+        from lora_cli.stages.validate_extracted import validate_extracted
+
+        if base is None or tuned is None:
+            raise UsageError(
+                "--tuned and --max-error check an extracted adapter: pass --base and --tuned",
+                "lora validate ADAPTER --base BASE --tuned TUNED [--max-error X]",
+            )
+        report = validate_extracted(
+            path,
+            base=base,
+            tuned=tuned,
+            max_error=max_error,
+            device=device,
+            notice=output.info,
+            hub_progress=not json_out,
+        )
+        code = extract_validation(report, json_out)
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -285,7 +285,8 @@ def validate(
 ) -> None:
     """Check integrity and numbers; exit 0 valid, 1 findings, 2 could not run."""
     if tuned is not None or max_error is not None:
-        _validate_extracted(path, base, tuned, max_error, device, json_out)
+        recompute = adapter or weights or sample is not None or part or atol or rtol
+        _validate_extracted(path, base, tuned, max_error, device, json_out, bool(recompute))
     with _expected_failures():
         from lora_cli import output, render
         from lora_cli.stages.validate import validate as run_validate
@@ -378,6 +379,7 @@ def _validate_extracted(
     max_error: float | None,
     device: str,
     json_out: bool,
+    recompute_options: bool,
 ) -> None:
     """``lora validate OUT --base BASE --tuned TUNED``: exits with 0, 1 (findings) or 2."""
     with _expected_failures():
@@ -386,10 +388,13 @@ def _validate_extracted(
         from lora_cli.render_extract import extract_validation
         from lora_cli.stages.validate_extracted import validate_extracted
 
+        usage = "lora validate ADAPTER --base BASE --tuned TUNED [--max-error X]"
         if base is None or tuned is None:
+            raise UsageError("--tuned and --max-error need both --base and --tuned", usage)
+        if recompute_options:
             raise UsageError(
-                "--tuned and --max-error check an extracted adapter: pass --base and --tuned",
-                "lora validate ADAPTER --base BASE --tuned TUNED [--max-error X]",
+                "--tuned goes without --adapter, --weights, --sample, --part, --atol, --rtol",
+                usage,
             )
         report = validate_extracted(
             path,

@@ -160,18 +160,26 @@ def module_kinds(config: dict[str, Any] | None) -> dict[str, tuple[str, int]]:
     built = transformers_config(config)
     if built is None:
         return {}
+    import logging
+
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
     model = None
-    with _quiet_transformers(), torch.device("meta"):
-        for auto in (AutoModelForCausalLM, AutoModel):
-            try:
-                model = auto.from_config(built)
-                break
-            except Exception:  # an architecture transformers cannot build: shapes decide
-                continue
+    silenced = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # modeling imports log from other libraries (DeepSpeed)
+    try:
+        from transformers import AutoModel, AutoModelForCausalLM
+        from transformers.pytorch_utils import Conv1D
+
+        with _quiet_transformers(), torch.device("meta"):
+            for auto in (AutoModelForCausalLM, AutoModel):
+                try:
+                    model = auto.from_config(built)
+                    break
+                except Exception:  # an architecture transformers cannot build: shapes decide
+                    continue
+    finally:
+        logging.disable(silenced)
     if model is None:
         return {}
     kinds: dict[str, tuple[str, int]] = {}

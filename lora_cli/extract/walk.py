@@ -168,12 +168,12 @@ def walk(
         if t_raw.shape != b_raw.shape:  # a grown vocabulary (accepted by pairing)
             result.changed_full.append(c)
             continue
-        t = t_raw.to(device=device, dtype=torch.float32)
-        delta = t.sub_(b_raw.to(device=device, dtype=torch.float32))
-        del t_raw
-        changed = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-        scale = float(torch.linalg.vector_norm(b_raw.to(device), dtype=torch.float64))
+        b = b_raw.to(device=device, dtype=torch.float32)
         del b_raw
+        scale = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+        delta = t_raw.to(device=device, dtype=torch.float32).sub_(b)
+        del t_raw, b
+        changed = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
         if not torch.isfinite(delta).all():
             raise MergeError(
                 f"{tuned.root}: {c.tuned}: the change from BASE is not finite (NaN or Inf)",

@@ -168,13 +168,20 @@ def module_kinds(config: dict[str, Any] | None) -> dict[str, tuple[str, int]]:
     silenced = logging.root.manager.disable
     logging.disable(logging.WARNING)  # modeling imports log from other libraries (DeepSpeed)
     try:
-        from transformers import AutoModel, AutoModelForCausalLM
+        import transformers
         from transformers.pytorch_utils import Conv1D
 
+        # the class that saved the checkpoint names its tensors; the Auto classes otherwise
+        saved = [getattr(transformers, a, None) for a in config.get("architectures") or []]
+        builders = [c._from_config for c in saved if isinstance(c, type)]
+        builders += [
+            transformers.AutoModelForCausalLM.from_config,
+            transformers.AutoModel.from_config,
+        ]
         with _quiet_transformers(), torch.device("meta"):
-            for auto in (AutoModelForCausalLM, AutoModel):
+            for build in builders:
                 try:
-                    model = auto.from_config(built)
+                    model = build(built)
                     break
                 except Exception:  # an architecture transformers cannot build: shapes decide
                     continue

@@ -387,3 +387,50 @@ def test_refuses_identical_models(qwen_pair, tmp_path):
     assert_refused(
         ["extract", base, base, "-o", out], [base], dest=out, names=["nothing to extract"]
     )
+
+
+def test_round_trip_conv_kernels_through_peft(tmp_path, run_cli):
+    """Whisper's encoder convolutions (Conv1d, kernel 3): extracted via the flattened kernel
+    into PEFT's conv LoRA layout, which PEFT merges back to TUNED."""
+    from peft import PeftModel
+    from transformers import WhisperConfig, WhisperModel
+
+    config = WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
+        max_source_positions=16, max_target_positions=16, vocab_size=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = WhisperModel(config).to(torch.bfloat16).eval()
+    base = save_model(model, tmp_path / "base")
+    peft_model = peft_adapter(model, tmp_path / "a", target_modules=["conv1", "conv2", "fc1"])
+    tuned_model = peft_model.merge_and_unload()
+    tuned = save_model(tuned_model, tmp_path / "tuned")
+    doc = _extract(run_cli, base, tuned, tmp_path / "out", "--rank", "4", "--exact",
+                   "--dtype", "fp32")  # fmt: skip
+    kinds = {m["module"]: m["kind"] for m in doc["modules"]}
+    assert kinds["encoder.conv1"] == kinds["encoder.conv2"] == "conv"
+    again = PeftModel.from_pretrained(
+        WhisperModel.from_pretrained(base, **dtype_kw(torch.bfloat16)), tmp_path / "out"
+    ).merge_and_unload()
+    start, want_state = model.state_dict(), tuned_model.state_dict()
+    for name, got in again.state_dict().items():
+        got, want, w = got.float(), want_state[name].float(), start[name].float()
+        rounding = torch.finfo(torch.bfloat16).eps * (want.norm() + (want - w).norm())
+        assert (got - want).norm() <= rounding, name
+
+
+def test_pickled_tuned_through_the_safe_unpickler(qwen_pair, tmp_path, run_cli):
+    """A ``pytorch_model.bin`` TUNED (read without running pickle code) gives the same
+    adapter bytes as its safetensors twin: same reader, seeded SVD."""
+    from transformers import AutoModelForCausalLM
+
+    _, base, tuned = qwen_pair
+    model = AutoModelForCausalLM.from_pretrained(tuned, **dtype_kw(torch.bfloat16))
+    pickled = save_model(model, tmp_path / "pickled", safe=False)
+    a = _extract(run_cli, base, tuned, tmp_path / "a", "--rank", "2")
+    b = _extract(run_cli, base, pickled, tmp_path / "b", "--rank", "2")
+    assert a["modules"] == b["modules"]
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()

@@ -64,11 +64,14 @@ def layout(walk: WalkResult, tuned: TensorSource, include_full: bool) -> Adapter
             out.lora_biases.append(c.tuned)
         else:
             modules.add(c.module)
-    for m in modules:
-        out.lora.pop(m, None)
-    out.lora_biases = [b for b in out.lora_biases if b.rpartition(".")[0] not in modules]
+
+    def inside(name: str) -> bool:  # PEFT wraps a modules_to_save module with its children
+        return any(name == m or name.startswith(m + ".") for m in modules)
+
+    out.lora = {m: e for m, e in out.lora.items() if not inside(m)}
+    out.lora_biases = [b for b in out.lora_biases if not inside(b.rpartition(".")[0])]
     out.full_modules = sorted(modules)
-    out.full_tensors = [n for n in tuned.names() if n.rpartition(".")[0] in modules]
+    out.full_tensors = [n for n in tuned.names() if inside(n.rpartition(".")[0])]
     return out
 
 

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import MergeError
-from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json
+from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource, open_source
+from lora_cli.merge.plan import _input_embedding as input_embedding
+from lora_cli.merge.plan import load_base_config as load_config
+from lora_cli.merge.resolve import INPUT_EMBEDDING_SUFFIXES
 
-INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+__all__ = ["INPUT_EMBEDDING_SUFFIXES", "load_config", "pair_tensors", "resolution"]
 
 
 def resolution() -> tuple[list[tuple[str, list[tuple[str, str]]]], Any]:
@@ -37,16 +40,6 @@ class Pairing:
     embed: str | None  # BASE's input embedding
 
 
-def load_config(source: TensorSource) -> dict[str, Any] | None:
-    path = source.root / "config.json"
-    return read_json(path, "model config") if path.is_file() else None
-
-
-def _embedding(source: TensorSource) -> str | None:
-    names = [n for n in source.names() if n.endswith(INPUT_EMBEDDING_SUFFIXES)]
-    return names[0] if len(names) == 1 else None
-
-
 def pair_tensors(
     base: TensorSource,
     tuned: TensorSource,
@@ -60,7 +53,7 @@ def pair_tensors(
     rules, resolve_name = resolution()
     base_tied = bool(tie_word_embeddings(base_config)) and OUTPUT_EMBEDDING not in base
     tuned_tied = bool(tie_word_embeddings(tuned_config)) and OUTPUT_EMBEDDING not in tuned
-    embed = _embedding(base) if base_tied else None
+    embed = input_embedding(base) if base_tied else None
     tied_head = base_tied and embed is not None
     best: tuple[int, str, dict[str, str], list[str]] | None = None
     for label, rule in rules:

@@ -17,13 +17,12 @@ from lora_cli.errors import MergeError
 from lora_cli.extract.pairing import INPUT_EMBEDDING_SUFFIXES, Pairing
 from lora_cli.extract.svd import Factors, low_rank
 from lora_cli.io.reader import TensorSource
+from lora_cli.merge.resolve import CONV1D_LEAVES, CONV1D_MODEL_TYPES
 
 if TYPE_CHECKING:
     import torch
 
 LOW_RANK_KINDS = ("linear", "conv1d", "embedding", "conv")
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
-CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
 
 
 @dataclass

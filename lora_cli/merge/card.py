@@ -72,6 +72,14 @@ def model_card(
         lines += _adapter_rows(a, len(adapters) > 1)
     lines += [
         f"| lora version | {__version__} |",
+        *_provenance(command, checksums_name),
+    ]
+    return "\n".join(lines)
+
+
+def _provenance(command: Sequence[str], checksums_name: str) -> list[str]:
+    """The card's last rows (command, date) and its checksums section."""
+    return [
         f"| command | `{shlex.join(command)}` (OUTPUT: this folder) |",
         f"| date | {_date()} |",
         "",
@@ -81,7 +89,6 @@ def model_card(
         f"`sha256sum -c {checksums_name}` or `lora validate .`.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def config_sha256(config_path: Path) -> str:
@@ -160,13 +167,6 @@ def adapter_card(
         f"| fine-tuned | `{tuned_ref}` |",
         *[f"| {k} | {_cell(v)} |" for k, v in rows],
         f"| lora version | {__version__} |",
-        f"| command | `{shlex.join(command)}` (OUTPUT: this folder) |",
-        f"| date | {_date()} |",
-        "",
-        "## Checksums",
-        "",
-        f"`{checksums_name}` lists the sha256 of every other file in this folder; check them with "
-        f"`sha256sum -c {checksums_name}` or `lora validate .`.",
-        "",
+        *_provenance(command, checksums_name),
     ]
     return "\n".join(lines)

@@ -304,6 +304,11 @@ def _tie_notes(pairing: Pairing) -> list[str]:
             f"lm_head is tied to {pairing.embed} in both models: its change is extracted "
             f"once, on {pairing.embed} (merged, it reaches both sides)"
         ]
+    if pairing.tuned_tied and not pairing.base_tied:
+        return [
+            "TUNED ties lm_head to its input embedding but BASE stores its own: the head is "
+            "not compared (load the adapter on a base that ties them too)"
+        ]
     if pairing.base_tied and not pairing.tuned_tied:
         return [
             "BASE ties lm_head to its input embedding but TUNED stores its own: lm_head is "

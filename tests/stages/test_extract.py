@@ -434,3 +434,28 @@ def test_pickled_tuned_through_the_safe_unpickler(qwen_pair, tmp_path, run_cli):
     assert a["modules"] == b["modules"]
     weights = "adapter_model.safetensors"
     assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
+
+
+def test_fp8_block_base_is_dequantized(qwen_pair, tmp_path, run_cli):
+    """An FP8-block BASE is read through the merge's codecs: TUNED made from its dequantized
+    values (q·s, written out here) plus rank-3 changes comes back at rank 3."""
+    from tests.quant_helpers import fp8_block_base
+
+    model, bf16_base, _ = qwen_pair
+    fp8 = fp8_block_base(bf16_base, tmp_path / "fp8")
+    raw = {}
+    for shard in sorted(fp8.glob("*.safetensors")):
+        raw.update(load_owned(shard))
+    g = torch.Generator().manual_seed(11)
+    deltas = {}
+    for name, p in model.named_parameters():
+        if name + "_scale_inv" in raw:  # one 128×128 block covers these small weights
+            dequantized = (raw[name].float() * raw[name + "_scale_inv"][0, 0]).to(p.dtype)
+            change = 0.02 * torch.randn(p.shape[0], 3, generator=g)
+            deltas[name] = (
+                dequantized.float() - p.float() + change @ torch.randn(3, p.shape[1], generator=g)
+            )
+    tuned = _tuned_from(model, tmp_path / "tuned", deltas)
+    doc = _extract(run_cli, fp8, tuned, tmp_path / "out", "--rank", "3")
+    assert {m["module"] + ".weight" for m in doc["modules"]} == set(deltas)
+    assert doc["totals"]["max_error"] < 0.02, doc["worst"]

@@ -33,7 +33,7 @@ class Candidate:
     base: str  # the BASE tensor it is compared with (the embedding for a tied head)
     module: str
     leaf: str
-    kind: str  # linear | conv1d | embedding | conv: low rank; full | expert otherwise
+    kind: str  # linear | conv1d | embedding | conv: low rank; full | expert | unmapped
     shape: tuple[int, ...]
 
 
@@ -101,7 +101,9 @@ def candidates(
         module, leaf = _module_of(name)
         shape = tuned.info(name).shape
         known = _kind_of(module, kinds, model_type)
-        if known is None:  # no model to ask: shapes and names decide, as merge does
+        if known is None and kinds:  # stored under a name transformers converts on load
+            known = ("expert" if ".experts." in name else "unmapped", 1)
+        elif known is None:  # no model to ask: shapes and names decide, as merge does
             if len(shape) == 2 and name.endswith(INPUT_EMBEDDING_SUFFIXES):
                 known = ("embedding", 1)
             elif len(shape) == 2 and model_type in CONV1D_MODEL_TYPES:
@@ -110,7 +112,9 @@ def candidates(
                 known = ("linear", 1) if len(shape) == 2 else ("other", 1)
         kind, groups = known
         resized = shape != base.info(base_name).shape
-        if leaf != "weight" or resized or kind not in LOW_RANK_KINDS:
+        if kind in ("expert", "unmapped"):
+            pass
+        elif leaf != "weight" or resized or kind not in LOW_RANK_KINDS:
             kind = "expert" if len(shape) == 3 and ".experts" in name else "full"
         elif kind == "conv" and (groups != 1 or len(shape) < 3):
             kind = "full"  # PEFT cannot merge LoRA on a grouped convolution
@@ -183,10 +187,15 @@ def walk(
             continue
         if c.kind == "expert":
             raise MergeError(
-                f"{tuned.root}: {c.tuned}: changed fused MoE expert parameters "
-                f"{list(c.shape)} cannot be extracted yet",
-                "extract the attention and dense layers of a dense model, or keep the full "
-                "checkpoint for MoE models",
+                f"{tuned.root}: {c.tuned}: changed MoE expert weights cannot be extracted yet "
+                "(PEFT loads them as fused target_parameters)",
+                "keep the full checkpoint for a fine-tune that changed its experts",
+            )
+        if c.kind == "unmapped":
+            raise MergeError(
+                f"{tuned.root}: {c.tuned}: changed, but the model class has no module "
+                f"{c.module} (transformers renames it on load), so PEFT could not load it",
+                "keep the full checkpoint for this fine-tune",
             )
         if c.kind == "full":
             result.changed_full.append(c)

@@ -95,7 +95,7 @@ class ExtractPlan:
     notes: list[str]
 
     def to_json(self) -> dict[str, Any]:
-        low = [c for c in self.plan if c.kind not in ("full", "expert")]
+        low = [c for c in self.plan if c.kind not in ("full", "expert", "unmapped")]
         return {
             "schema": "lora-extract-plan/1",
             "base": str(self.base),
@@ -103,7 +103,7 @@ class ExtractPlan:
             "rule": self.rule,
             "options": self.options.to_json(),
             "low_rank": [{"tensor": c.tuned, "kind": c.kind, "shape": list(c.shape)} for c in low],
-            "other": [c.tuned for c in self.plan if c.kind in ("full", "expert")],
+            "other": [c.tuned for c in self.plan if c.kind in ("full", "expert", "unmapped")],
             "notes": self.notes,
         }
 

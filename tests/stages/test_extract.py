@@ -459,3 +459,28 @@ def test_fp8_block_base_is_dequantized(qwen_pair, tmp_path, run_cli):
     doc = _extract(run_cli, fp8, tuned, tmp_path / "out", "--rank", "3")
     assert {m["module"] + ".weight" for m in doc["modules"]} == set(deltas)
     assert doc["totals"]["max_error"] < 0.02, doc["worst"]
+
+
+def test_moe_experts_refused_attention_extracted(tmp_path, run_cli):
+    """Mixtral on disk keeps per-expert weights that transformers fuses on load: a changed
+    expert is refused in one line; a fine-tune of the attention alone extracts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "mixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=64, num_local_experts=2,
+        num_experts_per_tok=1, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, **dtype_kw(torch.bfloat16))
+    base = save_model(model, tmp_path / "base")
+    q = _spectrum_delta((32, 32), 0.5, 1)
+    attention = _tuned_from(model, tmp_path / "attn", {"model.layers.0.self_attn.q_proj.weight": q})
+    doc = _extract(run_cli, base, attention, tmp_path / "out", "--rank", "4")
+    assert [m["module"] for m in doc["modules"]] == ["model.layers.0.self_attn.q_proj"]
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    experts = dict(model.named_parameters())[fused]
+    tuned = _tuned_from(model, tmp_path / "tuned", {fused: 0.01 * torch.ones_like(experts)})
+    out = tmp_path / "refused"
+    assert_refused(["extract", base, tuned, "-o", out], [base, tuned], dest=out,
+                   names=["experts.0.w1.weight", "MoE expert"])  # fmt: skip

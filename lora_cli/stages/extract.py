@@ -261,7 +261,7 @@ def extract(
                     "check that TUNED is the fine-tuned model and BASE its base",
                 )
             base_id = base_model_id(str(base), base_path, base_config)
-            card = _card(base, tuned, base_id, base_path, shipped, opts)
+            card = _card(base, tuned, base_id, shipped, opts)
             files, size = write_adapter(
                 Path(output),
                 shipped,
@@ -321,7 +321,6 @@ def _card(
     base: Path | str,
     tuned: Path | str,
     base_id: str,
-    base_path: Path,
     shipped: AdapterLayout,
     opts: ExtractOptions,
 ) -> str:

@@ -197,6 +197,10 @@ def test_round_trip_through_peft(case, tmp_path, run_cli):
         # that rounding's size of TUNED, as a whole tensor
         rounding = torch.finfo(torch.bfloat16).eps * (want.norm() + (want - w).norm())
         assert (got - want).norm() <= rounding, name
+    code, _, stderr = run_cli("merge", base, tmp_path / "out", "-o", tmp_path / "merged", "-q")
+    assert code == 0, stderr
+    for name, value in load_owned(tmp_path / "merged" / "model.safetensors").items():
+        assert torch.equal(value, again[name]), name  # lora merge = PEFT's, bit for bit
     if case == "embedding":
         keys = load_owned(tmp_path / "out" / "adapter_model.safetensors")
         assert f"{PREFIX}model.embed_tokens.lora_embedding_A" in keys

@@ -488,3 +488,21 @@ def test_moe_experts_refused_attention_extracted(tmp_path, run_cli):
     out = tmp_path / "refused"
     assert_refused(["extract", base, tuned, "-o", out], [base, tuned], dest=out,
                    names=["experts.0.w1.weight", "MoE expert"])  # fmt: skip
+
+
+def test_hub_id_base_names_the_adapters_base(qwen_pair, tmp_path, monkeypatch, run_cli):
+    """BASE as a Hub id (resolved offline from a real cache layout): the adapter's config and
+    card name that id, never the cache folder, and PEFT's loader reads the config."""
+    from peft import PeftConfig
+
+    from tests.hub_helpers import COMMIT, add_to_cache, go_offline
+
+    _, base, tuned = qwen_pair
+    cache = tmp_path / "cache"
+    add_to_cache(cache, "tiny-org/qwen-base", base, COMMIT)
+    go_offline(monkeypatch, cache)
+    out = tmp_path / "out"
+    _extract(run_cli, "tiny-org/qwen-base", tuned, out, "--rank", "2")
+    assert PeftConfig.from_pretrained(out).base_model_name_or_path == "tiny-org/qwen-base"
+    card = (out / "README.md").read_text()
+    assert 'base_model: "tiny-org/qwen-base"\nbase_model_relation: adapter' in card

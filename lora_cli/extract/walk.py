@@ -69,9 +69,7 @@ def _module_of(name: str) -> tuple[str, str]:
     return module, leaf
 
 
-def _kind_of(
-    module: str, kinds: dict[str, tuple[str, int]], model_type: Any
-) -> tuple[str, int] | None:
+def _kind_of(module: str, kinds: dict[str, tuple[str, int]]) -> tuple[str, int] | None:
     """The module's type from the model built from config, trying the prefixes a checkpoint
     may add or drop (GPT-2's ``transformer.``, a bare base model's missing ``model.``)."""
     for candidate in (
@@ -100,7 +98,7 @@ def candidates(
         base_name = paired if paired in base else (pairing.embed or paired)
         module, leaf = _module_of(name)
         shape = tuned.info(name).shape
-        known = _kind_of(module, kinds, model_type)
+        known = _kind_of(module, kinds)
         if known is None and kinds:  # stored under a name transformers converts on load
             known = ("expert" if ".experts." in name else "unmapped", 1)
         elif known is None:  # no model to ask: shapes and names decide, as merge does

@@ -136,27 +136,24 @@ def _compare(
 
     actions = {a.name: a for a in plan.actions()}
     for t_name, b_name in pairs.items():
-        source = b_name if b_name in base else (embed or b_name)
         act = actions.get(b_name)
+        kind = act.kind if act is not None else "copy"
         target = tuned.read(t_name).to(device=device, dtype=torch.float32)
-        if act is not None and act.kind != "copy":
+        start = base.read(b_name if b_name in base else (embed or b_name))
+        start = start.to(device=device, dtype=torch.float32)
+        value = start
+        if act is not None and kind != "copy":
             value = compute_tensor(plan, act, device).to(device=device, dtype=torch.float32)
-            kind = act.kind
-        else:
-            value = base.read(source).to(device=device, dtype=torch.float32)
-            kind = "copy"
-        if value.shape != target.shape:
-            report.tensors.append(TensorError(t_name, kind, math.inf))
-        else:
+        error = math.inf  # a shape that differs from TUNED's (a grown vocabulary not shipped)
+        if value.shape == target.shape:
             miss = float(torch.linalg.vector_norm(value - target, dtype=torch.float64))
-            start = base.read(source).to(device=device, dtype=torch.float32)
-            change = (
-                float(torch.linalg.vector_norm(target - start, dtype=torch.float64))
-                if start.shape == target.shape
-                else math.inf
+            # a grown vocabulary has no BASE to differ from: relative to TUNED itself
+            grown = start.shape != target.shape
+            change = float(
+                torch.linalg.vector_norm(target if grown else target - start, dtype=torch.float64)
             )
             error = miss / change if change else (0.0 if miss == 0 else math.inf)
-            report.tensors.append(TensorError(t_name, kind, error))
+        report.tensors.append(TensorError(t_name, kind, error))
         last = report.tensors[-1]
         if report.max_error is not None and not last.error <= report.max_error:
             report.findings.append(

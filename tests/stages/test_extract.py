@@ -383,6 +383,9 @@ def test_refuses_grown_vocabulary_unless_include_full(qwen_pair, tmp_path, run_c
     doc = _extract(run_cli, base, grown, out, "--include-full")
     assert "model.embed_tokens" in doc["modules_to_save"]
     assert "lm_head" in doc["modules_to_save"]
+    code, stdout, _ = run_cli("validate", out, "--base", base, "--tuned", grown, "--json")
+    errors = {t["tensor"]: t["error"] for t in json.loads(stdout)["tensors"]}
+    assert code == 0 and errors["model.embed_tokens.weight"] == 0.0  # shipped whole
 
 
 def test_refuses_identical_models(qwen_pair, tmp_path):

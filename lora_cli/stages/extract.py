@@ -254,6 +254,9 @@ def extract(
                 progress=progress,
             )
             shipped = layout(walked, tuned_src, include_full is not False)
+            embed_module = (pairing.embed or "").removesuffix(".weight")
+            if embed_module not in shipped.lora and embed_module not in shipped.full_modules:
+                notes = [n for n in notes if not n.startswith("lm_head is tied")]
             if not shipped.lora and not shipped.full_tensors:
                 raise MergeError(
                     f"{tuned_path}: nothing to extract: no tensor differs from BASE "
@@ -302,7 +305,9 @@ def _tie_notes(pairing: Pairing) -> list[str]:
     if pairing.base_tied and pairing.tuned_tied and pairing.embed:
         return [
             f"lm_head is tied to {pairing.embed} in both models: its change is extracted "
-            f"once, on {pairing.embed} (merged, it reaches both sides)"
+            f"once, on {pairing.embed}; PEFT's merge_and_unload adds it to the shared tensor "
+            "(TUNED on both sides), while PEFT's unmerged forward and `lora merge` (which "
+            "unties the head) apply it to the input side only"
         ]
     if pairing.tuned_tied and not pairing.base_tied:
         return [

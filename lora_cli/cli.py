@@ -37,6 +37,7 @@ SEVERAL_PANEL = "Several adapters"
 CKPT_PANEL = "Training checkpoint (CKPT)"
 SPLIT_PANEL = "Split across jobs"
 RECOMPUTE_PANEL = "Recompute (with --base and --adapter)"
+EXTRACTED_PANEL = "Extracted adapter (with --base and --tuned)"
 _json_mode = False  # whether the running command prints JSON, for its failure report too
 
 
@@ -455,8 +456,23 @@ def validate(
         rich_help_panel=SPLIT_PANEL,
     ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    tuned: Path | None = typer.Option(
+        None,
+        metavar="TUNED",
+        help="With --base: the fine-tune PATH (an adapter) was extracted from.",
+        rich_help_panel=EXTRACTED_PANEL,
+    ),
+    max_error: float | None = typer.Option(
+        None,
+        metavar="FRACTION",
+        help="With --tuned: relative error above which a tensor is a finding.",
+        rich_help_panel=EXTRACTED_PANEL,
+    ),
 ) -> None:
     """Check integrity and numbers; exit 0 valid, 1 findings, 2 could not run."""
+    if tuned is not None or max_error is not None:
+        recompute = adapter or weights or sample is not None or part or atol or rtol
+        _validate_extracted(path, base, tuned, max_error, device, json_out, bool(recompute))
     with _expected_failures(json_out):
         from lora_cli.args import check_device, check_inputs, parse_weights
 
@@ -484,6 +500,140 @@ def validate(
             )
         code = render.validate_report(report, json_out)
         raise typer.Exit(code)
+
+
+@app.command(
+    cls=Command,
+    epilog=examples(
+        "lora extract ./Llama-3-8B ./my-full-finetune -o ./my-lora --rank 64",
+        "lora extract ./base ./tuned -o ./small --rank auto --energy 0.99 --max-rank 256",
+        "lora extract ./base ./tuned --dry-run",
+        "lora validate ./my-lora --base ./base --tuned ./tuned --max-error 0.2",
+    ),
+)
+def extract(
+    base: Path = typer.Argument(
+        ...,
+        metavar="BASE",
+        show_default=False,
+        help="Base checkpoint: folder, index, weights file or Hub id (org/name[@revision]).",
+    ),
+    tuned: Path = typer.Argument(
+        ...,
+        metavar="TUNED",
+        show_default=False,
+        help="The full fine-tune of BASE: folder, weights file or Hub id.",
+    ),
+    output_path: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="Adapter folder to write (must not exist unless --overwrite).",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+    rank: str = typer.Option(
+        "32", metavar="R|auto", help="LoRA rank per module, or 'auto' (see --energy)."
+    ),
+    energy: float = typer.Option(
+        0.99, metavar="FRACTION", help="--rank auto: share of each change's ‖Δ‖² to keep."
+    ),
+    max_rank: int = typer.Option(
+        128, metavar="R", help="--rank auto: the largest rank a module may get."
+    ),
+    exact: bool = typer.Option(
+        False, "--exact", help="Full SVD instead of randomized (slower; optimal error)."
+    ),
+    dtype: str = typer.Option(
+        "bf16", metavar="bf16|fp16|fp32", help="Factor dtype.", rich_help_panel=OUTPUT_PANEL
+    ),
+    min_change: float = typer.Option(
+        0.0, metavar="EPS", help="Skip tensors whose ‖Δ‖ is at most this fraction of ‖BASE‖."
+    ),
+    include_full: bool | None = typer.Option(
+        None,
+        "--include-full/--no-include-full",
+        show_default=False,
+        help="Ship changed non-LoRA tensors (norms, biases) whole [default: on]; given "
+        "explicitly, also a grown embedding/head.",
+    ),
+    device: str = typer.Option(
+        "auto", metavar="DEVICE", help="auto, cpu or cuda[:N] for the SVDs."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the targets, write nothing."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an existing output folder.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
+) -> None:
+    """Turn a full fine-tune into a PEFT LoRA adapter of its base (truncated SVD of each
+    weight's change), streaming one tensor pair at a time."""
+    with _expected_failures(json_out):
+        from lora_cli import output
+        from lora_cli.render_extract import extract_result
+        from lora_cli.stages.extract import extract as run_extract
+
+        with output.progress_bar("extracting", not quiet and not json_out) as factory:
+            result = run_extract(
+                base,
+                tuned,
+                output_path,
+                rank=rank,
+                energy=energy,
+                max_rank=max_rank,
+                exact=exact,
+                dtype=dtype,
+                min_change=min_change,
+                include_full=include_full,
+                device=device,
+                dry_run=dry_run,
+                overwrite=overwrite,
+                progress_factory=factory,
+                notice=None if quiet else output.info,
+                hub_progress=not quiet and not json_out,
+            )
+        extract_result(result, json_out, quiet)
+
+
+def _validate_extracted(
+    path: Path,
+    base: Path | None,
+    tuned: Path | None,
+    max_error: float | None,
+    device: str,
+    json_out: bool,
+    recompute_options: bool,
+) -> None:
+    """``lora validate OUT --base BASE --tuned TUNED``: exits with 0, 1 (findings) or 2."""
+    with _expected_failures(json_out):
+        from lora_cli import output
+        from lora_cli.errors import UsageError
+        from lora_cli.render_extract import extract_validation
+        from lora_cli.stages.validate_extracted import validate_extracted
+
+        usage = "lora validate ADAPTER --base BASE --tuned TUNED [--max-error X]"
+        if base is None or tuned is None:
+            raise UsageError("--tuned and --max-error need both --base and --tuned", usage)
+        if recompute_options:
+            raise UsageError(
+                "--tuned goes without --adapter, --weights, --sample, --part, --atol, --rtol",
+                usage,
+            )
+        report = validate_extracted(
+            path,
+            base=base,
+            tuned=tuned,
+            max_error=max_error,
+            device=device,
+            notice=output.info,
+            hub_progress=not json_out,
+        )
+        code = extract_validation(report, json_out)
+    raise typer.Exit(code)
 
 
 def _bug(exc: BaseException) -> int:

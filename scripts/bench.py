@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -1009,6 +1010,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="extra options for every `lora merge` run (e.g. '--no-checksums')",
     )
+    ap.add_argument(
+        "--extract",
+        action="store_true",
+        help="also time `lora extract BASE TUNED --rank 16`, TUNED = the base merged with the "
+        "all-linear adapter (a rank-16 change)",
+    )
+    ap.add_argument(
+        "--mergekit",
+        type=Path,
+        default=None,
+        help="with --extract: a mergekit-extract-lora executable to time beside it (its own "
+        "venv: mergekit pins its own torch/transformers ranges)",
+    )
     ap.add_argument("--internal", nargs=2, metavar=("TASK", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick or args.smoke:
@@ -1225,9 +1239,109 @@ def bench_size(
         info[f"{scheme}_base_bytes"] = qbytes
     live.update(cases=list(cases.values()), size=size, info=info)
     run_repetitions(cases, base, adapters, workdir, lora, args, child_env, live.save)
+    if args.extract and "all-linear" in adapters:
+        info["extract"] = bench_extract(
+            size, base, adapters["all-linear"], workdir, lora, args, child_env
+        )
+        live.update(cases=list(cases.values()), size=size, info=info)
     ratios = size_ratios(cases, size, args.adapter_list)
     quant_ratios = quantized_ratios(cases, size)
     return list(cases.values()), ratios + quant_ratios, info
+
+
+def bench_extract(
+    size: str,
+    base: Path,
+    adapter: Path,
+    workdir: Path,
+    lora: Path,
+    args: argparse.Namespace,
+    child_env: dict[str, str],
+) -> dict[str, Any]:
+    """`lora extract` (and mergekit-extract-lora with --mergekit) on BASE and BASE merged with
+    the all-linear rank-16 adapter: wall time, peak RSS, and the error lora reports."""
+    tuned = workdir / f"tuned-{size}"
+    if not (tuned / "config.json").is_file():
+        shutil.rmtree(tuned, ignore_errors=True)
+        made = run_measured(
+            [
+                str(lora),
+                "merge",
+                str(base),
+                str(adapter),
+                "-o",
+                str(tuned),
+                "--quiet",
+                "--no-checksums",
+            ],
+            args.timeout,
+            child_env,
+        )
+        if not made.ok:
+            print(f"  extract: could not make TUNED ({made.error}): {made.stderr_tail[-400:]}")
+            return {"error": made.error}
+    warm_cache([tuned])
+    out = workdir / f"out-{size}-extract"
+    cmds = {
+        "lora extract": [
+            str(lora),
+            "extract",
+            str(base),
+            str(tuned),
+            "-o",
+            str(out),
+            "--rank",
+            str(LORA_RANK),
+            "--json",
+            "--quiet",
+        ]
+    }
+    if args.mergekit:
+        cmds["mergekit"] = [
+            str(args.mergekit),
+            "--model",
+            str(tuned),
+            "--base-model",
+            str(base),
+            "--out-path",
+            str(out),
+            "--max-rank",
+            str(LORA_RANK),
+        ]
+    rows: dict[str, Any] = {}
+    for rep in range(args.repeats):
+        for name, cmd in (
+            list(cmds.items())[rep % len(cmds) :] + list(cmds.items())[: rep % len(cmds)]
+        ):
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            r = run_measured(cmd, args.timeout, child_env, args.timed_sync)
+            row = rows.setdefault(name, {"wall_s": [], "peak_rss_mib": [], "cpu_s": []})
+            if not r.ok:
+                row["error"] = f"{r.error}: {(r.stderr_tail or r.stdout_tail)[-400:]}"
+                continue
+            row["wall_s"].append(r.wall_s)
+            row["peak_rss_mib"].append(r.peak_rss_mib)
+            row["cpu_s"].append(r.user_s + r.sys_s)
+            if name == "lora extract" and "error" not in row:
+                found = re.search(r'"totals": (\{[^{}]*\})', r.stdout_tail)  # (only a tail)
+                with contextlib.suppress(ValueError, KeyError, AttributeError):
+                    totals = json.loads(found.group(1))  # type: ignore[union-attr]
+                    row["relative_error"] = totals["error"]
+                    row["size_ratio"] = totals["size_ratio"]
+    shutil.rmtree(out, ignore_errors=True)
+    for name, row in rows.items():
+        if row["wall_s"]:
+            row["median_wall_s"] = statistics.median(row["wall_s"])
+            row["max_peak_rss_mib"] = max(row["peak_rss_mib"])
+            print(
+                f"  extract {name:<13} {row['median_wall_s']:8.2f} s  peak "
+                f"{row['max_peak_rss_mib']:8.0f} MiB",
+                flush=True,
+            )
+        else:
+            print(f"  extract {name:<13} FAILED {row.get('error', '')}", flush=True)
+    return rows
 
 
 def loadavg() -> str:

@@ -204,7 +204,7 @@ def test_validate_reports_progress_per_tensor(pair):
 
 
 def test_help_has_examples_groups_and_clean_metavars(run_cli):
-    for command in ("merge", "validate", "convert", "inspect"):
+    for command in ("merge", "validate", "convert", "inspect", "extract"):
         code, stdout, _ = run_cli(command, "--help")
         assert code == 0 and "Examples" in stdout and f"$ lora {command} " in stdout
         for noise in ("<bool>", "<list[Path]>", "<path>", "{", "}"):

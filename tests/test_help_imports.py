@@ -21,7 +21,9 @@ print("HEAVY=" + ",".join(heavy), file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["merge", "--help"], ["validate", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["merge", "--help"], ["validate", "--help"], ["extract", "--help"]]
+)
 def test_help_imports_no_heavy_library(args):
     done = subprocess.run(
         [sys.executable, "-c", PROBE.format(heavy=HEAVY), *args],

@@ -72,6 +72,14 @@ def model_card(
         lines += _adapter_rows(a, len(adapters) > 1)
     lines += [
         f"| lora version | {__version__} |",
+        *_provenance(command, checksums_name),
+    ]
+    return "\n".join(lines)
+
+
+def _provenance(command: Sequence[str], checksums_name: str) -> list[str]:
+    """The card's last rows (command, date) and its checksums section."""
+    return [
         f"| command | `{shlex.join(command)}` (OUTPUT: this folder) |",
         f"| date | {_date()} |",
         "",
@@ -81,7 +89,6 @@ def model_card(
         f"`sha256sum -c {checksums_name}` or `lora validate .`.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def config_sha256(config_path: Path) -> str:
@@ -125,3 +132,41 @@ def _q(text: str) -> str:
 def _cell(value: object) -> str:
     """A Markdown table cell: a ``|`` in a value would end the cell."""
     return str(value).replace("|", "\\|")
+
+
+def adapter_card(
+    *,
+    base_ref: str,
+    base_hub_id: str | None,
+    tuned_ref: str,
+    rows: Sequence[tuple[str, str]],
+    command: Sequence[str],
+    checksums_name: str,
+) -> str:
+    """The card of an adapter extracted by ``lora extract``: a PEFT adapter of the base
+    (``base_model_relation: adapter``), loaded with PEFT on top of it."""
+    meta: list[str] = ["---"]
+    if base_hub_id:
+        meta += [f"base_model: {_q(base_hub_id)}", "base_model_relation: adapter"]
+    tags = ["lora", "peft", "extracted-lora", "lora-cli"]
+    meta += ["library_name: peft", "tags:", *[f"- {_q(t)}" for t in tags], "---"]
+    lines = [
+        *meta,
+        "",
+        f"# LoRA extracted from `{tuned_ref}`",
+        "",
+        f"The difference between `{tuned_ref}` and its base `{base_ref}`, as a PEFT LoRA "
+        f"adapter (truncated SVD of each weight's change) written by "
+        f"[lora](https://pypi.org/project/lora-cli/) {__version__}. Load it with "
+        "`PeftModel.from_pretrained(base, this_folder)`, serve it beside other adapters, or "
+        "fold it back with `lora merge`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base | `{base_ref}` |",
+        f"| fine-tuned | `{tuned_ref}` |",
+        *[f"| {k} | {_cell(v)} |" for k, v in rows],
+        f"| lora version | {__version__} |",
+        *_provenance(command, checksums_name),
+    ]
+    return "\n".join(lines)

@@ -17,7 +17,8 @@ import pytest
 from conftest import peft_adapter
 from rel_helpers import build_inputs, copy_inputs
 
-from lora_cli.merge.parts import PARTS_SUFFIX, parse_part, split_by_bytes
+from lora_cli.io.destination import PARTS_SUFFIX
+from lora_cli.merge.parts import parse_part, split_by_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARDS = ("--max-shard-size", "6KB")  # ~8 output shards from the tiny two-shard base

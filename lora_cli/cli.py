@@ -32,16 +32,16 @@ SHARD_HELP = "Largest output shard, e.g. 500MB, 5GB, 2GiB."
 @contextlib.contextmanager
 def _expected_failures() -> Iterator[None]:
     """Turn expected failures into one line on stderr and an exit code; never a traceback."""
-    from lora_cli import errors, output
+    from lora_cli import errors, interrupts, output
 
     try:
         yield
     except errors.LoraError as exc:
         output.error(exc.message, exc.hint)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        output.error("interrupted; nothing was written to the destination")
-        raise typer.Exit(errors.EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (lora_cli/interrupts.py)
+        output.error(interrupts.message())
+        raise typer.Exit(interrupts.exit_code()) from None
 
 
 def _version(value: bool) -> None:
@@ -303,8 +303,12 @@ def main() -> None:
     # OpenMP workers that spin between torch's many small ops burn a core for nothing in a
     # streaming merge (profiled: ~10% of its CPU); sleeping ones cost nothing. Before torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from lora_cli import interrupts
+
+    interrupts.install()
     try:
-        app()
+        with interrupts.exit_promptly_when_interrupted():
+            app()
     except BrokenPipeError:  # `lora inspect --json x | head`
         sys.stderr.close()
         sys.exit(0)

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_cli import interrupts
 from lora_cli.errors import FormatError, LoraError, UsageError
 from lora_cli.io import sysio
 from lora_cli.io.destination import TMP_MARK, destination_path
@@ -72,13 +73,21 @@ class OutputDir:
 
     def __enter__(self) -> OutputDir:
         remove_stale_temporaries(self.final)
+        interrupts.register_temporary(self.path)
         try:
             self.path.mkdir()
         except OSError as exc:
+            interrupts.unregister_temporary(self.path)
             raise io_error(self.path, exc) from None
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            self._finish(exc)
+        finally:
+            interrupts.unregister_temporary(self.path)
+
+    def _finish(self, exc: BaseException | None) -> None:
         if exc is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return

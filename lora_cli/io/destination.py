@@ -100,6 +100,22 @@ def real_inputs(inputs: Iterable[Path | str]) -> list[tuple[Path, Path]]:
     return list(found.items())
 
 
+def _check_linked_parts_folder(dest: Path, shown: Path, inputs: Iterable[Path | str]) -> None:
+    """A parts folder that is a symlink (say, to shared scratch) is written and deleted
+    through its target: that target may not overlap an input either."""
+    folder = dest.parent / f"{dest.name}{PARTS_SUFFIX}"
+    if not folder.is_symlink():
+        return
+    real = Path(os.path.realpath(folder))
+    for inp, named in real_inputs(inputs):
+        if real == inp or real in inp.parents or inp in real.parents:
+            raise UsageError(
+                f"output {shown}: its parts folder {folder} links to {real}, which overlaps "
+                f"the input {named}",
+                "choose another output name; inputs are never modified",
+            )
+
+
 def check_destination(
     final: Path | str,
     overwrite: bool,
@@ -136,6 +152,8 @@ def check_destination(
                     f"the input {named}",
                     "choose another output name; inputs are never modified",
                 )
+    if parts:
+        _check_linked_parts_folder(dest, shown, inputs)
     if dest.is_symlink():
         target = os.readlink(dest)
         raise UsageError(

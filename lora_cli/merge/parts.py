@@ -206,6 +206,11 @@ def _collect(folder: Path, fp: dict[str, str]) -> tuple[Part, dict[int, PartReco
                 )
             continue
         m = _PART_RE.match(entry.name)
+        if m and entry.is_symlink():
+            raise PartError(
+                f"{entry}: a part folder is a symbolic link (to {os.readlink(entry)})",
+                "gather the parts' folders themselves into the parts folder",
+            )
         if m:
             counts.setdefault(int(m.group(2)), []).append(entry.name)
             entries[int(m.group(1))] = entry

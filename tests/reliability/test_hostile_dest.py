@@ -63,6 +63,17 @@ def test_a_base_in_the_parts_folder_is_refused(inputs, tmp_path, mode: str, wher
     assert not list(parts.rglob("part-1-of-1"))
 
 
+@pytest.mark.parametrize("mode", ["--part", "--join"])
+def test_a_parts_folder_linked_into_an_input_is_refused(inputs, tmp_path, mode: str) -> None:
+    base, adapter = inputs
+    parts = tmp_path / f"merged{PARTS_SUFFIX}"
+    parts.symlink_to(base)
+    argv = ["merge", base, adapter, "-o", tmp_path / "merged", "-q", *SHARDS]
+    argv += ["--part", "1/1"] if mode == "--part" else ["--join"]
+    assert_refused(argv, [base, adapter], names=["parts folder", "links to"])
+    assert parts.is_symlink() and not (tmp_path / "merged").exists()
+
+
 def test_a_base_named_like_a_stale_temporary_is_not_deleted(inputs, tmp_path) -> None:
     """``.OUT.lora-tmp-PID`` of a dead process is what the next run deletes as a leftover."""
     base, adapter = inputs
@@ -176,6 +187,13 @@ def test_join_refuses_a_shard_replaced_by_a_symlink(valid, joinable, tmp_path) -
     shutil.move(shard, tmp_path / "moved.safetensors")
     shard.symlink_to(tmp_path / "moved.safetensors")
     _refused_join(valid, joinable, [str(shard)])
+
+
+def test_join_refuses_a_part_folder_that_is_a_symlink(valid, joinable, tmp_path) -> None:
+    _, _, parts = joinable
+    moved = Path(shutil.move(parts / "part-2-of-3", tmp_path / "elsewhere"))
+    (parts / "part-2-of-3").symlink_to(moved)
+    _refused_join(valid, joinable, [str(parts / "part-2-of-3"), "symbolic link"])
 
 
 def _edit_record(parts: Path, index: int, edit) -> Path:

@@ -101,9 +101,10 @@ def _watchdog() -> None:
     deadline = time.monotonic() + GRACE_SECONDS
     while time.monotonic() < deadline:
         time.sleep(RETRY_SECONDS)
-        if not _raised and _received is not None:
+        kill = getattr(signal, "pthread_kill", None)  # (not on Windows)
+        if not _raised and _received is not None and kill is not None:
             with suppress(OSError, ValueError):  # to the main thread: wakes a blocking call
-                signal.pthread_kill(threading.main_thread().ident or 0, _received)
+                kill(threading.main_thread().ident or 0, _received)
     _remove_temporaries()
     _report()
     with suppress(Exception):

@@ -110,9 +110,7 @@ def test_ctrl_c_leaves_nothing(inputs, tmp_path, run_cli, point: str) -> None:
     _rerun_succeeds(run_cli, base, adapter, dest)
 
 
-@pytest.mark.parametrize(
-    "point", ["first-copy", "compute-on-worker-thread", "manifest-before-rename"]
-)
+@pytest.mark.parametrize("point", ["first-copy", "manifest-before-rename"])  # early, late
 def test_sigterm_is_handled_like_ctrl_c(inputs, tmp_path, point: str) -> None:
     """What `timeout`, `docker stop`, Slurm and Kubernetes send: exit 143, nothing left."""
     base, adapter = inputs

@@ -19,7 +19,7 @@ from lora_cli.errors import LoraError
 
 SCHEMA = "lora-part/1"
 RECORD_NAME = "part.json"
-MAX_RECORD_BYTES = 16 << 20  # ~100 k shards; a real record is a few KB
+MAX_RECORD_BYTES = 4 << 20  # ~30 k shards; a real record is a few KB (parsed: < 100 MB)
 MAX_PARTS = 1 << 16
 MAX_SHARD_BYTES = 1 << 50  # 1 PiB
 MAX_NAME = 255

@@ -256,7 +256,7 @@ def test_join_refuses_a_malformed_record(valid, joinable, case: str) -> None:
 def test_join_refuses_an_oversized_record(valid, joinable) -> None:
     _, _, parts = joinable
     path = parts / "part-1-of-3" / "part.json"
-    path.write_bytes(b" " * (16 << 20) + b"{}")
+    path.write_bytes(b" " * (4 << 20) + b"{}")
     _refused_join(valid, joinable, [str(path), "larger than"])
 
 

@@ -56,9 +56,11 @@ def _expected_failures(json_out: bool = False) -> Iterator[None]:
     except errors.LoraError as exc:
         _report(exc.message, exc.hint, exc.exit_code, *exc.location())
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        _report("interrupted; nothing was written to the destination", None, 130)
-        raise typer.Exit(errors.EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (lora_cli/interrupts.py)
+        from lora_cli import interrupts
+
+        _report(interrupts.message(), None, interrupts.exit_code())
+        raise typer.Exit(interrupts.exit_code()) from None
 
 
 def _report(
@@ -667,8 +669,12 @@ def main() -> None:
     # streaming merge (profiled: ~10% of its CPU); sleeping ones cost nothing. Before torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _tolerant_streams()
+    from lora_cli import interrupts
+
+    interrupts.install()
     try:
-        app()
+        with interrupts.exit_promptly_when_interrupted():
+            app()
     except BrokenPipeError:  # `lora inspect --json x | head`
         sys.stderr.close()
         sys.exit(0)

@@ -16,7 +16,6 @@ EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE: an internal error, not a verdict on the input
-EXIT_INTERRUPTED = 130
 
 # ``tensor 'name': …`` or ``tensor 'name' has …``: the name as repr() wrote it
 _TENSOR_PREFIX = re.compile(r"^tensor ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")(?::? |$)")

@@ -35,3 +35,12 @@ def start_torch_import() -> None:
 def torch_loading() -> bool:
     """True while the background import is still running."""
     return _thread is not None and _thread.is_alive()
+
+
+def wait_for_torch() -> None:
+    """Wait for the background import in a plain thread join, not inside ``import torch``:
+    an interrupt raises here at once, while one that lands in importlib's frames must wait
+    for the import to finish (``lora_cli/interrupts.py``)."""
+    thread = _thread
+    if thread is not None and thread.is_alive():
+        thread.join()

@@ -20,14 +20,16 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_cli import interrupts
 from lora_cli.errors import FormatError, LoraError, UsageError
 from lora_cli.io import sysio
+from lora_cli.io.destination import TMP_MARK, destination_path
+from lora_cli.io.destination import check_destination as check_destination  # its old home
 from lora_cli.io.safetensors_format import TensorEntry, plan_header
 
 if TYPE_CHECKING:
     import torch
 
-TMP_MARK = ".lora-tmp-"
 HASH_BUFFER = 1 << 20
 EMIT_SLICE = 256 << 10  # fits a core's L2 with room for the hash state and the kernel's copy
 
@@ -61,59 +63,37 @@ def remove_stale_temporaries(final: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def check_destination(final: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse bad destinations before any work starts."""
-    from lora_cli.io.hub import refuse_cache_output
-
-    final = Path(final).absolute()
-    refuse_cache_output(final)
-    real_final = final.resolve()
-    for inp in inputs:
-        inp = Path(inp).absolute()
-        real = inp.resolve()
-        if real_final == real or (real.is_dir() and real in real_final.parents):
-            raise UsageError(
-                f"output {final} is inside the input {inp}",
-                "choose an output path outside the inputs; inputs are never modified",
-            )
-        if real_final in real.parents:
-            # replacing (--overwrite) or writing into a folder that holds the input
-            raise UsageError(
-                f"output {final} contains the input {inp}",
-                "choose an output path outside the inputs; inputs are never modified",
-            )
-    if final.exists() and not overwrite:
-        raise UsageError(f"output {final} already exists", "pass --overwrite to replace it")
-    parent = final.parent
-    if not parent.is_dir():
-        raise UsageError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to {parent} (permission denied)")
-
-
 class OutputDir:
     """A temporary sibling folder that becomes ``final`` only on success."""
 
     def __init__(self, final: Path, overwrite: bool = False) -> None:
-        self.final = Path(final).absolute()
+        self.final = destination_path(final)
         self.overwrite = overwrite
         self.path = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}"
 
     def __enter__(self) -> OutputDir:
         remove_stale_temporaries(self.final)
+        interrupts.register_temporary(self.path)
         try:
             self.path.mkdir()
         except OSError as exc:
+            interrupts.unregister_temporary(self.path)
             raise io_error(self.path, exc) from None
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            self._finish(exc)
+        finally:
+            interrupts.unregister_temporary(self.path)
+
+    def _finish(self, exc: BaseException | None) -> None:
         if exc is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         try:
             _fsync_dir(self.path)
-            if self.final.exists():
+            if os.path.lexists(self.final):
                 if not self.overwrite:
                     raise UsageError(f"output {self.final} appeared while running")
                 old = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}.old"

@@ -26,22 +26,17 @@ from typing import Any
 
 from lora_cli import __version__
 from lora_cli.errors import LoraError, UsageError
-from lora_cli.io.layout import read_json, write_json
+from lora_cli.io.destination import parts_folder
+from lora_cli.io.layout import sha256_file, write_json
 from lora_cli.io.safetensors_format import plan_header
 from lora_cli.io.writer import TMP_MARK, OutputDir, _pid_alive, copy_file, io_error
+from lora_cli.merge.part_record import RECORD_NAME, PartError, PartRecord, ShardRecord, read_record
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
 from lora_cli.merge.run import MergeResult, Progress, finish_output, merge_result, write_shards
 
-SCHEMA = "lora-part/1"
-RECORD_NAME = "part.json"
-PARTS_SUFFIX = ".lora-parts"
 SAMPLE_BLOCKS = 16  # sampled 64 KiB blocks per base file in the fingerprint
 SAMPLE_BYTES = 64 << 10
 _PART_RE = re.compile(r"^part-(\d+)-of-(\d+)$")
-
-
-class PartError(LoraError):
-    """A part is missing, incomplete, duplicated, stale or from other inputs."""
 
 
 @dataclass(frozen=True)
@@ -87,11 +82,6 @@ def part_shards(plan: MergePlan, part: Part) -> list[ShardOut]:
     """The plan's shards that ``part`` writes, in plan order."""
     sizes = [p.nbytes for p in shard_plans(plan)]
     return [plan.shards[i] for i in split_by_bytes(sizes, part.count)[part.index - 1]]
-
-
-def parts_folder(output: Path) -> Path:
-    output = Path(output).absolute()
-    return output.parent / f"{output.name}{PARTS_SUFFIX}"
 
 
 # -- what binds a part to its inputs ---------------------------------------------------------
@@ -162,28 +152,22 @@ def run_part(
     """Write part ``part``'s shards and its record; a rerun replaces the part."""
     start = time.perf_counter()
     shards = part_shards(plan, part)
-    record = {
-        "schema": SCHEMA,
-        "part": part.index,
-        "of": part.count,
-        "fingerprint": fingerprint(plan, options),
-        "shards": {},
-    }
+    fp = fingerprint(plan, options)
     folder = parts_folder(output)
     try:
         folder.mkdir(exist_ok=True)
     except OSError as exc:
         raise io_error(folder, exc) from None
     with OutputDir(folder / part.dirname, overwrite=True) as out:
+        # hashed whatever --checksums says: the record is what the join checks the bytes by
         written, digests, device = write_shards(
-            plan, shards, out.path, device=device, progress=progress,
-            checksums=options.get("checksums", True),
-        )  # fmt: skip
-        record["shards"] = {
-            name: {"bytes": (out.path / name).stat().st_size, "sha256": digest}
+            plan, shards, out.path, device=device, progress=progress, checksums=True
+        )
+        record = PartRecord(part.index, part.count, fp, {
+            name: ShardRecord((out.path / name).stat().st_size, digest)
             for name, digest in digests.items()
-        }
-        write_json(out.path / RECORD_NAME, record)
+        })  # fmt: skip
+        write_json(out.path / RECORD_NAME, record.to_json())
     files = [f"{folder.name}/{part.dirname}/{n}" for n in [*digests, RECORD_NAME]]
     result = merge_result(plan, output, files, device, time.perf_counter() - start, written)
     result.part = part.label
@@ -203,7 +187,7 @@ _WHAT = {
 }
 
 
-def _collect(folder: Path, fp: dict[str, str]) -> tuple[Part, dict[int, dict]]:
+def _collect(folder: Path, fp: dict[str, str]) -> tuple[Part, dict[int, PartRecord]]:
     """Every part record in ``folder``, checked; the split they share."""
     if not folder.is_dir():
         raise PartError(
@@ -222,6 +206,11 @@ def _collect(folder: Path, fp: dict[str, str]) -> tuple[Part, dict[int, dict]]:
                 )
             continue
         m = _PART_RE.match(entry.name)
+        if m and entry.is_symlink():
+            raise PartError(
+                f"{entry}: a part folder is a symbolic link (to {os.readlink(entry)})",
+                "gather the parts' folders themselves into the parts folder",
+            )
         if m:
             counts.setdefault(int(m.group(2)), []).append(entry.name)
             entries[int(m.group(1))] = entry
@@ -237,53 +226,54 @@ def _collect(folder: Path, fp: dict[str, str]) -> tuple[Part, dict[int, dict]]:
             "remove the stale parts; every part of one merge uses the same N",
         )
     count = next(iter(counts))
-    found: dict[int, tuple[Path, dict]] = {}
-    for index, entry in sorted(entries.items()):
-        record_path = entry / RECORD_NAME
-        if not record_path.is_file():
-            raise PartError(
-                f"{entry}: part {index}/{count} is incomplete (no {RECORD_NAME})",
-                f"rerun it: lora merge … --part {index}/{count}",
-            )
-        record = read_json(record_path, "part record")
-        if record.get("schema") != SCHEMA or (record.get("part"), record.get("of")) != (
-            index,
-            count,
-        ):
-            raise PartError(
-                f"{record_path}: not the record of part {index}/{count} "
-                f"(it says part {record.get('part')}/{record.get('of')}): a duplicated part?",
-                "keep one folder per part, named part-I-of-N",
-            )
-        found[index] = (entry, record)
     for index in range(1, count + 1):
-        if index not in found:
+        if index not in entries:
             raise PartError(
                 f"{folder}: part {index}/{count} is missing",
                 f"run: lora merge BASE ADAPTER -o OUT --part {index}/{count}",
             )
-    for index, (entry, record) in sorted(found.items()):
-        theirs = record.get("fingerprint") or {}
+    found: dict[int, PartRecord] = {}
+    for index, entry in sorted(entries.items()):
+        record_path = entry / RECORD_NAME
+        rerun = f"rerun it: lora merge … --part {index}/{count}"
+        if not record_path.is_file():
+            raise PartError(
+                f"{entry}: part {index}/{count} is incomplete (no {RECORD_NAME})", rerun
+            )
+        record = read_record(record_path, rerun)
+        if (record.part, record.of) != (index, count):
+            raise PartError(
+                f"{record_path}: not the record of part {index}/{count} "
+                f"(it says part {record.part}/{record.of}): a duplicated part?",
+                "keep one folder per part, named part-I-of-N",
+            )
         for key, what in _WHAT.items():
-            if theirs.get(key) != fp[key]:
-                extra = f" {theirs.get(key)}, not {fp[key]}" if key == "lora_version" else ""
+            if record.fingerprint[key] != fp[key]:
+                extra = (
+                    f" {record.fingerprint[key]}, not {fp[key]}" if key == "lora_version" else ""
+                )
                 raise PartError(
                     f"{entry}: part {index}/{count} is stale or foreign: made from {what}{extra}",
                     f"rerun it with the join's inputs and options: lora merge … --part "
                     f"{index}/{count}",
                 )
-    return Part(1, count), {i: r for i, (_, r) in found.items()}
+        found[index] = record
+    return Part(1, count), found
 
 
-def _check_shards(folder: Path, plan: MergePlan, count: int, records: dict[int, dict]) -> None:
-    """Each part holds exactly its planned shards, complete: size and header as planned."""
+def _check_shards(
+    folder: Path, plan: MergePlan, count: int, records: dict[int, PartRecord]
+) -> dict[str, Path]:
+    """Each part holds exactly its planned shards, complete: size and header as planned.
+    Returns every shard's file, in plan order."""
     specs = {s.filename: s for s in shard_plans(plan)}
     owner: dict[str, int] = {}
+    files: dict[str, Path] = {}
     for index, record in sorted(records.items()):
         part = Part(index, count)
+        rerun = f"rerun it: lora merge … --part {part.label}"
         want = [s.filename for s in part_shards(plan, part)]
-        have = record.get("shards") or {}
-        for name in have:
+        for name in record.shards:
             if name in owner:
                 raise PartError(
                     f"{folder / part.dirname}: shard {name} is also in part {owner[name]}/"
@@ -291,25 +281,30 @@ def _check_shards(folder: Path, plan: MergePlan, count: int, records: dict[int, 
                     "remove the stray copy; each shard belongs to one part",
                 )
             owner[name] = index
-        if sorted(have) != sorted(want):
+        if sorted(record.shards) != sorted(want):
             raise PartError(
-                f"{folder / part.dirname}: part {part.label} holds {sorted(have)}, planned {want}",
-                f"rerun it: lora merge … --part {part.label}",
+                f"{folder / part.dirname}: part {part.label} holds {sorted(record.shards)}, "
+                f"planned {want}",
+                rerun,
             )
         for name in want:
             path = folder / part.dirname / name
-            spec = specs[name]
-            header, entries = plan_header(spec.specs, _metadata(plan, name))
+            header, entries = plan_header(specs[name].specs, _metadata(plan, name))
             size = len(header) + (entries[-1].end if entries else 0)
-            ok = path.is_file() and path.stat().st_size == size == have[name].get("bytes")
+            ok = (
+                path.is_file()
+                and not path.is_symlink()
+                and path.stat().st_size == size == record.shards[name].nbytes
+            )
             if ok:
                 with open(path, "rb") as f:
                     ok = f.read(len(header)) == header
             if not ok:
                 raise PartError(
-                    f"{path}: shard of part {part.label} is missing, truncated or altered",
-                    f"rerun it: lora merge … --part {part.label}",
+                    f"{path}: shard of part {part.label} is missing, truncated or altered", rerun
                 )
+            files[name] = path
+    return {s.filename: files[s.filename] for s in plan.shards}
 
 
 def _metadata(plan: MergePlan, filename: str) -> dict[str, str]:
@@ -328,6 +323,35 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         copy_file(src, dst)
 
 
+def _verify_digests(
+    published: dict[str, Path],
+    sources: dict[str, Path],
+    want: dict[str, str],
+    labels: dict[str, str],
+) -> None:
+    """Re-hash every published shard (one sequential read each, several at once): a byte
+    changed since its part hashed it while writing is refused, not published."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, min(4, os.cpu_count() or 1, len(published)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="lora-join-hash") as pool:
+        got = dict(zip(published, pool.map(_digest, published.values()), strict=True))
+    for name, digest in got.items():
+        if digest != want[name]:
+            raise PartError(
+                f"{sources[name]}: shard of part {labels[name]} does not match the sha256 its "
+                "part recorded (altered or corrupted since it was written)",
+                f"rerun it: lora merge … --part {labels[name]}",
+            )
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
 def run_join(
     plan: MergePlan,
     output: Path,
@@ -336,25 +360,23 @@ def run_join(
     overwrite: bool = False,
     model_card: str | None = None,
 ) -> MergeResult:
-    """Check every part, then publish the whole output folder at once."""
+    """Check every part and every shard's bytes, then publish the whole output folder at once."""
     start = time.perf_counter()
     folder = parts_folder(output)
     fp = fingerprint(plan, options)
     split, records = _collect(folder, fp)
-    _check_shards(folder, plan, split.count, records)
-    digests: dict[str, str] = {}
-    written = 0
+    sources = _check_shards(folder, plan, split.count, records)
+    shard_records = {n: r for rec in records.values() for n, r in rec.shards.items()}
+    labels = {n: f"{i}/{split.count}" for i, rec in records.items() for n in rec.shards}
+    digests = {name: shard_records[name].sha256 for name in sources}
     with OutputDir(output, overwrite) as out:
-        for index, record in sorted(records.items()):
-            part = Part(index, split.count)
-            for name, entry in record["shards"].items():
-                _link_or_copy(folder / part.dirname / name, out.path / name)
-                digests[name] = entry["sha256"]
-                written += int(entry["bytes"])
-        order = [s.filename for s in plan.shards]
-        digests = {n: digests[n] for n in order}
+        published = {name: out.path / name for name in sources}
+        for name, src in sources.items():
+            _link_or_copy(src, published[name])
+        _verify_digests(published, sources, digests, labels)
         files = finish_output(plan, out.path, digests, options.get("checksums", True), model_card)
     shutil.rmtree(folder, ignore_errors=True)
+    written = sum(r.nbytes for r in shard_records.values())
     result = merge_result(plan, output, files, "-", time.perf_counter() - start, written)
     result.part = f"joined {split.count}"
     return result

@@ -34,7 +34,7 @@ from lora_cli.io.writer import OutputDir, ShardWriter, copy_file, write_small_fi
 from lora_cli.merge.card import CARD_NAME
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
 from lora_cli.merge.requant import write_order
-from lora_cli.preload import torch_loading
+from lora_cli.preload import torch_loading, wait_for_torch
 
 if TYPE_CHECKING:
     import torch
@@ -414,6 +414,7 @@ def write_shards(
 
     try:
         written, early = _copy_while_torch_loads(plan, shards, open_writer, copy)
+        wait_for_torch()  # interruptible, unlike a wait inside `import torch`
         for adapter in [ad for ad, _ in plan.combined] or [plan.adapter]:
             if adapter.values_pending:
                 check_adapter_values(adapter)

@@ -110,7 +110,7 @@ def convert(
         _refuse_writing_beside(named)
     if output is not None and any(names_hub_repo(p) for p in (input_path, base) if p):
         local = [Path(p) for p in (input_path, base) if p is not None and Path(p).exists()]
-        check_destination(output, overwrite, local)  # before any download
+        check_destination(output, overwrite, local, file_output=(to or "").lower() == "gguf")
     input_path = resolve_input(input_path, "input", notice=notice, progress=hub_progress)
     if not input_path.exists():
         raise FormatError(f"{input_path}: no such file or directory")
@@ -185,7 +185,8 @@ def _convert_to(
         raise UsageError("--to needs an output path", "pass -o OUTPUT")
     if to == "gguf" and base is None:
         raise UsageError("--to gguf needs the base model", "pass --base BASE_MODEL_FOLDER")
-    check_destination(output, overwrite, [path] + ([base] if base else []))
+    read = [path] + ([base] if base else [])
+    check_destination(output, overwrite, read, file_output=to == "gguf")
     base_src = open_source(base) if base is not None else None
     try:
         adapter = load_adapter(path, base_src)
@@ -487,7 +488,7 @@ def _convert_training_checkpoint(
 
     start = time.perf_counter()
     output = output or _default_checkpoint_output(path)
-    check_destination(output, overwrite, [path])
+    check_destination(output, overwrite, [path] + ([adapter_config] if adapter_config else []))
     ckpt = open_training_checkpoint(path)
     try:
         split = split_checkpoint(ckpt, adapter_config=adapter_config)

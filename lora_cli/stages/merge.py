@@ -104,13 +104,15 @@ def merge(
         if output is None:
             raise UsageError("no output folder given", "pass -o OUTPUT")
         local = [Path(p) for p in (base, *refs) if p is not None and Path(p).exists()]
-        check_destination(output, overwrite, local)  # before any download
+        check_destination(output, overwrite, local, parts=bool(split or join))  # before downloads
     # "auto" asks torch whether there is a GPU: write_shards does, after the early copies
     dev = device if device.strip().lower() == "auto" else resolve_device(device)
     inputs = resolve_inputs(base, refs, notice=notice, progress=hub_progress)
     refuse_repeated(inputs.adapters)
     if not dry_run:
-        check_destination(Path(output), overwrite, [inputs.base, *inputs.adapters])
+        check_destination(
+            Path(output), overwrite, [inputs.base, *inputs.adapters], parts=bool(split or join)
+        )
     writes_math = not (dry_run or join)
     if writes_math:
         start_torch_import()  # planning and the untouched tensors' copies need no torch
@@ -293,7 +295,8 @@ def merge_checkpoint(
     if not dry_run:
         if output is None:
             raise UsageError("no output folder given", "pass -o OUTPUT")
-        check_destination(output, overwrite, [Path(ckpt_path)] + ([Path(base)] if base else []))
+        read = [ckpt_path, base, adapter_config]
+        check_destination(output, overwrite, [Path(p) for p in read if p is not None])
     dev = resolve_device(device)
     from lora_cli.io.checkpoint_detect import is_training_checkpoint
 

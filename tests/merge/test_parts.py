@@ -17,7 +17,8 @@ import pytest
 from conftest import peft_adapter
 from rel_helpers import build_inputs, copy_inputs
 
-from lora_cli.merge.parts import PARTS_SUFFIX, parse_part, split_by_bytes
+from lora_cli.io.destination import PARTS_SUFFIX
+from lora_cli.merge.parts import parse_part, split_by_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARDS = ("--max-shard-size", "6KB")  # ~8 output shards from the tiny two-shard base
@@ -252,3 +253,61 @@ def test_join_without_parts_and_part_with_join(valid, tmp_path, run_cli) -> None
     assert code == 2 and "no parts to join" in err
     code, _, err = _join(run_cli, valid, out, "--part", "1/2")
     assert code == 2 and "--part goes without --join" in err
+
+
+@pytest.mark.parametrize("index", [1, 3])  # the first and the last part: every one is checked
+@pytest.mark.parametrize(
+    ("key", "what"),
+    [("base", "another base checkpoint"), ("adapter", "another adapter"),
+     ("plan", "another shard layout"), ("options", "other merge options")],
+)  # fmt: skip
+def test_join_checks_every_parts_fingerprint(valid, parted, tmp_path, run_cli, index, key, what):
+    """Issue 21: a join that skipped the last part's fingerprint passed every test."""
+    out = _copy_parts(parted, tmp_path)
+    record = tmp_path / f"merged{PARTS_SUFFIX}" / f"part-{index}-of-3" / "part.json"
+    doc = json.loads(record.read_text())
+    doc["fingerprint"][key] = "f" * 64 if key != "options" else '{"dtype": "F16"}'
+    record.write_text(json.dumps(doc))
+    code, _, err = _join(run_cli, valid, out)
+    assert code == 2
+    assert f"part {index}/3 is stale or foreign: made from {what}" in _first_error(err)
+    assert not out.exists()
+
+
+def test_join_rehashes_every_shard_of_the_last_part(valid, parted, tmp_path, run_cli) -> None:
+    """One flipped data byte in the last shard of the last part (size and header intact)."""
+    out = _copy_parts(parted, tmp_path)
+    shard = sorted((tmp_path / f"merged{PARTS_SUFFIX}" / "part-3-of-3").glob("*.safetensors"))[-1]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0x80
+    shard.write_bytes(bytes(raw))
+    code, _, err = _join(run_cli, valid, out)
+    assert code == 2
+    assert _first_error(err).startswith(
+        f"error: {shard}: shard of part 3/3 does not match the sha256 its part recorded"
+    )
+    assert not out.exists()
+
+
+def test_parts_written_without_checksums_still_join_verified(valid, tmp_path, run_cli) -> None:
+    """--no-checksums drops the manifest, not the part records' digests the join checks."""
+    out = tmp_path / "merged"
+    args = ("merge", *valid, "-o", out, "-q", "--no-checksums", *SHARDS)
+    for i in (1, 2):
+        assert run_cli(*args, "--part", f"{i}/2")[0] == 0
+    records = sorted((tmp_path / f"merged{PARTS_SUFFIX}").glob("*/part.json"))
+    for record in records:
+        assert all(
+            len(s["sha256"]) == 64 for s in json.loads(record.read_text())["shards"].values()
+        )
+    shard = sorted((tmp_path / f"merged{PARTS_SUFFIX}" / "part-2-of-2").glob("*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0x80
+    shard.write_bytes(bytes(raw))
+    code, _, err = run_cli(*args, "--join")
+    assert code == 2 and "does not match the sha256" in err
+    raw[-1] ^= 0x80
+    shard.write_bytes(bytes(raw))
+    code, _, err = run_cli(*args, "--join")
+    assert code == 0, err
+    assert not (out / "lora-checksums.sha256").exists()

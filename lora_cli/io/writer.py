@@ -24,7 +24,6 @@ from lora_cli import interrupts
 from lora_cli.errors import FormatError, LoraError, UsageError
 from lora_cli.io import sysio
 from lora_cli.io.destination import TMP_MARK, destination_path
-from lora_cli.io.destination import check_destination as check_destination  # its old home
 from lora_cli.io.safetensors_format import TensorEntry, plan_header
 
 if TYPE_CHECKING:

@@ -27,6 +27,7 @@ from lora_cli.adapters.peft import (
 )
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.dedup import deduplicate
+from lora_cli.io.destination import check_destination
 from lora_cli.io.dtypes import FLOAT_DTYPES, parse_dtype_option, to_torch
 from lora_cli.io.hub import Notice, in_hub_cache, names_hub_repo, resolve_input
 from lora_cli.io.layout import (
@@ -46,7 +47,6 @@ from lora_cli.io.writer import (
     TMP_MARK,
     OutputDir,
     ShardWriter,
-    check_destination,
     remove_stale_temporaries,
 )
 

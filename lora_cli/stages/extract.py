@@ -25,9 +25,9 @@ from lora_cli.extract.pairing import (
     pair_tensors,
 )
 from lora_cli.extract.walk import Candidate, candidates, walk
+from lora_cli.io.destination import check_destination
 from lora_cli.io.hub import Notice, cached_repo_id, parse_repo_ref, resolve_input
 from lora_cli.io.layout import MANIFEST_NAME
-from lora_cli.io.writer import check_destination
 
 SCHEMA = "lora-extract/1"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -13,12 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
 from lora_cli.errors import FormatError, LoraError, UsageError
+from lora_cli.io.destination import check_destination
 from lora_cli.io.dtypes import SAFETENSORS_DTYPES, from_torch, to_torch
 from lora_cli.io.writer import (
     TMP_MARK,
     OutputDir,
     ShardWriter,
-    check_destination,
     copy_range,
     remove_stale_temporaries,
 )

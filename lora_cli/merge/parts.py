@@ -136,7 +136,9 @@ def fingerprint(plan: MergePlan, options: dict[str, Any]) -> dict[str, str]:
         for s in shard_plans(plan)
     ]
     try:
-        base = _sha("\n".join(_file_sample(p) for p in base_files).encode())
+        # a Hub commit names the base's bytes: nothing to read (io/hub_remote.py)
+        identity = getattr(plan.base, "identity", lambda: None)()
+        base = _sha((identity or "\n".join(_file_sample(p) for p in base_files)).encode())
         adapter = _sha("\n".join(_file_digest(p) for p in adapter_files).encode())
     except OSError as exc:
         raise LoraError(f"cannot read the inputs to fingerprint them ({exc})") from None

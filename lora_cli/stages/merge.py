@@ -11,7 +11,6 @@ from lora_cli.adapters.formats import load_adapter
 from lora_cli.adapters.peft import Adapter
 from lora_cli.io.dtypes import parse_dtype_option
 from lora_cli.io.layout import parse_size
-from lora_cli.io.reader import open_source
 from lora_cli.io.writer import check_destination
 from lora_cli.merge.combine import build_combined_plan, parse_weights
 from lora_cli.merge.inputs import Notice, merge_card, resolve_inputs
@@ -101,13 +100,13 @@ def merge(
         check_destination(output, overwrite, local)  # before any download
     # "auto" asks torch whether there is a GPU: write_shards does, after the early copies
     dev = device if device.strip().lower() == "auto" else resolve_device(device)
-    inputs = resolve_inputs(base, refs, notice=notice, progress=hub_progress)
+    inputs = resolve_inputs(base, refs, notice=notice, progress=hub_progress, remote_base=True)
     if not dry_run:
         check_destination(Path(output), overwrite, [inputs.base, *inputs.adapters])
     writes_math = not (dry_run or join)
     if writes_math:
         start_torch_import()  # planning and the untouched tensors' copies need no torch
-    base_src = open_source(inputs.base)
+    base_src = inputs.open_base()
     try:
         opened: list[Adapter] = []
         try:

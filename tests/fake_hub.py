@@ -9,6 +9,8 @@ Endpoints (paths as huggingface_hub 2.4.0 builds them; model repos only):
   ``X-Repo-Commit``, ``ETag`` (the content's sha256, quoted), ``Content-Length``,
   ``Accept-Ranges``; ``Range: bytes=a-b`` answers 206 with ``Content-Range``
 - ``POST /api/repos/create``: a new (empty) repo; 409 when it exists
+- ``POST /api/models/{repo}/branch/{branch}``: a branch at main; 409 when it exists
+- ``POST /api/validate-yaml``: the card's metadata, always accepted
 - ``POST /api/models/{repo}/preupload/{rev}``: ``*.safetensors`` go by LFS, the rest inline
 - ``POST /{repo}.git/info/lfs/objects/batch``: basic transfer; an upload action only for
   content the server does not hold
@@ -241,6 +243,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path == "/api/repos/create":
             return self._create(json.loads(body))
+        if path == "/api/validate-yaml":
+            return self._json(200, {"warnings": []})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/branch/(.+)", path)
+        if m:
+            return self._branch(m.group(1), m.group(2))
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/(.+)", path)
         if m:
             return self._preupload(m.group(1), json.loads(body))
@@ -344,6 +351,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.repos[repo_id] = repo
         self.hub._commit(repo, "main", {}, replace=True)
         self._json(200, {"url": f"{self.hub.endpoint}/{repo_id}", "name": repo_id})
+
+    def _branch(self, repo_id: str, branch: str) -> None:
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        if branch in repo.branches:
+            return self._json(409, {"error": "Reference already exists"})
+        repo.branches[branch] = repo.branches["main"]
+        self._json(200, {})
 
     def _preupload(self, repo_id: str, payload: dict) -> None:
         if self._repo(repo_id) is None:

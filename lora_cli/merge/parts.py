@@ -30,7 +30,14 @@ from lora_cli.io.layout import read_json, write_json
 from lora_cli.io.safetensors_format import plan_header
 from lora_cli.io.writer import TMP_MARK, OutputDir, _pid_alive, copy_file, io_error
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
-from lora_cli.merge.run import MergeResult, Progress, finish_output, merge_result, write_shards
+from lora_cli.merge.run import (
+    MergeResult,
+    Progress,
+    ShardDone,
+    finish_output,
+    merge_result,
+    write_shards,
+)
 
 SCHEMA = "lora-part/1"
 RECORD_NAME = "part.json"
@@ -160,8 +167,10 @@ def run_part(
     *,
     device: str = "cpu",
     progress: Progress | None = None,
+    on_shard: ShardDone | None = None,
 ) -> MergeResult:
-    """Write part ``part``'s shards and its record; a rerun replaces the part."""
+    """Write part ``part``'s shards and its record; a rerun replaces the part.
+    ``on_shard``: see ``write_shards`` (``merge/publish.py`` uploads and evicts there)."""
     start = time.perf_counter()
     shards = part_shards(plan, part)
     record = {
@@ -179,12 +188,16 @@ def run_part(
     with OutputDir(folder / part.dirname, overwrite=True) as out:
         written, digests, device = write_shards(
             plan, shards, out.path, device=device, progress=progress,
-            checksums=options.get("checksums", True),
+            checksums=options.get("checksums", True), on_shard=on_shard,
         )  # fmt: skip
+        sizes = getattr(on_shard, "sizes", {})  # merge/publish.py: pushed shards are gone
         record["shards"] = {
-            name: {"bytes": (out.path / name).stat().st_size, "sha256": digest}
+            name: {"bytes": sizes.get(name) or (out.path / name).stat().st_size, "sha256": digest}
             for name, digest in digests.items()
         }
+        pushed = on_shard.record() if hasattr(on_shard, "record") else None
+        if pushed:
+            record["pushed"] = pushed
         write_json(out.path / RECORD_NAME, record)
     files = [f"{folder.name}/{part.dirname}/{n}" for n in [*digests, RECORD_NAME]]
     result = merge_result(plan, output, files, device, time.perf_counter() - start, written)

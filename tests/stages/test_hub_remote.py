@@ -128,3 +128,22 @@ def test_part_fetches_only_its_shards(world, hub, run_cli, tmp_path):
     code, text, err = run_cli("merge", "org/base", adapter, "-o", out, "--join")
     assert code == 0, err
     assert _tree(out) == _tree(root / "local")
+
+
+def test_push_to_hub_one_commit_equals_local(world, hub, run_cli, tmp_path):
+    root, base, adapter = world
+    out = tmp_path / "merged"
+    code, text, err = run_cli(
+        "merge", "org/base", adapter, "-o", out, "--evict", "--push-to-hub", "me/merged", "--json"
+    )
+    assert code == 0, err
+    doc = json.loads(text)
+    assert doc["pushed"]["repo"] == "me/merged" and doc["pushed"]["commit_url"]
+    assert sorted(doc["fetched"]["evicted"]) == _shards(base)
+    repo = hub.repos["me/merged"]
+    assert len(repo.commits) == 2  # the empty repo, then one commit with everything
+    pushed = _as_tree(hub.files("me/merged"), tmp_path / "pushed")
+    assert pushed == _tree(root / "local")
+    assert not list(out.glob("*.safetensors"))  # evicted once uploaded
+    message = hub.requests("POST", "/commit/")
+    assert message

@@ -22,7 +22,8 @@ Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNo
 as the Hub does, so the client raises its own exception classes. Xet is never offered:
 uploads need ``HF_HUB_DISABLE_XET=1`` (set by ``serve``). ``fail(method, pattern, status,
 times)`` injects errors (401, 403, 429, 500…), ``log`` records every request and
-``stats`` counts what was served, for assertions. ``serve`` is a context manager: the
+``downloaded`` sums what was served, for assertions; ``hold`` stalls a request (to kill
+the client mid-upload). ``serve`` is a context manager: the
 server always stops with the test.
 """
 
@@ -81,6 +82,8 @@ class FakeHub:
         self.failures: list[Failure] = []
         self.token: str | None = None  # when set, private repos need "Bearer <token>"
         self.lock = threading.Lock()
+        self.holds: list[tuple[str, re.Pattern[str], threading.Event]] = []
+        self.release = threading.Event()
         self.endpoint = ""
         self._commits = 0
 
@@ -102,6 +105,13 @@ class FakeHub:
         """Answer the next ``times`` ``method`` requests whose path matches ``pattern``
         with ``status``."""
         self.failures.append(Failure(method, re.compile(pattern), status, times))
+
+    def hold(self, method: str, pattern: str) -> threading.Event:
+        """Stall ``method`` requests matching ``pattern`` until ``release`` is set (or the
+        server stops); the returned event tells when one arrived (a client to kill)."""
+        reached = threading.Event()
+        self.holds.append((method, re.compile(pattern), reached))
+        return reached
 
     def requests(self, method: str | None = None, pattern: str = "") -> list[Request]:
         rx = re.compile(pattern)
@@ -187,6 +197,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message}, code)
 
     def _injected(self, path: str) -> bool:
+        for method, pattern, reached in self.hub.holds:
+            if method == self.command and pattern.search(path):
+                reached.set()
+                self.hub.release.wait(60)
         with self.hub.lock:
             for f in self.hub.failures:
                 if f.times > 0 and f.method == self.command and f.pattern.search(path):
@@ -429,6 +443,7 @@ def serve(root: Path, monkeypatch=None) -> Iterator[FakeHub]:
             point_client_at(hub, monkeypatch, Path(root) / "cache")
         yield hub
     finally:
+        hub.release.set()
         server.shutdown()
         server.server_close()
         thread.join(10)

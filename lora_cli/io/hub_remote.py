@@ -145,7 +145,8 @@ class RemoteBase:
 
         target = self.folder / name
         present = target.is_file()
-        with _progress_bars(self.progress):
+        # a shard is fetched mid-merge, under lora's own progress bar: the Hub's stays off
+        with _progress_bars(self.progress and not name.endswith(".safetensors")):
             path = Path(
                 self.call(
                     lambda: hf_hub_download(self.ref.repo_id, name, revision=self.commit), name
@@ -222,9 +223,24 @@ def pin_remote(ref: HubRef, what: str, notice: Notice | None, progress: bool) ->
             remote.download(name)
     if index:
         remote.shards = _indexed_shards(remote.folder / index, shards)
+    _remember_ref(remote)
     if notice:
         notice(f"{what} {ref}: Hugging Face Hub commit {repo.sha}, headers only until read")
     return remote
+
+
+def _remember_ref(remote: RemoteBase) -> None:
+    """``refs/<revision>`` → the commit, as huggingface_hub records it when it downloads by
+    branch name, so the same id resolves offline (``HF_HUB_OFFLINE=1``) later."""
+    revision = remote.ref.revision or "main"
+    if revision == remote.commit:
+        return
+    refs = remote.folder.parent.parent / "refs"
+    try:
+        refs.mkdir(parents=True, exist_ok=True)
+        (refs / revision).write_text(remote.commit)
+    except OSError:
+        pass  # a convenience for later offline runs, not needed by this one
 
 
 def _indexed_shards(index: Path, listed: list[str]) -> list[str]:
@@ -247,10 +263,17 @@ def _snapshot_folder(repo_id: str, commit: str) -> Path:
 
 
 # -- errors and retries ----------------------------------------------------------------------
-def status_of(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    return status if isinstance(status, int) else None
+def status_of(exc: BaseException | None) -> int | None:
+    """The HTTP status behind ``exc``, also when huggingface_hub wrapped it (an upload's
+    ``RuntimeError`` has the ``HfHubHTTPError`` as its cause)."""
+    for _ in range(8):
+        if exc is None:
+            return None
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def transient(exc: BaseException) -> bool:
@@ -302,7 +325,7 @@ def remote_error(ref: HubRef, what: str, exc: BaseException, name: str = "") -> 
         return HubError(f"{where}: the Hugging Face Hub answered {status}", "rerun later")
     error = _hub_error(ref, what, exc)
     if name and _kind(exc) == "other":
-        error = HubError(f"{where}: download failed ({_first_line(exc)})", "rerun; it resumes")
+        error = HubError(f"{where}: transfer failed ({_first_line(exc)})", "rerun; it resumes")
     return error
 
 

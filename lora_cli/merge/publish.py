@@ -24,7 +24,7 @@ from typing import Any
 
 from lora_cli import __version__
 from lora_cli.errors import HubError
-from lora_cli.io.hub import parse_repo_ref
+from lora_cli.io.hub import _progress_bars, parse_repo_ref
 from lora_cli.io.hub_remote import remote_error, with_retries
 from lora_cli.io.writer import OutputDir
 from lora_cli.merge.parts import (
@@ -63,9 +63,11 @@ class Push:
             )
 
     def _call(self, fn: Any, name: str = "") -> Any:
+        """With retries; the Hub's upload bars stay off (uploads run beside lora's own bar)."""
         ref = parse_repo_ref(self.repo_id)
         assert ref is not None
-        return with_retries(fn, lambda exc: remote_error(ref, "--push-to-hub", exc, name))
+        with _progress_bars(False):
+            return with_retries(fn, lambda exc: remote_error(ref, "--push-to-hub", exc, name))
 
     def prepare(self) -> None:
         """The repo (and branch) exist before any byte is uploaded."""

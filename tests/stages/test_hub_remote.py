@@ -3,14 +3,20 @@ the fake Hub of ``tests/fake_hub.py`` (the real huggingface_hub client, no real 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import peft_adapter, save_model, tiny_model
 from fake_hub import serve
+from hostile_harness import assert_refused, run_cli as run_forked
+from hub_helpers import go_offline
 
-SHARDS = 4
+SHARDS = 12
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +25,8 @@ def world(tmp_path_factory):
     from lora_cli.stages.merge import merge
 
     root = tmp_path_factory.mktemp("hubremote")
-    model = tiny_model("llama")
-    base = save_model(model, root / "base", max_shard_size="10KB")
+    model = tiny_model("llama", num_hidden_layers=6)
+    base = save_model(model, root / "base", max_shard_size="8KB")
     adapter = root / "adapter"
     peft_adapter(model, adapter, target_modules=["q_proj", "v_proj"])
     merge(base, adapter, root / "local")
@@ -32,6 +38,7 @@ def hub(world, tmp_path, monkeypatch):
     root, base, adapter = world
     # a first range shorter than the headers: each header takes its second request
     monkeypatch.setattr("lora_cli.io.hub_remote.FIRST_RANGE", 255)
+    monkeypatch.setattr("lora_cli.io.hub_remote.RETRY_BASE_S", 0.01)
     with serve(tmp_path, monkeypatch) as fake:
         fake.add_folder("org/base", base)
         yield fake
@@ -147,3 +154,192 @@ def test_push_to_hub_one_commit_equals_local(world, hub, run_cli, tmp_path):
     assert not list(out.glob("*.safetensors"))  # evicted once uploaded
     message = hub.requests("POST", "/commit/")
     assert message
+
+
+class DiskWatcher:
+    """Bytes on disk under ``root`` (the Hugging Face cache and the outputs; the fake Hub's
+    own storage left out), sampled on a thread for as long as the block runs."""
+
+    def __init__(self, root: Path, skip: Path) -> None:
+        self.root, self.skip = root, skip
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _size(self) -> int:
+        total = 0
+        for folder, dirs, files in os.walk(self.root):
+            if Path(folder) == self.skip:
+                dirs.clear()
+                continue
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._size())
+
+    def __enter__(self) -> DiskWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.peak = max(self.peak, self._size())
+
+
+def _disk(folder: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
+
+
+def test_parts_evict_push_stay_under_a_quota(world, hub, run_cli, tmp_path):
+    """Base + output exceed the quota; parts with --evict --push-to-hub hold about one input
+    and one output shard at a time; the join commits once; the repo equals a local merge."""
+    root, base, adapter = world
+    out = tmp_path / "merged"
+    quota = (_disk(base) + _disk(root / "local")) // 3
+    push = ("--evict", "--push-to-hub", "me/merged", "--json")
+    docs = []
+    with DiskWatcher(tmp_path, hub.root) as disk:
+        for i in (1, 2, 3):
+            code, text, err = run_cli(
+                "merge", "org/base", adapter, "-o", out, "--part", f"{i}/3", *push
+            )
+            assert code == 0, err
+            docs.append(json.loads(text))
+        assert len(hub.repos["me/merged"].commits) == 1  # only the empty repo: parts commit nothing
+        before = len(hub.log)
+        code, text, err = run_cli("merge", "org/base", adapter, "-o", out, "--join", *push)
+        assert code == 0, err
+    assert disk.peak < quota, (disk.peak, quota)
+    assert not _full_gets(hub.log[before:])  # the join fetched no base shard
+    assert not hub.requests("PUT")[len(hub.requests("PUT", "")) :]
+    pushed_by_parts = {n for d in docs for n in d["pushed"]["shards"]}
+    assert pushed_by_parts == set(_shards(root / "local"))
+    assert not [r for r in hub.log[before:] if r.method == "PUT"]  # nothing uploaded twice
+    assert len(hub.repos["me/merged"].commits) == 2
+    for d in docs:
+        assert set(d["fetched"]["evicted"]) == set(d["fetched"]["files"]) - {
+            n for n in d["fetched"]["files"] if not n.endswith(".safetensors")
+        }
+    assert _as_tree(hub.files("me/merged"), tmp_path / "pushed") == _tree(root / "local")
+    commit = hub.requests("POST", "/api/models/me/merged/commit/")
+    assert len(commit) == 1
+
+
+def test_killed_mid_upload_leaves_no_commit_and_a_rerun_completes(world, hub, run_cli, tmp_path):
+    root, base, adapter = world
+    out = tmp_path / "merged"
+    reached = hub.hold("PUT", "^/lfs-upload/")
+    argv = ["merge", "org/base", adapter, "-o", out, "--evict", "--push-to-hub", "me/merged"]
+    outcome = run_forked(argv, seconds=6)
+    assert outcome.timed_out and reached.is_set(), outcome.stderr  # killed while uploading
+    hub.release.set()
+    assert len(hub.repos["me/merged"].commits) == 1  # the empty repo only
+    code, text, err = run_cli(*argv)
+    assert code == 0, err
+    assert len(hub.repos["me/merged"].commits) == 2
+    assert _as_tree(hub.files("me/merged"), tmp_path / "pushed") == _tree(root / "local")
+
+
+def test_failed_upload_is_one_line_and_commits_nothing(world, hub, tmp_path):
+    root, base, adapter = world
+    hub.fail("PUT", "^/lfs-upload/", 400, times=100)  # not transient: no retry
+    out = tmp_path / "merged"
+    argv = ["merge", "org/base", adapter, "-o", out, "--push-to-hub", "me/merged"]
+    assert_refused(argv, [adapter], dest=out, names=["me/merged", "400"], seconds=30)
+    assert len(hub.repos["me/merged"].commits) == 1
+
+
+def test_transient_errors_are_retried(world, hub, run_cli, tmp_path):
+    root, base, adapter = world
+    hub.fail("GET", "^/api/models/org/base", 503, times=2)
+    hub.fail("GET", "^/org/base/resolve/.*00002", 429, times=2)
+    hub.fail("POST", "^/api/models/me/merged/commit/", 502, times=1)
+    argv = ["merge", "org/base", adapter, "-o", tmp_path / "m", "--push-to-hub", "me/merged"]
+    code, _, err = run_cli(*argv)
+    assert code == 0, err
+    assert len(hub.repos["me/merged"].commits) == 2
+    assert _as_tree(hub.files("me/merged"), tmp_path / "pushed") == _tree(root / "local")
+
+
+def test_base_moved_between_parts_is_refused_at_join(world, hub, run_cli, tmp_path):
+    root, base, adapter = world
+    out = tmp_path / "merged"
+    code, _, err = run_cli("merge", "org/base", adapter, "-o", out, "--part", "1/2")
+    assert code == 0, err
+    moved = tmp_path / "moved"
+    shutil.copytree(base, moved)
+    (moved / "NOTICE").write_text("a new commit on main\n")
+    hub.add_folder("org/base", moved)
+    code, _, err = run_cli("merge", "org/base", adapter, "-o", out, "--part", "2/2")
+    assert code == 0, err
+    code, _, err = run_cli("merge", "org/base", adapter, "-o", out, "--join")
+    assert code == 2 and "another base checkpoint" in err, err
+    assert not out.exists()
+
+
+def test_offline_cache_path_still_works(world, hub, run_cli, tmp_path, monkeypatch):
+    root, base, adapter = world
+    code, _, err = run_cli("merge", "org/base", adapter, "-o", tmp_path / "online")
+    assert code == 0, err
+    go_offline(monkeypatch, tmp_path / "cache")
+    before = len(hub.log)
+    code, _, err = run_cli("merge", "org/base", adapter, "-o", tmp_path / "offline")
+    assert code == 0, err
+    assert len(hub.log) == before  # not one request
+    assert _tree(tmp_path / "offline") == _tree(root / "local")
+
+
+def test_token_is_sent_never_printed(world, hub, run_cli, tmp_path, monkeypatch):
+    root, base, adapter = world
+    hub.repos["org/base"].private = True
+    hub.token = "hf_secret_token_value"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
+    code, out, err = run_cli("merge", "org/base", adapter, "-o", tmp_path / "m", "--json")
+    assert code == 0, err
+    assert "hf_secret" not in out + err
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_value")
+    code, out, err = run_cli("merge", "org/base", adapter, "-o", tmp_path / "n")
+    assert code == 2 and "hf_wrong" not in out + err and "HF_TOKEN" in err, err
+
+
+@pytest.mark.parametrize(
+    "case, names",
+    [
+        ("unauthorized", ["org/base", "HF_TOKEN"]),
+        ("forbidden", ["org/base", "403"]),
+        ("missing repo", ["org/nothing"]),
+        ("missing revision", ["org/base@nope"]),
+        ("rate limited", ["org/base", "429"]),
+        ("full disk", ["org/base", "disk is full"]),
+    ],
+)
+def test_hub_failures_are_one_line(world, hub, tmp_path, monkeypatch, case, names):
+    root, base, adapter = world
+    ref = "org/base"
+    if case == "unauthorized":
+        hub.repos["org/base"].private = True
+        hub.token = "hf_right"
+    elif case == "forbidden":
+        hub.fail("GET", "^/api/models/org/base", 403)
+    elif case == "missing repo":
+        ref = "org/nothing"
+    elif case == "missing revision":
+        ref = "org/base@nope"
+    elif case == "rate limited":
+        hub.fail("GET", "^/api/models/org/base", 429, times=1000)
+    elif case == "full disk":
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache"))
+
+        monkeypatch.setattr("huggingface_hub.hf_hub_download", full)
+    out = tmp_path / "merged"
+    argv = ["merge", ref, adapter, "-o", out]
+    assert_refused(argv, [adapter], dest=out, names=names, seconds=30)

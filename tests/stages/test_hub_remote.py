@@ -3,6 +3,7 @@ the fake Hub of ``tests/fake_hub.py`` (the real huggingface_hub client, no real 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import peft_adapter, save_model, tiny_model
 from fake_hub import serve
-from hostile_harness import assert_refused, run_cli as run_forked
+from hostile_harness import assert_refused
+from hostile_harness import run_cli as run_forked
 from hub_helpers import go_offline
 
 SHARDS = 12
@@ -173,10 +175,8 @@ class DiskWatcher:
                 dirs.clear()
                 continue
             for name in files:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-                except FileNotFoundError:
-                    pass
         return total
 
     def _run(self) -> None:

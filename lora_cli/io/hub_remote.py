@@ -199,6 +199,21 @@ class RemoteSource(TensorSource):
             return self.remote.evict(path)
 
 
+def remote_base(
+    ref: str | Path, what: str, notice: Notice | None, progress: bool
+) -> RemoteBase | None:
+    """``ref`` pinned (``pin_remote``) when it names a Hub repo and the Hub is online (not
+    ``HF_HUB_OFFLINE``); None for a local path, offline, or a repo without safetensors."""
+    from huggingface_hub import constants
+
+    from lora_cli.io.hub import names_hub_repo, parse_repo_ref
+
+    hub = parse_repo_ref(str(ref)) if names_hub_repo(ref) else None
+    if hub is None or constants.HF_HUB_OFFLINE:
+        return None
+    return pin_remote(hub, what, notice, progress)
+
+
 def pin_remote(ref: HubRef, what: str, notice: Notice | None, progress: bool) -> RemoteBase | None:
     """``ref`` pinned to its current commit with its small files downloaded, or None when it
     has no safetensors weights (the snapshot path then serves)."""

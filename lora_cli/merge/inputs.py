@@ -16,11 +16,11 @@ from lora_cli.io.hub import (
     Notice,
     base_from_adapter_config,
     cached_repo_id,
-    names_hub_repo,
     parse_repo_ref,
     resolve_input,
 )
-from lora_cli.io.hub_remote import RemoteBase, pin_remote
+from lora_cli.io.hub_remote import RemoteBase
+from lora_cli.io.hub_remote import remote_base as pin_hub_base
 from lora_cli.io.layout import MANIFEST_NAME, read_json
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.card import MergedAdapter, model_card
@@ -63,22 +63,12 @@ def resolve_inputs(
         config_path, _ = find_adapter_files(paths[0])
         config = read_json(config_path, "adapter config")
         base = base_from_adapter_config(config, config_path, notice)
-    remote = None
-    if remote_base and names_hub_repo(base) and not _offline():
-        ref = parse_repo_ref(str(base))
-        assert ref is not None
-        remote = pin_remote(ref, "base", notice, progress)
+    remote = pin_hub_base(base, "base", notice, progress) if remote_base else None
     if remote is not None:
         base_path = remote.folder
     else:
         base_path = resolve_input(base, "base", notice=notice, progress=progress)
     return MergeInputs(base_path, paths, str(base), from_config, remote)
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def base_hub_id(inputs: MergeInputs, adapter_configs: Sequence[dict]) -> str | None:

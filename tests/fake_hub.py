@@ -81,6 +81,7 @@ class FakeHub:
         self.log: list[Request] = []
         self.failures: list[Failure] = []
         self.token: str | None = None  # when set, private repos need "Bearer <token>"
+        self.ignore_range = False  # answer every GET with the whole file, as some proxies do
         self.lock = threading.Lock()
         self.holds: list[tuple[str, re.Pattern[str], threading.Event]] = []
         self.release = threading.Event()
@@ -328,7 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         start, stop = 0, size
         status = 200
-        rng = self.headers.get("Range")
+        rng = None if self.hub.ignore_range else self.headers.get("Range")
         if rng:
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
             if not m or int(m.group(1)) >= max(size, 1):

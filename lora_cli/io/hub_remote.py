@@ -124,19 +124,28 @@ class RemoteBase:
         url = hf_hub_url(self.ref.repo_id, name, revision=self.commit, endpoint=constants.ENDPOINT)
         headers = {**build_hf_headers(), "Range": f"bytes={start}-{stop}"}
 
-        def get() -> Any:
-            response = get_session().get(
-                url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
-            )
-            hf_raise_for_status(response)
-            return response
+        def get() -> tuple[bytes, int | None]:
+            # streamed and cut at what was asked: a server that ignores Range (200, the whole
+            # file) or sends more costs no more memory than the header
+            with get_session().stream(
+                "GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    hf_raise_for_status(response)
+                whole = response.status_code == 200
+                want = stop + 1 if whole else stop - start + 1
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) >= want:
+                        break
+                size = response.headers.get("Content-Length" if whole else "Content-Range", "")
+                size = size.rpartition("/")[2]
+            data = data[start:want] if whole else data[:want]
+            return bytes(data), int(size) if size.isdigit() else None
 
-        response = self.call(get, name)
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        data = response.content
-        if response.status_code == 200:  # no range support: the whole file came
-            return data[start : stop + 1], len(data)
-        return data, int(total) if total.isdigit() else None
+        return self.call(get, name)
 
     # -- files ---------------------------------------------------------------------------
     def download(self, name: str) -> Path:

@@ -91,6 +91,14 @@ def test_dry_run_reads_only_headers(world, hub, run_cli):
     assert resolves and all(f"/resolve/{commit}/" in r.path for r in resolves)
 
 
+def test_a_server_ignoring_range_still_plans(world, hub, run_cli):
+    root, base, adapter = world
+    hub.ignore_range = True
+    code, out, err = run_cli("merge", "org/base", adapter, "--dry-run", "--json")
+    assert code == 0, err
+    assert json.loads(out)["shards"] == _shards(base)
+
+
 def test_validate_adapter_against_hub_base_reads_only_headers(world, hub, run_cli, tmp_path):
     root, base, adapter = world
     code, out, err = run_cli("validate", adapter, "--base", "org/base", "--json")

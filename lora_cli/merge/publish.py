@@ -186,13 +186,6 @@ def commit_message(base: str, adapters: list[str]) -> str:
     return f"lora {__version__}: merge {', '.join(adapters)} into {base}"
 
 
-def publish_output(result: MergeResult, push: Push, message: str) -> MergeResult:
-    """Commit a finished output folder (``merge --push-to-hub`` without parts)."""
-    push.commit(result.output, result.files, message)
-    result.pushed = push.to_json()
-    return result
-
-
 def join_to_hub(
     plan: MergePlan,
     output: Path,

@@ -527,7 +527,10 @@ def run_merge(
     checksums: bool = True,
     model_card: str | None = None,
     on_shard: ShardDone | None = None,
+    before_publish: Callable[[Path, list[str]], None] | None = None,
 ) -> MergeResult:
+    """``before_publish(folder, files)`` runs on the complete output before it is renamed
+    into place (``--push-to-hub`` commits there): should it fail, nothing is published."""
     start = time.perf_counter()
     with OutputDir(output, overwrite) as out:
         written, digests, device = write_shards(
@@ -535,6 +538,8 @@ def run_merge(
             on_shard=on_shard,
         )  # fmt: skip
         files = finish_output(plan, out.path, digests, checksums, model_card)
+        if before_publish:
+            before_publish(out.path, files)
     return merge_result(plan, output, files, device, time.perf_counter() - start, written)
 
 

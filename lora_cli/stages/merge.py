@@ -21,7 +21,6 @@ from lora_cli.merge.publish import (
     ShardSink,
     commit_message,
     join_to_hub,
-    publish_output,
 )
 from lora_cli.merge.quantized import fidelity, plan_merge, refuse_quantized_base
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
@@ -164,10 +163,12 @@ def merge(
                 [str(r) for r in refs],
             )
             if join and push:
-                return join_to_hub(plan, Path(output), options, push, message,
-                                   overwrite=overwrite, model_card=card)  # fmt: skip
+                result = join_to_hub(plan, Path(output), options, push, message,
+                                     overwrite=overwrite, model_card=card)  # fmt: skip
+                return _remote_records(result, inputs, push)
             if join:
-                return run_join(plan, Path(output), options, overwrite=overwrite, model_card=card)
+                result = run_join(plan, Path(output), options, overwrite=overwrite, model_card=card)
+                return _remote_records(result, inputs, push)
             acts = plan.actions() if split is None else part_actions(plan, split)
             total = sum(_nbytes(a) for a in acts)
             progress: Progress | None = progress_factory(total) if progress_factory else None
@@ -188,9 +189,10 @@ def merge(
                 checksums=checksums,
                 model_card=card,
                 on_shard=sink,
+                before_publish=(lambda folder, files: push.commit(folder, files, message))
+                if push
+                else None,
             )
-            if push:
-                publish_output(result, push, message)
             _remote_records(result, inputs, push)
             result.adapters = combined_json(plan).get("adapters", [])
             result.quantized, low = fidelity(plan)

@@ -270,13 +270,20 @@ def test_killed_mid_upload_leaves_no_commit_and_a_rerun_completes(world, hub, ru
     assert _as_tree(hub.files("me/merged"), tmp_path / "pushed") == _tree(root / "local")
 
 
-def test_failed_upload_is_one_line_and_commits_nothing(world, hub, tmp_path):
+@pytest.mark.parametrize("method, where", [("PUT", "^/lfs-upload/"), ("POST", "/commit/")])
+def test_failed_push_is_one_line_commits_nothing_publishes_nothing(
+    world, hub, run_cli, tmp_path, method, where
+):
     root, base, adapter = world
-    hub.fail("PUT", "^/lfs-upload/", 400, times=100)  # not transient: no retry
+    hub.fail(method, where, 400, times=100)  # not transient: no retry
     out = tmp_path / "merged"
-    argv = ["merge", "org/base", adapter, "-o", out, "--push-to-hub", "me/merged"]
+    argv = ["merge", "org/base", adapter, "-o", out, "--evict", "--push-to-hub", "me/merged"]
     assert_refused(argv, [adapter], dest=out, names=["me/merged", "400"], seconds=30)
     assert len(hub.repos["me/merged"].commits) == 1
+    hub.failures.clear()
+    code, _, err = run_cli(*argv)  # the rerun needs no --overwrite: nothing was published
+    assert code == 0, err
+    assert _as_tree(hub.files("me/merged"), tmp_path / "pushed") == _tree(root / "local")
 
 
 def test_transient_errors_are_retried(world, hub, run_cli, tmp_path):

@@ -289,13 +289,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200)
 
     # -- endpoints --------------------------------------------------------------------
-    def _info(self, repo_id: str, rev: str) -> None:
+    def _at(self, repo_id: str, rev: str) -> tuple[Repo, str] | None:
+        """The repo and the commit ``rev`` names; None once the error is sent."""
         repo = self._repo(repo_id)
-        if repo is None:
+        commit = self._revision(repo, rev) if repo is not None else None
+        return (repo, commit) if repo is not None and commit is not None else None
+
+    def _info(self, repo_id: str, rev: str) -> None:
+        found = self._at(repo_id, rev)
+        if found is None:
             return
-        commit = self._revision(repo, rev)
-        if commit is None:
-            return
+        repo, commit = found
         siblings = []
         for name, sha in sorted(repo.commits[commit].items()):
             size = (self.hub.blobs / sha).stat().st_size
@@ -310,12 +314,10 @@ class _Handler(BaseHTTPRequestHandler):
         )  # fmt: skip
 
     def _resolve(self, repo_id: str, rev: str, name: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, rev)
+        if found is None:
             return
-        commit = self._revision(repo, rev)
-        if commit is None:
-            return
+        repo, commit = found
         sha = repo.commits[commit].get(name)
         if sha is None:
             return self._error(404, "EntryNotFound", f"{name} not found")

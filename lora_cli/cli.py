@@ -314,6 +314,25 @@ def merge(
         help="Quantized base (FP8, compressed-tensors, MXFP4): write merged weights as bf16, "
         "or 'keep' to re-quantize them in the base's format.",
     ),
+    evict: bool = typer.Option(
+        False,
+        "--evict",
+        help="Delete each base shard fetched from the Hub once read, and each output shard "
+        "once pushed: the disk holds about one of each.",
+    ),
+    push_to_hub: str | None = typer.Option(
+        None,
+        "--push-to-hub",
+        metavar="REPO",
+        help="Upload each output shard as it is written; one commit at the end (or at --join).",
+    ),
+    revision: str | None = typer.Option(
+        None, "--revision", metavar="BRANCH", help="--push-to-hub: the branch to commit to."
+    ),
+    private: bool = typer.Option(False, "--private", help="--push-to-hub: create it private."),
+    create_pr: bool = typer.Option(
+        False, "--create-pr", help="--push-to-hub: open a pull request instead of committing."
+    ),
 ) -> None:
     """Fold LoRA adapters into the base weights, streaming tensor by tensor.
 
@@ -332,12 +351,12 @@ def merge(
         from lora_cli import output, render
 
         if not adapter and _is_training_checkpoint(base):  # `lora merge CKPT -o OUT`
-            if part or join or weights or quantize != "bf16" or not checksums:
+            if part or join or weights or quantize != "bf16" or not checksums or push_to_hub:
                 from lora_cli.errors import UsageError
 
                 raise UsageError(
-                    "--part, --join, --weights, --quantize and --no-checksums do not apply to "
-                    "a training checkpoint",
+                    "--part, --join, --weights, --quantize, --no-checksums and --push-to-hub do "
+                    "not apply to a training checkpoint",
                     "lora merge CKPT -o OUT [--base BASE] [--dtype …]",
                 )
             from lora_cli.stages.merge import merge_checkpoint
@@ -384,6 +403,11 @@ def merge(
                 checksums=checksums,
                 notice=None if quiet else output.info,
                 hub_progress=not quiet and not json_out,
+                evict=evict,
+                push_to_hub=push_to_hub,
+                revision=revision,
+                private=private,
+                create_pr=create_pr,
             )
         render.merge_result(result, json_out, quiet)
 

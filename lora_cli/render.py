@@ -186,6 +186,12 @@ def merge_result(result: Any, json_out: bool, quiet: bool) -> None:
         f"name resolution: {result.rule}; device {result.device}; "
         f"{result.seconds:.2f}s, {human_bytes(result.throughput)}/s"
     )
+    if result.pushed and result.pushed.get("commit_url"):
+        output.out().print(
+            f"pushed to {result.pushed['repo']}: "
+            f"{result.pushed.get('pr_url') or result.pushed['commit_url']}",
+            markup=False,
+        )
     cosines = [q["cosine"] for q in result.quantized if q["cosine"] is not None]
     if cosines:
         output.line(
@@ -220,6 +226,8 @@ def merge_json(result: Any) -> dict[str, Any]:
         "quantized": result.quantized,
         **({"adapters": result.adapters} if result.adapters else {}),
         "part": result.part,
+        **({"fetched": result.fetched} if result.fetched is not None else {}),
+        **({"pushed": result.pushed} if result.pushed is not None else {}),
     }
 
 

@@ -24,6 +24,7 @@ Usage::
     .venv/bin/python scripts/bench.py --quick            # tiny smoke run (~1 minute)
     .venv/bin/python scripts/bench.py                    # small (~1.6 GiB) and large (~6 GiB)
     .venv/bin/python scripts/bench.py --sizes small --repeats 5 --adapters qv
+    .venv/bin/python scripts/bench.py --disk-peak 1 --parts 4   # Hub part jobs' disk peak
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1023,6 +1024,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --extract: a mergekit-extract-lora executable to time beside it (its own "
         "venv: mergekit pins its own torch/transformers ranges)",
     )
+    ap.add_argument(
+        "--disk-peak",
+        type=float,
+        metavar="GIB",
+        default=None,
+        help="instead: the disk peak of `merge --part I/N --evict --push-to-hub` jobs on a "
+        "GIB-sized base in ~100 MB shards served by a local fake Hub (scripts/disk_peak.py)",
+    )
+    ap.add_argument("--parts", type=int, default=4, help="--disk-peak: N (default 4)")
     ap.add_argument("--internal", nargs=2, metavar=("TASK", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick or args.smoke:
@@ -1362,6 +1372,23 @@ def time_torch_import(env: dict[str, str], runs: int = 3) -> float:
     return statistics.median(samples)
 
 
+def disk_peak_main(workdir: Path, args: argparse.Namespace, json_path: Path) -> int:
+    """``--disk-peak GIB``: bench.py's generator makes the base; scripts/disk_peak.py runs it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import disk_peak
+
+    small = SIZES["small"]
+    per_layer = 2 * (2 * small.hidden * small.hidden + 2 * small.hidden * small.hidden // 8
+                     + 3 * small.hidden * small.intermediate)  # fmt: skip
+    embeddings = 2 * 2 * small.vocab * small.hidden
+    layers = max(1, round((args.disk_peak * GIB - embeddings) / per_layer))
+    spec = replace(small, name=f"disk{args.disk_peak:g}", layers=layers,
+                   max_shard_bytes=100_000_000)  # fmt: skip
+    base, _, _ = ensure_base(workdir, spec)
+    adapter, _ = ensure_adapter(workdir, spec, "qv", base)
+    return disk_peak.main(workdir, spec, args.parts, base, adapter, json_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.internal:
@@ -1370,6 +1397,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     json_path: Path = (args.json or workdir / "results.json").resolve()
+    if args.disk_peak is not None:
+        return disk_peak_main(workdir, args, json_path)
     lora = Path(sys.executable).parent / "lora"
     child_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     child_env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -227,10 +227,12 @@ def write_manifest(folder: Path, known: dict[str, str] | None = None) -> Path:
     thread as soon as it is complete, overlapping the hashing with the next shard).
     """
     known = known or {}
+    # a known digest also stands for a shard already pushed and evicted (merge/publish.py)
+    names = {p.name for p in folder.iterdir() if p.is_file()} | {n for n, d in known.items() if d}
     lines = [
-        f"{known.get(p.name) or sha256_file(p)}  {p.name}\n"
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST_NAME
+        f"{known.get(name) or sha256_file(folder / name)}  {name}\n"
+        for name in sorted(names)
+        if name != MANIFEST_NAME
     ]
     path = folder / MANIFEST_NAME
     write_small_file(path, "".join(lines).encode())

@@ -8,6 +8,7 @@ byte locations are exposed so untouched tensors can be copied without decoding.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lora_cli.errors import FormatError
 from lora_cli.io import sysio
 from lora_cli.io.dtypes import itemsize_bits
-from lora_cli.io.safetensors_format import read_header
+from lora_cli.io.safetensors_format import SafetensorsHeader, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -149,6 +150,15 @@ class TensorSource:
             return buf.view(dtype)
         return buf.view(dtype).reshape(shape)
 
+    def identity(self) -> str | None:
+        """What names these exact bytes without reading them (a Hub commit), else None."""
+        return None
+
+    def evict(self, path: Path) -> bool:
+        """Free ``path``'s disk space once nothing more is read from it: only files the
+        source fetched itself (``io/hub_remote.py``); a local input is never deleted."""
+        return False
+
     def reads_rows(self, name: str) -> bool:
         """Whether ``read(name, rows=…)`` reads only those rows (not the whole tensor)."""
         return self.infos[name].raw_offset is not None
@@ -244,7 +254,26 @@ def find_weight_files(folder: Path) -> WeightFiles:
     )
 
 
-def _open_index(index_path: Path) -> TensorSource:
+HeaderOf = Callable[[Path], SafetensorsHeader]
+
+
+def open_from_headers(
+    index: Path | None, files: list[Path], header_of: HeaderOf, make: Callable[..., TensorSource]
+) -> TensorSource:
+    """A safetensors checkpoint (its index, else its files) whose headers come from
+    ``header_of`` instead of the shards, which need not be on disk yet (``io/hub_remote.py``
+    reads them by HTTP range requests); ``make`` builds the source (a TensorSource subclass
+    that fetches a shard when it is first read)."""
+    if index is not None:
+        return _open_index(index, header_of, make)
+    return _open_files(files[0].parent, files, header_of, make)
+
+
+def _open_index(
+    index_path: Path,
+    header_of: HeaderOf | None = None,
+    make: Callable[..., TensorSource] = TensorSource,
+) -> TensorSource:
     from lora_cli.io.layout import read_json
 
     weight_map = read_json(index_path, "index").get("weight_map")
@@ -260,13 +289,13 @@ def _open_index(index_path: Path) -> TensorSource:
     files: list[Path] = []
     for shard in sorted(set(weight_map.values())):
         shard_path = root / shard
-        if "/" in shard or shard.startswith(".") or not shard_path.is_file():
+        if "/" in shard or shard.startswith(".") or not (header_of or shard_path.is_file()):
             raise FormatError(
                 f"{index_path}: names shard {shard!r}, which is missing",
                 "the download is incomplete; fetch every shard the index lists",
             )
         files.append(shard_path)
-    source = _open_files(root, files)
+    source = _open_files(root, files, header_of, make)
     source.index_path = index_path
     source.index_map = dict(weight_map)
     for name, shard in weight_map.items():
@@ -280,19 +309,24 @@ def _open_index(index_path: Path) -> TensorSource:
     return source
 
 
-def _open_files(root: Path, files: list[Path]) -> TensorSource:
+def _open_files(
+    root: Path,
+    files: list[Path],
+    header_of: HeaderOf | None = None,
+    make: Callable[..., TensorSource] = TensorSource,
+) -> TensorSource:
     infos: dict[str, TensorInfo] = {}
     metadata: dict[Path, dict[str, str]] = {}
     readers: dict[Path, Any] = {}
     skipped: list[str] = []
     kinds = set()
     for f in files:
-        if _is_torch_file(f):
+        if header_of is None and _is_torch_file(f):
             kinds.add("torch")
             new = _torch_infos(f, readers, skipped)
         else:
             kinds.add("safetensors")
-            header = read_header(f)
+            header = (header_of or read_header)(f)
             metadata[f] = header.metadata
             new = [
                 TensorInfo(
@@ -313,9 +347,7 @@ def _open_files(root: Path, files: list[Path]) -> TensorSource:
                 )
             infos[info.name] = info
     fmt = kinds.pop() if len(kinds) == 1 else "mixed"
-    return TensorSource(
-        root, fmt, files, infos, file_metadata=metadata, skipped=skipped, readers=readers
-    )
+    return make(root, fmt, files, infos, file_metadata=metadata, skipped=skipped, readers=readers)
 
 
 def _is_torch_file(path: Path) -> bool:

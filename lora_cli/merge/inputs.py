@@ -19,7 +19,10 @@ from lora_cli.io.hub import (
     parse_repo_ref,
     resolve_input,
 )
+from lora_cli.io.hub_remote import RemoteBase
+from lora_cli.io.hub_remote import remote_base as pin_hub_base
 from lora_cli.io.layout import MANIFEST_NAME, read_json
+from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.card import MergedAdapter, model_card
 
 __all__ = ["MergeInputs", "Notice", "merge_card", "resolve_inputs"]
@@ -31,6 +34,11 @@ class MergeInputs:
     adapters: list[Path]
     base_ref: str  # as named: the argument, or the adapter config's base_model_name_or_path
     base_from_config: bool
+    remote: RemoteBase | None = None  # a Hub base read from its headers, fetched as read
+
+    def open_base(self) -> TensorSource:
+        """The base as a tensor source: remote headers and lazy shards, or the local files."""
+        return self.remote.open() if self.remote else open_source(self.base)
 
     @property
     def adapter(self) -> Path:
@@ -43,8 +51,11 @@ def resolve_inputs(
     *,
     notice: Notice | None = None,
     progress: bool = True,
+    remote_base: bool = False,
 ) -> MergeInputs:
-    """Local paths for BASE and every ADAPTER; without BASE, the first adapter's base."""
+    """Local paths for BASE and every ADAPTER; without BASE, the first adapter's base.
+    ``remote_base``: a Hub base (online) is pinned and planned from its headers, its shards
+    fetched when read (``io/hub_remote.py``), instead of downloading its snapshot now."""
     refs = [adapters] if isinstance(adapters, str | Path) else list(adapters)
     paths = [resolve_input(a, "adapter", notice=notice, progress=progress) for a in refs]
     from_config = base is None
@@ -52,8 +63,12 @@ def resolve_inputs(
         config_path, _ = find_adapter_files(paths[0])
         config = read_json(config_path, "adapter config")
         base = base_from_adapter_config(config, config_path, notice)
-    base_path = resolve_input(base, "base", notice=notice, progress=progress)
-    return MergeInputs(base_path, paths, str(base), from_config)
+    remote = pin_hub_base(base, "base", notice, progress) if remote_base else None
+    if remote is not None:
+        base_path = remote.folder
+    else:
+        base_path = resolve_input(base, "base", notice=notice, progress=progress)
+    return MergeInputs(base_path, paths, str(base), from_config, remote)
 
 
 def base_hub_id(inputs: MergeInputs, adapter_configs: Sequence[dict]) -> str | None:

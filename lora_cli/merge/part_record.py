@@ -28,6 +28,7 @@ FINGERPRINT_KEYS = ("lora_version", "options", "base", "adapter", "plan")
 HEX_KEYS = ("base", "adapter", "plan")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9A-Za-z.+_-]{1,64}")
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 class PartError(LoraError):
@@ -41,20 +42,41 @@ class ShardRecord:
 
 
 @dataclass(frozen=True)
+class PushedRecord:
+    """``merge --part --push-to-hub``: the repo (and branch) the part pre-uploaded its shards
+    to, and what it uploaded; ``--join --push-to-hub`` commits them by hash."""
+
+    repo: str
+    revision: str | None
+    shards: dict[str, ShardRecord]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"repo": self.repo, "revision": self.revision, "shards": _shards_json(self.shards)}
+
+
+@dataclass(frozen=True)
 class PartRecord:
     part: int
     of: int
     fingerprint: dict[str, str]
     shards: dict[str, ShardRecord]
+    pushed: PushedRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "schema": SCHEMA,
             "part": self.part,
             "of": self.of,
             "fingerprint": dict(self.fingerprint),
-            "shards": {n: {"bytes": s.nbytes, "sha256": s.sha256} for n, s in self.shards.items()},
+            "shards": _shards_json(self.shards),
         }
+        if self.pushed is not None:
+            doc["pushed"] = self.pushed.to_json()
+        return doc
+
+
+def _shards_json(shards: dict[str, ShardRecord]) -> dict[str, Any]:
+    return {n: {"bytes": s.nbytes, "sha256": s.sha256} for n, s in shards.items()}
 
 
 def read_record(path: Path, rerun: str) -> PartRecord:
@@ -84,7 +106,7 @@ def parse_record(data: bytes, path: Path, rerun: str) -> PartRecord:
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad(f"part record is not valid JSON ({_short(exc)})") from None
     doc = _obj(doc, "record", bad)
-    _keys(doc, ("schema", "part", "of", "fingerprint", "shards"), "record", bad)
+    _keys(doc, ("schema", "part", "of", "fingerprint", "shards"), "record", bad, ("pushed",))
     if doc["schema"] != SCHEMA:
         raise bad(f"schema is {_show(doc['schema'])}, not {SCHEMA!r} (another lora version?)")
     of = _int(doc["of"], "of", 1, MAX_PARTS, bad)
@@ -101,19 +123,44 @@ def parse_record(data: bytes, path: Path, rerun: str) -> PartRecord:
             raise bad("fingerprint.lora_version is not a version number")
         if key == "options" and (len(value) > MAX_TEXT or not value.isprintable()):
             raise bad("fingerprint.options is too long or holds control characters")
+    shards = _shards(doc["shards"], "shards", bad)
+    pushed = _pushed(doc["pushed"], bad) if "pushed" in doc else None
+    return PartRecord(part, of, {k: fp[k] for k in FINGERPRINT_KEYS}, shards, pushed)
+
+
+def parse_pushed(doc: object, path: Path, rerun: str) -> PushedRecord:
+    """A ``pushed`` entry, checked as the join will check it (also before a part writes it)."""
+    return _pushed(doc, lambda what: PartError(f"{path}: {what}", rerun))
+
+
+def _shards(value: object, field: str, bad: Any) -> dict[str, ShardRecord]:
     shards: dict[str, ShardRecord] = {}
-    for name, entry in _obj(doc["shards"], "shards", bad).items():
+    for name, entry in _obj(value, field, bad).items():
         _check_name(name, bad)
-        entry = _obj(entry, f"shards[{name!r}]", bad)
-        _keys(entry, ("bytes", "sha256"), f"shards[{name!r}]", bad)
-        nbytes = _int(entry["bytes"], f"shards[{name!r}].bytes", 8, MAX_SHARD_BYTES, bad)
+        entry = _obj(entry, f"{field}[{name!r}]", bad)
+        _keys(entry, ("bytes", "sha256"), f"{field}[{name!r}]", bad)
+        nbytes = _int(entry["bytes"], f"{field}[{name!r}].bytes", 8, MAX_SHARD_BYTES, bad)
         sha = entry["sha256"]
         if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-            raise bad(f"shards[{name!r}].sha256 is not 64 lowercase hex digits")
+            raise bad(f"{field}[{name!r}].sha256 is not 64 lowercase hex digits")
         if sha == "0" * 64:
-            raise bad(f"shards[{name!r}].sha256 is all zeros (a placeholder, not a digest)")
+            raise bad(f"{field}[{name!r}].sha256 is all zeros (a placeholder, not a digest)")
         shards[name] = ShardRecord(nbytes, sha)
-    return PartRecord(part, of, {k: fp[k] for k in FINGERPRINT_KEYS}, shards)
+    return shards
+
+
+def _pushed(value: object, bad: Any) -> PushedRecord:
+    doc = _obj(value, "pushed", bad)
+    _keys(doc, ("repo", "revision", "shards"), "pushed", bad)
+    repo, revision = doc["repo"], doc["revision"]
+    if not isinstance(repo, str) or not _REPO.fullmatch(repo):
+        raise bad(f"pushed.repo {_show(repo)} is not a Hub repo id (org/name)")
+    if revision is not None and (
+        not isinstance(revision, str) or not revision or len(revision) > MAX_NAME
+        or not revision.isprintable()
+    ):  # fmt: skip
+        raise bad(f"pushed.revision {_show(revision)} is not a branch name")
+    return PushedRecord(repo, revision, _shards(doc["shards"], "pushed.shards", bad))
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -149,11 +196,13 @@ def _obj(value: object, field: str, bad: Any) -> dict[str, Any]:
     return value
 
 
-def _keys(doc: dict[str, Any], keys: tuple[str, ...], field: str, bad: Any) -> None:
+def _keys(
+    doc: dict[str, Any], keys: tuple[str, ...], field: str, bad: Any, optional: tuple[str, ...] = ()
+) -> None:
     missing = [k for k in keys if k not in doc]
     if missing:
         raise bad(f"{field} has no {missing[0]!r}")
-    extra = sorted(k for k in doc if k not in keys)
+    extra = sorted(k for k in doc if k not in keys and k not in optional)
     if extra:
         raise bad(f"{field} has an unknown field {ascii(extra[0])[:60]}")
 

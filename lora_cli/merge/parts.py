@@ -30,9 +30,23 @@ from lora_cli.io.destination import parts_folder
 from lora_cli.io.layout import sha256_file, write_json
 from lora_cli.io.safetensors_format import plan_header
 from lora_cli.io.writer import TMP_MARK, OutputDir, _pid_alive, copy_file, io_error
-from lora_cli.merge.part_record import RECORD_NAME, PartError, PartRecord, ShardRecord, read_record
+from lora_cli.merge.part_record import (
+    RECORD_NAME,
+    PartError,
+    PartRecord,
+    ShardRecord,
+    parse_pushed,
+    read_record,
+)
 from lora_cli.merge.plan import MergePlan, ShardOut, TensorAction, shard_plans
-from lora_cli.merge.run import MergeResult, Progress, finish_output, merge_result, write_shards
+from lora_cli.merge.run import (
+    MergeResult,
+    Progress,
+    ShardDone,
+    finish_output,
+    merge_result,
+    write_shards,
+)
 
 SAMPLE_BLOCKS = 16  # sampled 64 KiB blocks per base file in the fingerprint
 SAMPLE_BYTES = 64 << 10
@@ -126,7 +140,9 @@ def fingerprint(plan: MergePlan, options: dict[str, Any]) -> dict[str, str]:
         for s in shard_plans(plan)
     ]
     try:
-        base = _sha("\n".join(_file_sample(p) for p in base_files).encode())
+        # a Hub commit names the base's bytes: nothing to read (io/hub_remote.py)
+        identity = getattr(plan.base, "identity", lambda: None)()
+        base = _sha((identity or "\n".join(_file_sample(p) for p in base_files)).encode())
         adapter = _sha("\n".join(_file_digest(p) for p in adapter_files).encode())
     except OSError as exc:
         raise LoraError(f"cannot read the inputs to fingerprint them ({exc})") from None
@@ -148,8 +164,10 @@ def run_part(
     *,
     device: str = "cpu",
     progress: Progress | None = None,
+    on_shard: ShardDone | None = None,
 ) -> MergeResult:
-    """Write part ``part``'s shards and its record; a rerun replaces the part."""
+    """Write part ``part``'s shards and its record; a rerun replaces the part.
+    ``on_shard``: see ``write_shards`` (``merge/publish.py`` uploads and evicts there)."""
     start = time.perf_counter()
     shards = part_shards(plan, part)
     fp = fingerprint(plan, options)
@@ -161,12 +179,15 @@ def run_part(
     with OutputDir(folder / part.dirname, overwrite=True) as out:
         # hashed whatever --checksums says: the record is what the join checks the bytes by
         written, digests, device = write_shards(
-            plan, shards, out.path, device=device, progress=progress, checksums=True
-        )
+            plan, shards, out.path, device=device, progress=progress, checksums=True,
+            on_shard=on_shard,
+        )  # fmt: skip
+        sizes = getattr(on_shard, "sizes", {})  # merge/publish.py: pushed shards are gone
+        pushed = on_shard.record() if hasattr(on_shard, "record") else None
         record = PartRecord(part.index, part.count, fp, {
-            name: ShardRecord((out.path / name).stat().st_size, digest)
+            name: ShardRecord(sizes.get(name) or (out.path / name).stat().st_size, digest)
             for name, digest in digests.items()
-        })  # fmt: skip
+        }, pushed=parse_pushed(pushed, out.path / RECORD_NAME, "") if pushed else None)  # fmt: skip
         write_json(out.path / RECORD_NAME, record.to_json())
     files = [f"{folder.name}/{part.dirname}/{n}" for n in [*digests, RECORD_NAME]]
     result = merge_result(plan, output, files, device, time.perf_counter() - start, written)
@@ -323,7 +344,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         copy_file(src, dst)
 
 
-def _verify_digests(
+def verify_digests(
     published: dict[str, Path],
     sources: dict[str, Path],
     want: dict[str, str],
@@ -373,7 +394,7 @@ def run_join(
         published = {name: out.path / name for name in sources}
         for name, src in sources.items():
             _link_or_copy(src, published[name])
-        _verify_digests(published, sources, digests, labels)
+        verify_digests(published, sources, digests, labels)
         files = finish_output(plan, out.path, digests, options.get("checksums", True), model_card)
     shutil.rmtree(folder, ignore_errors=True)
     written = sum(r.nbytes for r in shard_records.values())

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     import torch
 
 Progress = Callable[[int, str], None]
+# Told of each output shard once it is complete, fsynced and hashed: (file name, path, sha256
+# or ""). ``merge/publish.py`` uploads and evicts there; while it runs, no next shard starts.
+ShardDone = Callable[[str, Path, str], None]
 
 
 def resolve_device(spec: str) -> str:
@@ -190,6 +193,8 @@ class MergeResult:
     quantized: list[dict[str, Any]] = field(default_factory=list)  # --quantize keep fidelity
     part: str | None = None  # "I/N" for `merge --part`, "joined N" for `merge --join`
     renames: list[dict[str, Any]] = field(default_factory=list)  # MergePlan.renames()
+    fetched: dict[str, Any] | None = None  # a Hub base: headers and shards fetched, evicted
+    pushed: dict[str, Any] | None = None  # --push-to-hub: repo, shards uploaded, commit
 
     @property
     def throughput(self) -> float:
@@ -383,9 +388,12 @@ def write_shards(
     device: str = "cpu",
     progress: Progress | None = None,
     checksums: bool = True,
+    on_shard: ShardDone | None = None,
 ) -> tuple[int, dict[str, str], str]:
     """Write ``shards`` of the plan into ``folder``; (bytes written, file name → sha256
     or ``""`` with ``checksums=False``, the device the math ran on: ``device`` resolved).
+    ``on_shard`` hears of each finished shard (then at most one shard is written ahead
+    of it, and the early copies stay in the first shard: the disk holds about two).
 
     Each shard is hashed as it is written (``TrailingHash``) and fsynced on a spare
     thread while the next one is written. ``merge --part`` calls this with its share of
@@ -413,7 +421,8 @@ def write_shards(
         return info.nbytes
 
     try:
-        written, early = _copy_while_torch_loads(plan, shards, open_writer, copy)
+        ahead = shards[:1] if on_shard else shards
+        written, early = _copy_while_torch_loads(plan, ahead, open_writer, copy)
         wait_for_torch()  # interruptible, unlike a wait inside `import torch`
         for adapter in [ad for ad, _ in plan.combined] or [plan.adapter]:
             if adapter.values_pending:
@@ -421,7 +430,7 @@ def write_shards(
                 plan.warnings += refuse_or_warn(value_findings(adapter))  # as validate does
         device = resolve_device(device)  # ("auto" asks torch: after the early copies)
         written, digests = _write_rest(
-            plan, shards, open_writer, copy, early, written, device, checksums, progress
+            plan, shards, open_writer, copy, early, written, device, checksums, progress, on_shard
         )
         return written, digests, device
     finally:
@@ -462,6 +471,7 @@ def _write_rest(
     device: str,
     checksums: bool,
     progress: Progress | None,
+    on_shard: ShardDone | None = None,
 ) -> tuple[int, dict[str, str]]:
     """Everything ``_copy_while_torch_loads`` left, shard by shard in file order."""
     import torch
@@ -478,6 +488,8 @@ def _write_rest(
     ):
         buffers = BufferPool(pin=cuda, keep=depth + 3)
         for shard in shards:
+            if on_shard and digests:
+                next(reversed(digests.values())).result()  # one shard at a time on disk
             writer = open_writer(shard)
             todo = [a for a in shard.actions if a.name not in done]
             starts = {name: entry.start for name, entry in writer.entries.items()}
@@ -497,18 +509,19 @@ def _write_rest(
                 if progress:
                     progress(nbytes, act.name)
             writer.close(sync=False)
-            digests[shard.filename] = finisher.submit(_finish_shard, writer, checksums)
+            digests[shard.filename] = finisher.submit(_finish_shard, writer, checksums, on_shard)
         return written, {name: f.result() for name, f in digests.items()}
 
 
-def _finish_shard(writer: ShardWriter, checksums: bool) -> str:
+def _finish_shard(writer: ShardWriter, checksums: bool, on_shard: ShardDone | None = None) -> str:
     """fsync a closed shard and return its sha256 (``""`` without checksums), on a spare
     thread while the next shard is written. The digest comes from the writer's trailing
-    hash; should that have failed, the file is read back."""
+    hash; should that have failed, the file is read back. Then ``on_shard`` hears of it."""
     fsync_file(writer.path)
-    if not checksums:
-        return ""
-    return writer.digest() or sha256_file(writer.path)
+    digest = (writer.digest() or sha256_file(writer.path)) if checksums else ""
+    if on_shard:
+        on_shard(writer.path.name, writer.path, digest)
+    return digest
 
 
 @contextlib.contextmanager
@@ -578,13 +591,20 @@ def run_merge(
     progress: Progress | None = None,
     checksums: bool = True,
     model_card: str | None = None,
+    on_shard: ShardDone | None = None,
+    before_publish: Callable[[Path, list[str]], None] | None = None,
 ) -> MergeResult:
+    """``before_publish(folder, files)`` runs on the complete output before it is renamed
+    into place (``--push-to-hub`` commits there): should it fail, nothing is published."""
     start = time.perf_counter()
     with OutputDir(output, overwrite) as out:
         written, digests, device = write_shards(
-            plan, plan.shards, out.path, device=device, progress=progress, checksums=checksums
-        )
+            plan, plan.shards, out.path, device=device, progress=progress, checksums=checksums,
+            on_shard=on_shard,
+        )  # fmt: skip
         files = finish_output(plan, out.path, digests, checksums, model_card)
+        if before_publish:
+            before_publish(out.path, files)
     return merge_result(plan, output, files, device, time.perf_counter() - start, written)
 
 

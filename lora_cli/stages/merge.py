@@ -19,11 +19,16 @@ from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.destination import check_destination
 from lora_cli.io.dtypes import parse_dtype_option
 from lora_cli.io.layout import parse_size, read_json
-from lora_cli.io.reader import open_source
 from lora_cli.merge.combine import build_combined_plan, parse_weights
 from lora_cli.merge.inputs import Notice, merge_card, resolve_inputs
-from lora_cli.merge.parts import parse_part, part_actions, run_join, run_part
+from lora_cli.merge.parts import parse_part, part_actions, part_shards, run_join, run_part
 from lora_cli.merge.plan import MergePlan, build_plan
+from lora_cli.merge.publish import (
+    Push,
+    ShardSink,
+    commit_message,
+    join_to_hub,
+)
 from lora_cli.merge.quantized import fidelity, plan_merge, refuse_quantized_base
 from lora_cli.merge.run import MergeResult, Progress, resolve_device, run_merge
 from lora_cli.merge.side_files import adapter_side_files
@@ -84,6 +89,11 @@ def merge(
     checksums: bool = True,
     notice: Notice | None = None,
     hub_progress: bool = True,
+    evict: bool = False,
+    push_to_hub: str | None = None,
+    revision: str | None = None,
+    private: bool = False,
+    create_pr: bool = False,
 ) -> MergeResult | DryRun:
     """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
 
@@ -92,7 +102,8 @@ def merge(
     inputs came from. Several adapters (or ``weights``) merge their weighted sum in one pass
     (``merge.combine``); one adapter without weights takes the single-adapter plan.
     ``part="I/N"`` writes only part I of a split merge, ``join`` publishes the parts
-    (``merge/parts.py``).
+    (``merge/parts.py``). ``evict`` deletes each base shard fetched from the Hub once read,
+    ``push_to_hub`` publishes the output to that repo in one commit (``merge/publish.py``).
     """
     refs = [adapter] if isinstance(adapter, str | Path) else list(adapter)
     out_dtype = parse_dtype_option(dtype)
@@ -100,6 +111,7 @@ def merge(
     split = parse_part(part) if part is not None else None
     if split and (join or dry_run):
         raise UsageError("--part goes without --join and --dry-run", "run parts, then one join")
+    push = _push_target(push_to_hub, revision, private, create_pr)
     if not dry_run:
         if output is None:
             raise UsageError("no output folder given", "pass -o OUTPUT")
@@ -107,7 +119,7 @@ def merge(
         check_destination(output, overwrite, local, parts=bool(split or join))  # before downloads
     # "auto" asks torch whether there is a GPU: write_shards does, after the early copies
     dev = device if device.strip().lower() == "auto" else resolve_device(device)
-    inputs = resolve_inputs(base, refs, notice=notice, progress=hub_progress)
+    inputs = resolve_inputs(base, refs, notice=notice, progress=hub_progress, remote_base=True)
     refuse_repeated(inputs.adapters)
     if not dry_run:
         check_destination(
@@ -116,7 +128,7 @@ def merge(
     writes_math = not (dry_run or join)
     if writes_math:
         start_torch_import()  # planning and the untouched tensors' copies need no torch
-    base_src = open_source(inputs.base)  # (a broken file is named first, whatever its slot)
+    base_src = inputs.open_base()  # (a broken file is named first, whatever its slot)
     try:
         _refuse_swapped(inputs.base, inputs.adapters)
         opened: list[Adapter] = []
@@ -162,13 +174,28 @@ def merge(
                 [(str(ref), ad) for ref, ad in zip(refs, opened, strict=True)],
                 _card_options(dtype, max_shard_size, quantize, weights),
             )
+            message = commit_message(
+                f"{inputs.base_ref}@{inputs.remote.commit}" if inputs.remote else inputs.base_ref,
+                [str(r) for r in refs],
+            )
+            if join and push:
+                result = join_to_hub(plan, Path(output), options, push, message,
+                                     overwrite=overwrite, model_card=card)  # fmt: skip
+                return _remote_records(result, inputs, push)
             if join:
-                return run_join(plan, Path(output), options, overwrite=overwrite, model_card=card)
+                result = run_join(plan, Path(output), options, overwrite=overwrite, model_card=card)
+                return _remote_records(result, inputs, push)
             acts = plan.actions() if split is None else part_actions(plan, split)
             total = sum(_nbytes(a) for a in acts)
             progress: Progress | None = progress_factory(total) if progress_factory else None
+            shards = plan.shards if split is None else part_shards(plan, split)
+            sink = ShardSink(plan, shards, evict=evict, push=push) if evict or push else None
+            if push:
+                push.prepare()
             if split is not None:
-                return run_part(plan, Path(output), split, options, device=dev, progress=progress)
+                result = run_part(plan, Path(output), split, options, device=dev,
+                                  progress=progress, on_shard=sink)  # fmt: skip
+                return _remote_records(result, inputs, push)
             result = run_merge(
                 plan,
                 Path(output),
@@ -177,7 +204,12 @@ def merge(
                 progress=progress,
                 checksums=checksums,
                 model_card=card,
+                on_shard=sink,
+                before_publish=(lambda folder, files: push.commit(folder, files, message))
+                if push
+                else None,
             )
+            _remote_records(result, inputs, push)
             result.adapters = combined_json(plan).get("adapters", [])
             result.quantized, low = fidelity(plan)
             result.warnings = result.warnings + low
@@ -246,6 +278,31 @@ def trainer_adapter_folder(
                     "leave out --adapter-config: the folder's own config is used",
                 )
     return Path(ckpt)
+
+
+def _push_target(
+    repo: str | None, revision: str | None, private: bool, create_pr: bool
+) -> Push | None:
+    if repo is None:
+        if revision or private or create_pr:
+            from lora_cli.errors import UsageError
+
+            raise UsageError(
+                "--revision, --private and --create-pr go with --push-to-hub",
+                "lora merge BASE ADAPTER -o OUT --push-to-hub org/name [--revision BRANCH]",
+            )
+        return None
+    return Push(repo, revision, private, create_pr)
+
+
+def _remote_records(result: MergeResult, inputs: Any, push: Push | None) -> MergeResult:
+    """``--json``'s ``fetched`` (a Hub base) and ``pushed`` (``--push-to-hub``)."""
+    if inputs.remote is not None:
+        result.fetched = {"repo": inputs.remote.ref.repo_id, "commit": inputs.remote.commit,
+                          **inputs.remote.fetched.to_json()}  # fmt: skip
+    if push is not None and result.pushed is None:
+        result.pushed = push.to_json()
+    return result
 
 
 def _card_options(

@@ -88,9 +88,13 @@ def validate(
             raise UsageError("--sample, --atol and --rtol apply to --base with --adapter")
         if split is not None:
             raise UsageError("--part splits a checkpoint's weight files; an adapter is one")
-        base_path = resolve(base, "base") if base is not None else None
+        from lora_cli.io.hub_remote import remote_base
+
+        # a Hub base is checked from its shards' headers alone: nothing is downloaded
+        remote = remote_base(base, "base", notice, hub_progress) if base is not None else None
+        base_path = remote.folder if remote else resolve(base, "base") if base else None
         report = ValidateReport(path, "adapter", base=base_path)
-        validate_adapter(report, path, base_path)
+        validate_adapter(report, path, remote.open() if remote else base_path)
         return report
     if (base is None) != (not refs):
         raise UsageError(

@@ -25,7 +25,7 @@ from lora_cli.validate.files import check_finite, check_manifest, ensure_readabl
 from lora_cli.validate.report import ValidateReport
 
 
-def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> None:
+def validate_adapter(report: ValidateReport, path: Path, base: Path | TensorSource | None) -> None:
     """Fill ``report`` with the findings on the adapter at ``path`` (against ``base``)."""
     r = report
     r.ran("adapter")
@@ -137,12 +137,12 @@ def _adapter_against_base(
             base_src.close()
 
 
-def _validate_converted(r: ValidateReport, path: Path, base: Path | None) -> None:
+def _validate_converted(r: ValidateReport, path: Path, base: Path | TensorSource | None) -> None:
     """mlx-lm and GGUF LoRA adapters: every tensor in its PEFT form (readable, finite),
     the reader's warnings, and with ``base`` the merge preflight against it."""
     r.ran("header")
     r.ran("finite")
-    base_src = open_source(base) if base is not None else None
+    base_src = open_source(base) if isinstance(base, Path) else base
     try:
         try:
             adapter = load_any_adapter(path, base_src)

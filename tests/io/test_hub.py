@@ -250,6 +250,7 @@ def test_online_downloads_only_what_a_merge_reads(hub_cache, monkeypatch, tmp_pa
     monkeypatch.setattr(
         huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: LLAMA_REPO
     )
+    monkeypatch.setattr("lora_cli.io.hub._reach_hub", lambda: None)  # the Hub answers
     folder = resolve_input("meta-llama/Llama-3.1-8B@main", "base", progress=False)
     assert folder == snapshot
     assert calls["repo_id"] == "meta-llama/Llama-3.1-8B" and calls["revision"] == "main"
@@ -272,6 +273,7 @@ def test_hub_errors_become_one_line(monkeypatch, tmp_path, run_cli):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", refuse)
+    monkeypatch.setattr("lora_cli.io.hub._reach_hub", lambda: None)  # the Hub answers
     code, _, err = run_cli("merge", "org/gated", "org/adapter", "-o", tmp_path / "out")
     assert code == 2
     assert "gated" in err and "HF_TOKEN" in err and "Traceback" not in err

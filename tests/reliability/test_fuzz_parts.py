@@ -70,7 +70,7 @@ def _join_checks(env: dict[str, Any], data: bytes) -> None:
     sources = parts_mod._check_shards(env["folder"], env["plan"], split.count, records)
     digests = {n: r.sha256 for rec in records.values() for n, r in rec.shards.items()}
     labels = dict.fromkeys(digests, "?")
-    parts_mod._verify_digests(sources, sources, digests, labels)
+    parts_mod.verify_digests(sources, sources, digests, labels)
 
 
 # -- mutations of the decoded record ------------------------------------------------------------

@@ -292,6 +292,7 @@ def test_online_inspect_downloads_what_merge_would(hub_world, monkeypatch):
     monkeypatch.setattr(
         huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: listing
     )
+    monkeypatch.setattr("lora_cli.io.hub._reach_hub", lambda: None)  # the Hub answers
     report = inspect_path("org/adapter@main", hub_progress=False)
     assert report.kind == "adapter" and report.path == snapshots["org/adapter"]
     assert asked["repo_id"] == "org/adapter" and asked["revision"] == "main"

@@ -173,17 +173,79 @@ def config_dtype_update(config: dict[str, Any] | None, dtype: str) -> dict[str, 
     return {k: value for k in keys}
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path`` or a one-line error naming it."""
+# JSON side files are small: configs are kilobytes, and the largest index.json published
+# (Kimi-K2, ~210k tensor entries for per-expert INT4 parts) is about 20 MB. 64 MiB is three
+# times that, and bounds the memory a hostile "config" can make a run spend parsing it.
+MAX_JSON_BYTES = 64 << 20
+# Real configs nest 4–5 levels (quantization_config.config_groups.group_0.weights); 64
+# leaves room for anything a producer writes while a 100 000-deep ``[[[[…`` is refused
+# before it can exhaust Python's recursion limit in the parser or in code walking it.
+MAX_JSON_DEPTH = 64
+
+
+def read_json(
+    path: Path, what: str, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> dict[str, Any]:
+    """A JSON object from ``path`` or a one-line error naming it.
+
+    Bounded before it is trusted: the file's size (``max_bytes``, checked before reading,
+    and the read itself capped), the nesting depth (``max_depth``), and the top level must
+    be an object. ``NaN``/``Infinity`` literals parse as Python floats; the field checks of
+    each format refuse them where a number must be finite.
+    """
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > max_bytes:
+                raise FormatError(
+                    f"{path}: {what} is larger than {max_bytes >> 20} MiB",
+                    "this is not a config a trainer writes; check the file",
+                )
+            raw = f.read(max_bytes + 1)
     except OSError as exc:
         raise FormatError(f"{path}: cannot read {what} ({exc.strerror})") from None
-    except ValueError as exc:
+    if len(raw) > max_bytes:  # grew while read, or not a regular file
+        raise FormatError(f"{path}: {what} is larger than {max_bytes >> 20} MiB")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        doc = None
+        too_deep = True
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
+    else:
+        too_deep = json_depth(doc, max_depth) > max_depth
+    if too_deep:
+        raise FormatError(
+            f"{path}: {what} nests deeper than {max_depth} levels",
+            "this is not a config a trainer writes; check the file",
+        )
     if not isinstance(doc, dict):
-        raise FormatError(f"{path}: {what} must be a JSON object")
+        raise FormatError(
+            f"{path}: {what} must be a JSON object, not {type(doc).__name__}",
+            "the file holds another kind of JSON document",
+        )
     return doc
+
+
+def json_depth(doc: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), walked without recursion and
+    given up at ``limit + 1``, so the walk costs at most the document's size."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[Any] = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        depth += 1
+        if depth > limit:
+            return depth
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest
 
 
 OUTPUT_EMBEDDING = "lm_head.weight"  # the tensor transformers drops for tied embeddings

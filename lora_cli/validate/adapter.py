@@ -96,7 +96,7 @@ def validate_adapter(report: ValidateReport, path: Path, base: Path | None) -> N
             r.add(weights, None, "adapter", w)
         targets = config.get("target_modules")
         if isinstance(targets, str) and targets.lower() != "all-linear" and adapter.modules:
-            matched, unmatched = regex_matches(targets, list(adapter.modules))
+            matched, unmatched = regex_matches(adapter, targets)
             n = len(adapter.modules)
             if not matched:
                 r.add(

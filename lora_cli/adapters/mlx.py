@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lora_cli.adapters.config_checks import check_mlx_config
 from lora_cli.adapters.mlx_moe import (
     add_target_parameters,
     expert_paths,
@@ -98,12 +99,12 @@ def load_mlx_adapter(path: Path, base_names: Iterable[str] | None = None) -> Ada
 
 
 def _native(config: dict[str, Any], config_path: Path) -> dict[str, Any]:
+    params = check_mlx_config(config, config_path)
     ftype = config.get("fine_tune_type") or ("dora" if config.get("use_dora") else "lora")
     if ftype not in ("lora", "dora", "full"):
         raise FormatError(f"{config_path}: unknown fine_tune_type {ftype!r}")
-    params = config.get("lora_parameters") or {}
     scale = params.get("scale")
-    if ftype != "full" and not isinstance(scale, (int, float)):
+    if ftype != "full" and scale is None:
         hint = "mlx-lm uses 'scale' (PEFT's lora_alpha / r); 'alpha' is ignored by mlx-lm"
         raise FormatError(f"{config_path}: lora_parameters has no 'scale'", hint)
     return {

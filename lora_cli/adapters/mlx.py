@@ -28,7 +28,7 @@ from lora_cli.adapters.mlx_moe import (
 from lora_cli.adapters.peft import PREFIX, Adapter, LoraModule, adapter_warnings
 from lora_cli.errors import FormatError
 from lora_cli.io.derived import Derived, derived_source, plain, transposed
-from lora_cli.io.layout import read_json
+from lora_cli.io.layout import MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import open_source
 
 CONFIG_NAME = "adapter_config.json"
@@ -72,7 +72,7 @@ def find_mlx_files(path: Path) -> tuple[Path, Path] | None:
 
 def _mlx_config(path: Path) -> bool:
     try:
-        return is_mlx_config(read_json(path, "adapter config"))
+        return is_mlx_config(read_json(path, "adapter config", max_bytes=MAX_ADAPTER_CONFIG_BYTES))
     except FormatError:
         return False
 
@@ -87,7 +87,7 @@ def load_mlx_adapter(path: Path, base_names: Iterable[str] | None = None) -> Ada
     if found is None:
         raise FormatError(f"{path}: not an mlx-lm adapter")
     config_path, weights = found
-    config = read_json(config_path, "adapter config")
+    config = read_json(config_path, "adapter config", max_bytes=MAX_ADAPTER_CONFIG_BYTES)
     native = _native(config, config_path)
     source = open_source(weights)
     try:

@@ -24,7 +24,7 @@ from lora_cli.adapters.patterns import PatternBudget
 from lora_cli.adapters.variants import BASE_CHANGING_INITS, Variant, classify, state_part
 from lora_cli.errors import FormatError, MergeError
 from lora_cli.io.dtypes import FLOAT_DTYPES
-from lora_cli.io.layout import read_json
+from lora_cli.io.layout import MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import TensorSource, open_source
 
 CONFIG_NAME = "adapter_config.json"
@@ -158,7 +158,7 @@ def is_adapter(path: Path) -> bool:
 def load_adapter(path: Path) -> Adapter:
     """Read config and tensor listing (no tensor data) and classify every key."""
     config_path, weights = find_adapter_files(path)
-    config = read_json(config_path, "adapter config")
+    config = read_json(config_path, "adapter config", max_bytes=MAX_ADAPTER_CONFIG_BYTES)
     if "peft_type" not in config:
         raise FormatError(f"{config_path}: no 'peft_type'", "this is not a PEFT adapter config")
     check_peft_config(config, config_path, PatternBudget(config_path))  # before any I/O

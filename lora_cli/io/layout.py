@@ -177,6 +177,9 @@ def config_dtype_update(config: dict[str, Any] | None, dtype: str) -> dict[str, 
 # (Kimi-K2, ~210k tensor entries for per-expert INT4 parts) is about 20 MB. 64 MiB is three
 # times that, and bounds the memory a hostile "config" can make a run spend parsing it.
 MAX_JSON_BYTES = 64 << 20
+# Adapter configs are kilobytes; one spelling out rank_pattern/alpha_pattern for every module
+# of a 100k-module MoE is a few MB. 16 MiB refuses a 60 MB "config" before it is parsed.
+MAX_ADAPTER_CONFIG_BYTES = 16 << 20
 # Real configs nest 4–5 levels (quantization_config.config_groups.group_0.weights); 64
 # leaves room for anything a producer writes while a 100 000-deep ``[[[[…`` is refused
 # before it can exhaust Python's recursion limit in the parser or in code walking it.

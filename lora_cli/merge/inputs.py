@@ -19,7 +19,7 @@ from lora_cli.io.hub import (
     parse_repo_ref,
     resolve_input,
 )
-from lora_cli.io.layout import MANIFEST_NAME, read_json
+from lora_cli.io.layout import MANIFEST_NAME, MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.merge.card import MergedAdapter, model_card
 
 __all__ = ["MergeInputs", "Notice", "merge_card", "resolve_inputs"]
@@ -50,7 +50,7 @@ def resolve_inputs(
     from_config = base is None
     if base is None:
         config_path, _ = find_adapter_files(paths[0])
-        config = read_json(config_path, "adapter config")
+        config = read_json(config_path, "adapter config", max_bytes=MAX_ADAPTER_CONFIG_BYTES)
         base = base_from_adapter_config(config, config_path, notice)
     base_path = resolve_input(base, "base", notice=notice, progress=progress)
     return MergeInputs(base_path, paths, str(base), from_config)

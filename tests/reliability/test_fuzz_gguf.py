@@ -7,6 +7,8 @@ raises a ``LoraError`` (one line, exit 2) — never another exception."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,28 @@ from lora_cli.errors import LoraError
 
 pytest.importorskip("gguf")
 EXAMPLES = 80  # ~0.05 s each: the whole fuzzer stays a few seconds
+# Each example runs in this process: one that loops (gguf's reader on a 2⁶³-entry array
+# did) must fail the test, not hang the suite. Generous for a loaded machine.
+EXAMPLE_SECONDS = 20.0
+
+
+class _Overran(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    def overran(signum, frame):
+        raise _Overran(f"one example ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, overran)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
 
 U64 = st.one_of(st.integers(0, 8), st.sampled_from([2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1]))
 
@@ -129,6 +153,7 @@ def test_mutated_gguf_never_crashes(gguf_bytes, data) -> None:
         path = Path(tmp) / "fuzz.gguf"
         path.write_bytes(blob)
         try:
-            _load_everything(path)
+            with _time_limit(EXAMPLE_SECONDS):
+                _load_everything(path)
         except LoraError as exc:
             assert "\n" not in str(exc)

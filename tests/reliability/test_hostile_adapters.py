@@ -326,11 +326,11 @@ def _fp8(scale: float, block=(128, 128)) -> tuple[dict, dict]:
     )
 
 
-def _int4(shape: list[int]) -> tuple[dict, dict]:
+def _int4(shape: list[int], scale: float = 1.0) -> tuple[dict, dict]:
     return (
         {
             f"{Q_PROJ}.weight_packed": torch.zeros(32, 4, dtype=torch.int32),
-            f"{Q_PROJ}.weight_scale": torch.ones(32, 1, dtype=torch.bfloat16),
+            f"{Q_PROJ}.weight_scale": torch.full((32, 1), scale, dtype=torch.bfloat16),
             f"{Q_PROJ}.weight_shape": torch.tensor(shape),
         },
         {"quant_method": "compressed-tensors", "format": "pack-quantized"},
@@ -344,6 +344,7 @@ QUANT_CASES = {
     "block-size-string": (lambda: _fp8(1.0, ("a", 128)), "weight_block_size"),
     "int4-shape-3": (lambda: _int4([32, 32, 1]), "weight_shape"),
     "int4-rows-short": (lambda: _int4([64, 32]), "weight_shape"),
+    "int4-scale-nan": (lambda: _int4([32, 32], float("nan")), "weight_scale"),
 }
 
 

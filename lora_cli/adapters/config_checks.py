@@ -135,6 +135,18 @@ def _token_indices(path: Path, value: Any, fix: str) -> None:
             raise _refuse(path, where, f"token id {max(ids)} is not below {MAX_TOKEN_INDEX}", fix)
 
 
+def _bdlora(path: Path, spec: Any, fix: str) -> None:
+    """``use_bdlora``: null, a flag, or BdLoraConfig's fields (``nblocks``, the factor lists)."""
+    if spec is None or isinstance(spec, bool):
+        return
+    if not isinstance(spec, dict):
+        raise _refuse(path, "use_bdlora", f"must be an object, got {_kind(spec)}", fix)
+    if spec.get("nblocks") is not None:
+        positive_int(path, "use_bdlora.nblocks", spec["nblocks"], fix)
+    for key in ("target_modules_bd_a", "target_modules_bd_b"):
+        _names(path, f"use_bdlora.{key}", spec.get(key), regex=False, fix=fix)
+
+
 def check_peft_config(config: dict[str, Any], path: Path, budget: PatternBudget) -> None:
     """Refuse a PEFT ``adapter_config.json`` whose fields have the wrong type or range."""
     fix = FIX_PEFT
@@ -154,6 +166,7 @@ def check_peft_config(config: dict[str, Any], path: Path, budget: PatternBudget)
     _patterns(path, "rank_pattern", config.get("rank_pattern"), budget, rank=True, fix=fix)
     _patterns(path, "alpha_pattern", config.get("alpha_pattern"), budget, rank=False, fix=fix)
     _token_indices(path, config.get("trainable_token_indices"), fix)
+    _bdlora(path, config.get("use_bdlora"), fix)
     layers = config.get("layers_to_transform")
     listed = isinstance(layers, list) and all(isinstance(i, int) for i in layers)
     if layers is not None and not (isinstance(layers, int) or listed):

@@ -77,6 +77,7 @@ PEFT_CASES = {
     "rank-pattern-not-int": (_set(rank_pattern={"q_proj": "eight"}), "rank_pattern"),
     "alpha-pattern-inf": (_set(alpha_pattern={"v_proj": float("inf")}), "alpha_pattern"),
     "token-indices-strings": (_set(trainable_token_indices=["a"]), "trainable_token_indices"),
+    "bdlora-nblocks-string": (_set(use_bdlora={"nblocks": "a"}), "use_bdlora.nblocks"),
     "target-modules-huge-list": (_set(target_modules=["q"] * 300_000), "target_modules"),
     "deep-nesting": (lambda c: "[" * 100_000 + "]" * 100_000, "nests deeper"),
     "top-level-list": (lambda c: json.dumps([c]), "JSON object"),

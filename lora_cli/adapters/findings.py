@@ -39,7 +39,7 @@ def config_findings(adapter: Adapter) -> list[AdapterFinding]:
     targets = adapter.config.get("target_modules")
     if not isinstance(targets, str) or targets.lower() == "all-linear" or not adapter.modules:
         return []
-    matched, unmatched = regex_matches(targets, list(adapter.modules))
+    matched, unmatched = regex_matches(adapter, targets)
     n = len(adapter.modules)
     hint = "fix target_modules, or rewrite it as the module list: lora convert --targets-as-list"
     if not matched:

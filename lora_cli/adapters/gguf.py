@@ -15,9 +15,12 @@ docs/lora-formats.md §4.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_cli.adapters.config_checks import finite_scale
+from lora_cli.adapters.gguf_header import walk_header
 from lora_cli.adapters.peft import PREFIX, Adapter, LoraModule, adapter_warnings
 from lora_cli.errors import FormatError
 from lora_cli.io.derived import Derived, derived_source
@@ -39,6 +42,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": ("qwen3", False),
 }
 PERMUTING = {gguf_arch for gguf_arch, permutes in ARCHITECTURES.values() if permutes}
+FIX_GGUF = "re-convert the adapter with llama.cpp's convert_lora_to_gguf.py"
 INSTALL_HINT = "install the optional extra: pip install 'lora-cli[gguf]'"
 
 
@@ -91,6 +95,8 @@ class GgufTensors:
 
     def __init__(self, path: Path) -> None:
         gguf = gguf_module()
+        sizes = {int(k): (int(b), int(n)) for k, (b, n) in gguf.GGML_QUANT_SIZES.items()}
+        self.kv = walk_header(path, sizes)  # every count and length checked against the file
         try:
             self.reader = gguf.GGUFReader(path)
         except (ValueError, OSError, KeyError) as exc:
@@ -111,8 +117,7 @@ class GgufTensors:
             self._tensors[t.name] = t
 
     def field(self, key: str) -> Any:
-        f = self.reader.get_field(key)
-        return None if f is None else f.contents()
+        return self.kv.get(key)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         import numpy as np
@@ -133,13 +138,26 @@ class GgufTensors:
             mm._mmap.close()
 
 
-def hf_names(arch: str, blocks: int) -> dict[str, list[str]]:
-    """GGUF tensor base name → the HF names ``TensorNameMap`` lists for it, in its order."""
+def hf_names(arch: str, blocks: Iterable[int]) -> dict[str, list[str]]:
+    """GGUF tensor base name → the HF names ``TensorNameMap`` lists for it, in its order.
+
+    Only the block indices present are mapped: ``TensorNameMap(arch, n)`` builds every
+    block below ``n``, so a file naming ``blk.1000000`` would build a million blocks'
+    names. This runs the package's own per-block loop for the given indices only."""
     gguf = gguf_module()
     arch_enum = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), None)
     if arch_enum is None:
         raise FormatError(f"GGUF architecture {arch!r} is unknown to the installed gguf package")
-    table = gguf.TensorNameMap(arch_enum, blocks)
+    table = gguf.TensorNameMap(arch_enum, 0)
+    known = gguf.MODEL_TENSORS[arch_enum]
+    for bid in sorted(blocks):  # TensorNameMap.__init__'s block loop, for these blocks
+        for tensor, keys in table.block_mappings_cfg.items():
+            if tensor not in known:
+                continue
+            tensor_name = gguf.TENSOR_NAMES[tensor].format(bid=bid)
+            table.mapping[tensor_name] = (tensor, tensor_name)
+            for key in keys:
+                table.mapping[key.format(bid=bid)] = (tensor, tensor_name)
     out: dict[str, list[str]] = {}
     for hf, (_, gguf_name) in table.mapping.items():
         if hf != gguf_name:
@@ -174,22 +192,31 @@ def load_gguf_adapter(path: Path, base: TensorSource | None = None) -> Adapter:
 def _build(path: Path, tensors: GgufTensors, base: TensorSource | None) -> Adapter:
     gtype = tensors.field("general.type")
     if gtype != "adapter" or tensors.field("adapter.type") != "lora":
+        shown = gtype if isinstance(gtype, str) and gtype else "model"
         raise FormatError(
-            f"{path}: a GGUF {gtype or 'model'} file, not a LoRA adapter "
+            f"{path}: a GGUF {shown!r} file, not a LoRA adapter "
             "(general.type must be 'adapter', adapter.type 'lora')"
         )
-    arch = str(tensors.field("general.architecture"))
+    arch = tensors.field("general.architecture")
+    if not isinstance(arch, str):
+        raise FormatError(f"{path}: general.architecture: must be a string", FIX_GGUF)
     alpha = tensors.field("adapter.lora.alpha")
-    alpha = float(alpha) if alpha else 0.0
+    alpha = 0.0 if alpha is None else finite_scale(path, "adapter.lora.alpha", alpha, FIX_GGUF)
     pairs: dict[str, dict[str, str]] = {}
     non_adapter = []
-    blocks = 0
+    blocks: set[int] = set()
     for name in tensors.infos:
         stem, _, leaf = name.rpartition(".")
         if leaf in ("lora_a", "lora_b"):
             pairs.setdefault(stem, {})[leaf] = name
             if stem.startswith("blk."):
-                blocks = max(blocks, int(stem.split(".")[1]) + 1)
+                index = stem.split(".")[1]
+                if not index.isdecimal() or len(index) > 9:
+                    raise FormatError(
+                        f"{path}: tensor {name!r}: block index {index!r} is not a number",
+                        FIX_GGUF,
+                    )
+                blocks.add(int(index))
         else:
             non_adapter.append(name)
     names = hf_names(arch, blocks)

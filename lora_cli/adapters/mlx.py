@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lora_cli.adapters.config_checks import check_mlx_config
 from lora_cli.adapters.mlx_moe import (
     add_target_parameters,
     expert_paths,
@@ -27,7 +28,7 @@ from lora_cli.adapters.mlx_moe import (
 from lora_cli.adapters.peft import PREFIX, Adapter, LoraModule, adapter_warnings
 from lora_cli.errors import FormatError
 from lora_cli.io.derived import Derived, derived_source, plain, transposed
-from lora_cli.io.layout import read_json
+from lora_cli.io.layout import MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import open_source
 
 CONFIG_NAME = "adapter_config.json"
@@ -71,7 +72,7 @@ def find_mlx_files(path: Path) -> tuple[Path, Path] | None:
 
 def _mlx_config(path: Path) -> bool:
     try:
-        return is_mlx_config(read_json(path, "adapter config"))
+        return is_mlx_config(read_json(path, "adapter config", max_bytes=MAX_ADAPTER_CONFIG_BYTES))
     except FormatError:
         return False
 
@@ -86,7 +87,7 @@ def load_mlx_adapter(path: Path, base_names: Iterable[str] | None = None) -> Ada
     if found is None:
         raise FormatError(f"{path}: not an mlx-lm adapter")
     config_path, weights = found
-    config = read_json(config_path, "adapter config")
+    config = read_json(config_path, "adapter config", max_bytes=MAX_ADAPTER_CONFIG_BYTES)
     native = _native(config, config_path)
     source = open_source(weights)
     try:
@@ -98,12 +99,12 @@ def load_mlx_adapter(path: Path, base_names: Iterable[str] | None = None) -> Ada
 
 
 def _native(config: dict[str, Any], config_path: Path) -> dict[str, Any]:
+    params = check_mlx_config(config, config_path)
     ftype = config.get("fine_tune_type") or ("dora" if config.get("use_dora") else "lora")
     if ftype not in ("lora", "dora", "full"):
         raise FormatError(f"{config_path}: unknown fine_tune_type {ftype!r}")
-    params = config.get("lora_parameters") or {}
     scale = params.get("scale")
-    if ftype != "full" and not isinstance(scale, (int, float)):
+    if ftype != "full" and scale is None:
         hint = "mlx-lm uses 'scale' (PEFT's lora_alpha / r); 'alpha' is ignored by mlx-lm"
         raise FormatError(f"{config_path}: lora_parameters has no 'scale'", hint)
     return {

@@ -10,15 +10,21 @@ whose modules are discovered from the tensor keys, never from ``target_modules``
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_cli.adapters.config_checks import (
+    FIX_PEFT,
+    check_peft_config,
+    finite_scale,
+    positive_int,
+)
+from lora_cli.adapters.patterns import PatternBudget
 from lora_cli.adapters.variants import BASE_CHANGING_INITS, Variant, classify, state_part
 from lora_cli.errors import FormatError, MergeError
 from lora_cli.io.dtypes import FLOAT_DTYPES
-from lora_cli.io.layout import read_json
+from lora_cli.io.layout import MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import TensorSource, open_source
 
 CONFIG_NAME = "adapter_config.json"
@@ -94,6 +100,12 @@ class Adapter:
     # The NaN/Inf scan of the weights (torch) is left to the merge run, which does it before
     # the first merged tensor (``check_adapter_values``): planning then needs no torch.
     values_pending: bool = False
+    # The time left for this config's regexes (target_modules, rank/alpha patterns).
+    patterns: PatternBudget | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.patterns is None:
+            self.patterns = PatternBudget(self.config_path)
 
     @property
     def peft_type(self) -> str:
@@ -146,9 +158,10 @@ def is_adapter(path: Path) -> bool:
 def load_adapter(path: Path) -> Adapter:
     """Read config and tensor listing (no tensor data) and classify every key."""
     config_path, weights = find_adapter_files(path)
-    config = read_json(config_path, "adapter config")
+    config = read_json(config_path, "adapter config", max_bytes=MAX_ADAPTER_CONFIG_BYTES)
     if "peft_type" not in config:
         raise FormatError(f"{config_path}: no 'peft_type'", "this is not a PEFT adapter config")
+    check_peft_config(config, config_path, PatternBudget(config_path))  # before any I/O
     source = open_source(weights)
     try:
         adapter = classify_adapter(config_path.parent, weights, config_path, config, source)
@@ -223,12 +236,13 @@ def _assign_weights(modules: dict[str, LoraModule]) -> None:
             )
 
 
-def pattern_value(patterns: dict[str, Any] | None, name: str) -> Any:
-    """PEFT's ``get_pattern_key``: first key (dict order) matching a dotted suffix wins."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return None
+def pattern_value(
+    patterns: dict[str, Any] | None, name: str, budget: PatternBudget, field: str
+) -> tuple[str, Any] | None:
+    """PEFT's ``get_pattern_key``: first key (dict order) matching a dotted suffix wins;
+    ``(field[key], value)`` or None."""
+    key = budget.suffix_key(field, list(patterns or {}), name)
+    return None if key is None else (f"{field}[{key!r}]", patterns[key])  # type: ignore[index]
 
 
 def scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -238,15 +252,22 @@ def scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def module_scale(config: dict[str, Any], name: str) -> tuple[int, float, float]:
-    """(r, alpha, scale) for one module, with rank/alpha patterns applied as PEFT does."""
-    r = pattern_value(config.get("rank_pattern"), name)
-    alpha = pattern_value(config.get("alpha_pattern"), name)
-    r = int(r if r is not None else config.get("r", 8))
-    alpha = float(alpha if alpha is not None else config.get("lora_alpha", 8))
-    if r <= 0:
-        raise MergeError(f"adapter config gives rank {r} for {name}")
-    return r, alpha, scaling(r, alpha, bool(config.get("use_rslora")))
+def module_scale(
+    config: dict[str, Any], name: str, budget: PatternBudget
+) -> tuple[int, float, float]:
+    """(r, alpha, scale) for one module, with rank/alpha patterns applied as PEFT does.
+
+    The config has passed ``check_peft_config`` (or was synthesized by a reader); the
+    scale is checked once more, as the merge will use it, so a file a reader did not
+    check still cannot make the merge multiply by NaN or Inf."""
+    path = budget.config_path
+    rank = pattern_value(config.get("rank_pattern"), name, budget, "rank_pattern")
+    alpha = pattern_value(config.get("alpha_pattern"), name, budget, "alpha_pattern")
+    r_field, r = rank or ("r", config.get("r", 8))
+    a_field, a = alpha or ("lora_alpha", config.get("lora_alpha", 8))
+    r = positive_int(path, r_field, r, FIX_PEFT)
+    a = finite_scale(path, a_field, a, FIX_PEFT)
+    return r, a, scaling(r, a, bool(config.get("use_rslora")))
 
 
 def detect_producer(root: Path, config: dict[str, Any]) -> str:
@@ -271,8 +292,16 @@ def detect_producer(root: Path, config: dict[str, Any]) -> str:
 
 
 def classify_adapter(
-    root: Path, weights: Path, config_path: Path, config: dict[str, Any], source: TensorSource
+    root: Path,
+    weights: Path,
+    config_path: Path,
+    config: dict[str, Any],
+    source: TensorSource,
 ) -> Adapter:
+    """The canonical Adapter from a PEFT config (type-checked here: every PEFT-config
+    reader, training checkpoints included, comes through) and a tensor listing."""
+    budget = PatternBudget(config_path)
+    check_peft_config(config, config_path, budget)
     modules: dict[str, LoraModule] = {}
     replacements: dict[str, str] = {}
     token_rows: dict[str, tuple[str, list[int]]] = {}
@@ -313,7 +342,7 @@ def classify_adapter(
                 non_adapter.append(previous)
             replacements[target] = key
     for path, module in modules.items():
-        module.r, module.alpha, module.scale = module_scale(config, path)
+        module.r, module.alpha, module.scale = module_scale(config, path, budget)
     _assign_weights(modules)
     adapter = Adapter(
         root=root,
@@ -329,6 +358,7 @@ def classify_adapter(
         producer=detect_producer(root, config),
         variant=classify(config, keys),
         variant_state=variant_state,
+        patterns=budget,
     )
     adapter.warnings = adapter_warnings(adapter)
     return adapter
@@ -435,13 +465,16 @@ def nonfinite_tensors(adapter: Adapter) -> list[tuple[str, int]]:
     return out
 
 
-def regex_matches(pattern: str, modules: list[str]) -> tuple[list[str], list[str]]:
-    """Which adapter modules PEFT's ``re.fullmatch`` of a string target_modules selects."""
-    try:
-        rx = re.compile(pattern)
-    except re.error:
-        return [], sorted(modules)
-    matched = sorted(m for m in modules if rx.fullmatch(m))
+def regex_matches(adapter: Adapter, pattern: str) -> tuple[list[str], list[str]]:
+    """Which adapter modules PEFT's ``re.fullmatch`` of a string target_modules selects.
+
+    An invalid regex selects nothing (PEFT would fail to load it: ``validate`` reports
+    that); a runaway one is refused within the adapter's pattern budget."""
+    modules = sorted(adapter.modules)
+    budget = adapter.patterns or PatternBudget(adapter.config_path)
+    if not budget.valid("target_modules", pattern):
+        return [], modules
+    matched = budget.fullmatch("target_modules", pattern, modules)
     return matched, sorted(set(modules) - set(matched))
 
 

@@ -174,24 +174,74 @@ def config_dtype_update(config: dict[str, Any] | None, dtype: str) -> dict[str, 
     return {k: value for k in keys}
 
 
-MAX_JSON_FILE = 128 << 20
-"""Bytes of a config or index JSON read whole: the largest real ones (the index of a
-several-hundred-billion-parameter model with ~100k tensors) are near 10 MB."""
+# JSON side files are small: configs are kilobytes, and the largest index.json published
+# (Kimi-K2, ~210k tensor entries for per-expert INT4 parts) is about 20 MB. 64 MiB is three
+# times that, and bounds the memory a hostile "config" can make a run spend parsing it.
+MAX_JSON_BYTES = 64 << 20
+# Adapter configs are kilobytes; one spelling out rank_pattern/alpha_pattern for every module
+# of a 100k-module MoE is a few MB. 16 MiB refuses a 60 MB "config" before it is parsed.
+MAX_ADAPTER_CONFIG_BYTES = 16 << 20
+# Real configs nest 4–5 levels (quantization_config.config_groups.group_0.weights); 64
+# leaves room for anything a producer writes while a 100 000-deep ``[[[[…`` is refused
+# before it can exhaust Python's recursion limit in the parser or in code walking it.
+MAX_JSON_DEPTH = 64
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path`` or a one-line error naming it."""
+def read_json(
+    path: Path, what: str, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> dict[str, Any]:
+    """A JSON object from ``path`` or a one-line error naming it.
+
+    Bounded before it is trusted: a regular file (``sysio.read_file``: a FIFO never blocks),
+    its size (``max_bytes``, checked before reading), the nesting depth (``max_depth``), and
+    the top level must be an object. ``NaN``/``Infinity`` literals parse as Python floats;
+    the field checks of each format refuse them where a number must be finite.
+    """
     try:
-        doc = json.loads(sysio.read_file(path, MAX_JSON_FILE, what).decode("utf-8"))
+        raw = sysio.read_file(path, max_bytes, what)
     except OSError as exc:
         raise FormatError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
     except RecursionError:
-        raise FormatError(f"{path}: {what} is nested too deeply to be real JSON") from None
-    except ValueError as exc:
+        doc = None
+        too_deep = True
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
+    else:
+        too_deep = json_depth(doc, max_depth) > max_depth
+    if too_deep:
+        raise FormatError(
+            f"{path}: {what} nests deeper than {max_depth} levels",
+            "this is not a config a trainer writes; check the file",
+        )
     if not isinstance(doc, dict):
-        raise FormatError(f"{path}: {what} must be a JSON object")
+        raise FormatError(
+            f"{path}: {what} must be a JSON object, not {type(doc).__name__}",
+            "the file holds another kind of JSON document",
+        )
     return doc
+
+
+def json_depth(doc: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), walked without recursion and
+    given up at ``limit + 1``, so the walk costs at most the document's size."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[Any] = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        depth += 1
+        if depth > limit:
+            return depth
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest
 
 
 OUTPUT_EMBEDDING = "lm_head.weight"  # the tensor transformers drops for tied embeddings
@@ -244,7 +294,7 @@ def read_manifest(folder: Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     entries = {}
-    text = sysio.read_file(path, MAX_JSON_FILE, "checksum manifest").decode("utf-8", "replace")
+    text = sysio.read_file(path, MAX_JSON_BYTES, "checksum manifest").decode("utf-8", "replace")
     for line in text.splitlines():
         digest, _, name = line.partition("  ")
         if len(digest) != 64 or not name:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lora_cli.errors import FormatError
 from lora_cli.io.dtypes import to_torch
 from lora_cli.io.reader import TensorInfo, TensorSource
 
@@ -71,6 +72,7 @@ class QuantizedTensor:
         parts = {"weight": raw.read(self.parts["weight"], rows=rows, pin=pin)}
         scale_rows = self.scale_rows(rows, raw) if rows is not None else None
         parts["scale"] = raw.read(self.parts["scale"], rows=scale_rows, pin=pin)
+        check_scales(raw, self.parts["scale"], parts["scale"], self.scheme)
         for role in ("zero_point", "g_idx"):
             if role in self.parts:
                 parts[role] = raw.read(self.parts[role])
@@ -209,16 +211,60 @@ class QuantScheme:
         return out
 
 
-def _config_block(qc: dict[str, Any]) -> tuple[int, int] | None:
-    block = qc.get("weight_block_size")
-    if isinstance(block, list | tuple) and len(block) == 2:
-        return int(block[0]), int(block[1])
-    for group in (qc.get("config_groups") or {}).values():
-        weights = (group or {}).get("weights") or {}
-        structure = weights.get("block_structure")
-        if isinstance(structure, list | tuple) and len(structure) == 2:
-            return int(structure[0]), int(structure[1])
+# E8M0 (MXFP4 and ue8m0 scales) encodes NaN as 0xFF; every other byte is a power of two.
+E8M0_NAN = 0xFF
+# A quantization block wider than 2¹⁶ would be one scale for a whole matrix row of the
+# largest models (hidden sizes ≤ 2¹⁵); real blocks are 32–128.
+MAX_BLOCK = 1 << 16
+
+
+def _block_pair(value: Any, field: str, root: Any) -> tuple[int, int] | None:
+    """A ``[rows, cols]`` quantization block from the config, type- and range-checked."""
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and all(0 < v <= MAX_BLOCK for v in value)
+    )
+    if not ok:
+        raise FormatError(
+            f"{root}/config.json: quantization_config.{field}: {value!r} is not two "
+            f"positive integers (at most {MAX_BLOCK})",
+            "fix the base's config.json (e.g. [128, 128])",
+        )
+    return int(value[0]), int(value[1])
+
+
+def _config_block(qc: dict[str, Any], root: Any = ".") -> tuple[int, int] | None:
+    block = _block_pair(qc.get("weight_block_size"), "weight_block_size", root)
+    if block is not None:
+        return block
+    groups = qc.get("config_groups") or {}
+    for name, group in groups.items() if isinstance(groups, dict) else []:
+        weights = (group or {}).get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict) and weights.get("block_structure") is not None:
+            field = f"config_groups.{name}.weights.block_structure"
+            return _block_pair(weights["block_structure"], field, root)
     return None
+
+
+def check_scales(raw: TensorSource, name: str, scale: torch.Tensor, scheme: str) -> None:
+    """Refuse a quantization scale tensor holding NaN/Inf (E8M0: the NaN byte 0xFF) before
+    it multiplies a weight: the merge would write NaN/Inf weights from it."""
+    from lora_cli.merge.math import all_finite
+
+    if scale.is_floating_point():
+        finite = all_finite(scale)
+    else:
+        finite = scheme != MXFP4 or not bool((scale == E8M0_NAN).any())
+    if not finite:
+        info = raw.info(name)
+        raise FormatError(
+            f"{info.file}: tensor {name!r}: quantization scales hold NaN/Inf",
+            "the quantized base is corrupt; re-download it",
+        )
 
 
 def _fits_grid(shape: tuple[int, ...], grid: tuple[int, ...], block: tuple[int, int]) -> bool:
@@ -239,7 +285,7 @@ def detect(
         key = next((n for n in names if n.endswith(BNB_MARKERS)), "quantization_config")
         scheme.whole = ("bitsandbytes", key)
         return scheme
-    block_cfg = _config_block(qc) if isinstance(qc, dict) else None
+    block_cfg = _config_block(qc, source.root) if isinstance(qc, dict) else None
     ct_format = str(qc.get("format", "")) if method == "compressed-tensors" else ""
     for name, info in names.items():
         if name.endswith(".qweight"):
@@ -286,6 +332,13 @@ def detect(
             scheme.tensors[name] = QuantizedTensor(name, CT_FLOAT, info.shape, parts, block=block)
         elif name.endswith("_blocks") and f"{name[:-7]}_scales" in names and info.dtype == "U8":
             param = name[: -len("_blocks")]
+            scales = names[f"{param}_scales"].shape
+            if len(info.shape) != 4 or info.shape[3] != 16 or tuple(scales) != info.shape[:3]:
+                raise FormatError(
+                    f"{info.file}: tensor {name!r}: MXFP4 blocks {list(info.shape)} with scales "
+                    f"{list(scales)} (expected (E, out, G, 16) blocks and (E, out, G) scales)",
+                    "the quantized base is corrupt; re-download it",
+                )
             e, out, groups, _ = info.shape
             scheme.tensors[param] = QuantizedTensor(
                 param, MXFP4, (e, groups * 32, out), {"weight": name, "scale": f"{param}_scales"}
@@ -305,8 +358,6 @@ def _optional(parts: dict[str, str], names: dict[str, TensorInfo], module: str) 
 
 
 def _ct_packed(source: TensorSource, module: str, values: bool) -> QuantizedTensor:
-    from lora_cli.errors import FormatError
-
     parts = {"weight": f"{module}.weight_packed", "scale": f"{module}.weight_scale"}
     if f"{module}.weight_shape" not in source or parts["scale"] not in source:
         raise FormatError(
@@ -315,12 +366,34 @@ def _ct_packed(source: TensorSource, module: str, values: bool) -> QuantizedTens
         )
     parts["shape"] = f"{module}.weight_shape"
     _optional(parts, source.infos, module)
-    if values:
-        rows, cols = (int(v) for v in source.read(parts["shape"]).tolist())
-    else:  # header only: the packed width bounds the column count
-        rows, words = source.info(parts["weight"]).shape
-        cols = words * 8
-    return QuantizedTensor(f"{module}.weight", CT_PACKED, (rows, cols), parts)
+    packed = source.info(parts["weight"])
+    if len(packed.shape) != 2:
+        raise FormatError(
+            f"{packed.file}: tensor {parts['weight']!r}: packed weight of shape "
+            f"{list(packed.shape)} is not 2-D",
+            "the compressed-tensors checkpoint is corrupt",
+        )
+    if not values:  # header only: the packed width bounds the column count
+        return QuantizedTensor(
+            f"{module}.weight", CT_PACKED, (packed.shape[0], packed.shape[1] * 8), parts
+        )
+    shape = source.read(parts["shape"]).tolist()
+    words = packed.shape[1]
+    fits = (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(v, int) and v > 0 for v in shape)
+        and shape[0] == packed.shape[0]
+        and -(-shape[1] // 8) == words
+    )
+    if not fits:
+        raise FormatError(
+            f"{source.info(parts['shape']).file}: tensor {parts['shape']!r}: {shape} does not "
+            f"describe the packed weight {list(packed.shape)} (want [rows, cols] with "
+            "rows equal to the packed rows and ⌈cols/8⌉ equal to its words)",
+            "the compressed-tensors checkpoint is corrupt",
+        )
+    return QuantizedTensor(f"{module}.weight", CT_PACKED, (shape[0], shape[1]), parts)
 
 
 def _check_pow2(source: TensorSource, scheme: QuantScheme) -> None:

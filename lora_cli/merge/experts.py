@@ -161,7 +161,7 @@ def plan_parameters(
                 and param.shape[1] == param.shape[2]
             ):
                 layout = "in_out"
-            r, _, scale = module_scale(adapter.config, f"{owner}.{param.leaf}")
+            r, _, scale = module_scale(adapter.config, f"{owner}.{param.leaf}", adapter.patterns)
             experts = param.shape[0] if len(param.shape) == 3 else 1
             if a[0] != r * experts:
                 problems.append(

@@ -21,7 +21,7 @@ from lora_cli.io.hub import (
 )
 from lora_cli.io.hub_remote import RemoteBase
 from lora_cli.io.hub_remote import remote_base as pin_hub_base
-from lora_cli.io.layout import MANIFEST_NAME, read_json
+from lora_cli.io.layout import MANIFEST_NAME, MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.card import MergedAdapter, model_card
 
@@ -61,7 +61,7 @@ def resolve_inputs(
     from_config = base is None
     if base is None:
         config_path, _ = find_adapter_files(paths[0])
-        config = read_json(config_path, "adapter config")
+        config = read_json(config_path, "adapter config", max_bytes=MAX_ADAPTER_CONFIG_BYTES)
         base = base_from_adapter_config(config, config_path, notice)
     remote = pin_hub_base(base, "base", notice, progress) if remote_base else None
     if remote is not None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_cli.adapters.findings import refuse_or_warn, value_findings
 from lora_cli.adapters.peft import check_adapter_values
+from lora_cli.errors import MergeError
 from lora_cli.io.dtypes import to_torch
 from lora_cli.io.layout import (
     MANIFEST_NAME,
@@ -173,7 +174,34 @@ def compute_tensor(  # noqa: PLR0912 - one branch per kind of merge op
     if action.rows is not None:
         key, indices = action.rows
         value = lora_math.replace_rows(value, indices, factor(key))
+    merged = action.loras or action.experts or action.bias is not None or action.rows is not None
+    if merged and not lora_math.all_finite(value):
+        raise _nonfinite_merge(plan, action, rows)
     return value if keep_device else value.to("cpu")
+
+
+def _nonfinite_merge(
+    plan: MergePlan, action: TensorAction, rows: tuple[int, int] | None
+) -> MergeError:
+    """Why a merged tensor holds NaN/Inf (the slow diagnosis runs only on this path)."""
+    from lora_cli.merge import math as lora_math
+
+    name = action.replacement or action.base
+    source = plan.adapter.source if action.replacement else plan.base
+    start = source.read(name, rows=rows) if name else None
+    if start is not None and not lora_math.all_finite(start):
+        return MergeError(
+            f"{source.root}: tensor {name!r} already holds NaN/Inf values; merging into it "
+            "would publish them",
+            "use a base checkpoint whose weights are finite",
+        )
+    scales = sorted({op.module.scale for op in action.loras} | {e.scale for e in action.experts})
+    return MergeError(
+        f"{plan.adapter.config_path}: merging into {name!r} overflows {action.dtype} "
+        f"(scale {', '.join(f'{s:g}' for s in scales) or '?'} × B@A is too large); nothing "
+        "was written",
+        "check lora_alpha / the scale in the adapter config: the merged weights would be NaN/Inf",
+    )
 
 
 @dataclass

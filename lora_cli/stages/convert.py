@@ -384,7 +384,7 @@ def _targets_as_list(adapter: Adapter, config: dict[str, Any]) -> tuple[dict[str
     modules = sorted(adapter.modules)
     if not isinstance(targets, str):
         return config, "target_modules is already a list; left as is"
-    matched, _ = regex_matches(targets, modules) if targets != "all-linear" else (modules, [])
+    matched, _ = regex_matches(adapter, targets) if targets != "all-linear" else (modules, [])
     config = dict(config)
     config["target_modules"] = modules
     return config, (

@@ -182,7 +182,7 @@ def adapter_details(adapter: Adapter) -> dict[str, Any]:
     if adapter.native:
         details["native"] = adapter.native
     if details["target_modules_kind"] == "regex":
-        matched, unmatched = regex_matches(targets, list(adapter.modules))
+        matched, unmatched = regex_matches(adapter, targets)
         details["regex_matches"] = matched
         details["regex_unmatched"] = unmatched
     return details

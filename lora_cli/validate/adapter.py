@@ -19,7 +19,7 @@ from lora_cli.adapters.peft import (
 )
 from lora_cli.errors import LoraError
 from lora_cli.io.dtypes import FLOAT_DTYPES
-from lora_cli.io.layout import read_json
+from lora_cli.io.layout import MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.validate.files import check_finite, check_manifest, ensure_readable, split_error
 from lora_cli.validate.report import ValidateReport
@@ -42,7 +42,7 @@ def validate_adapter(report: ValidateReport, path: Path, base: Path | TensorSour
     ensure_readable(weights)
     config: dict[str, Any] | None = None
     try:
-        config = read_json(config_path, "adapter config")
+        config = read_json(config_path, "adapter config", max_bytes=MAX_ADAPTER_CONFIG_BYTES)
         if "peft_type" not in config:
             r.add(config_path, None, "adapter", "no 'peft_type': not a PEFT adapter config")
             config = None

@@ -216,12 +216,13 @@ def no_work(monkeypatch):
     """Fails the test if a merge or convert starts reading its inputs."""
     import lora_cli.stages.convert as convert_stage
     import lora_cli.stages.merge as merge_stage
+    from lora_cli.merge.inputs import MergeInputs
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the destination was checked")
 
     for module, name in (
-        (merge_stage, "open_source"),
+        (MergeInputs, "open_base"),
         (merge_stage, "load_adapter"),
         (convert_stage, "open_source"),
         (convert_stage, "load_adapter"),

@@ -131,10 +131,11 @@ def test_rank_auto_writes_patterns_peft_reads(fp32_pair, tmp_path, run_cli):
         kept = torch.cumsum(s**2, 0) / (s**2).sum()
         want = min(int((kept < 0.9 - 1e-9).sum()) + 1, 6)
         assert r == want, module
-        from lora_cli.adapters.peft import pattern_value
+        from peft.utils.other import get_pattern_key  # PEFT's own rule, as it loads
 
-        got = pattern_value(cfg.rank_pattern, module) or cfg.r
-        alpha = pattern_value(cfg.alpha_pattern, module) or cfg.lora_alpha
+        ranks_, alphas = cfg.rank_pattern or {}, cfg.alpha_pattern or {}
+        got = ranks_.get(get_pattern_key(ranks_, module), cfg.r)
+        alpha = alphas.get(get_pattern_key(alphas, module), cfg.lora_alpha)
         assert (got, alpha) == (r, r)
 
 

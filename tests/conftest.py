@@ -16,6 +16,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# `OMP_NUM_THREADS=4 bash scripts/test.sh` must really run torch at 4 threads: torch caps its
+# default at the cores it may use (2 here), which would make a 4-thread run a 2-thread one
+# and hide the kernels a 4-core CI runner picks.
+if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+    torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+
 from peft_oracle import pin_peft_merges_on_import  # noqa: E402
 
 # Every PEFT merge in the suite runs at the thread count lora's merge math runs at: torch's

@@ -26,9 +26,9 @@ from lora_cli.errors import FormatError
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json
 from lora_cli.io.reader import TensorSource, open_source
-from lora_cli.io.view import ViewSource
 from lora_cli.sources.checkpoint_detect import TrainingCheckpoint
 from lora_cli.sources.model_config import tie_word_embeddings
+from lora_cli.sources.view import ViewSource
 
 _ADAPTER_MARKS = (".lora_", ".modules_to_save.", ".trainable_tokens_delta")
 

@@ -48,7 +48,7 @@ def check_device(spec: str) -> None:
 
 def check_inputs(named: Iterable[tuple[str, Path | str | None]]) -> None:
     """Every ``(what, ref)`` is an existing path or could be a Hub id (``org/name[@rev]``)."""
-    from lora_cli.io.hub import parse_repo_ref
+    from lora_cli.sources.hub import parse_repo_ref
 
     for what, ref in named:
         if ref is None or Path(ref).exists() or parse_repo_ref(str(ref)) is not None:

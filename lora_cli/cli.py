@@ -413,7 +413,7 @@ def merge(
 
 
 def _is_training_checkpoint(path: Path) -> bool:
-    from lora_cli.io.checkpoint_detect import is_training_checkpoint
+    from lora_cli.sources.checkpoint_detect import is_training_checkpoint
 
     return Path(path).exists() and is_training_checkpoint(Path(path))
 

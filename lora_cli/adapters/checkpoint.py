@@ -23,12 +23,12 @@ from typing import Any
 
 from lora_cli.adapters.peft import CONFIG_NAME, PREFIX, Adapter, classify_adapter
 from lora_cli.errors import FormatError
-from lora_cli.io.checkpoint_detect import TrainingCheckpoint
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json
-from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource, open_source
-from lora_cli.io.view import ViewSource
+from lora_cli.sources.checkpoint_detect import TrainingCheckpoint
+from lora_cli.sources.model_config import tie_word_embeddings
+from lora_cli.sources.view import ViewSource
 
 _ADAPTER_MARKS = (".lora_", ".modules_to_save.", ".trainable_tokens_delta")
 
@@ -248,7 +248,7 @@ def adapter_folder_tensors(
 def open_checkpoint_adapter(path: Path, base: Path | None) -> SplitCheckpoint:
     """Open a training checkpoint as base view + adapter (``validate --adapter CKPT``)."""
     from lora_cli.errors import MergeError
-    from lora_cli.io.checkpoint_detect import open_training_checkpoint
+    from lora_cli.sources.checkpoint_detect import open_training_checkpoint
 
     ckpt = open_training_checkpoint(Path(path))
     try:

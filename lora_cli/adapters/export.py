@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from lora_cli.adapters.peft import Adapter, check_adapter_tensors, unmergeable_reasons
 from lora_cli.errors import FormatError
-from lora_cli.io.derived import Derived
 from lora_cli.io.dtypes import to_torch
+from lora_cli.sources.view import Derived
 
 if TYPE_CHECKING:
     import torch

@@ -23,9 +23,9 @@ from lora_cli.adapters.config_checks import finite_scale
 from lora_cli.adapters.gguf_header import walk_header
 from lora_cli.adapters.peft import PREFIX, Adapter, LoraModule, adapter_warnings
 from lora_cli.errors import FormatError
-from lora_cli.io.derived import Derived, derived_source
 from lora_cli.io.layout import read_json
 from lora_cli.io.reader import TensorInfo
+from lora_cli.sources.view import Derived, ViewSource, plain, transposed
 
 if TYPE_CHECKING:
     import torch
@@ -244,14 +244,14 @@ def _build(path: Path, tensors: GgufTensors, base: TensorSource | None) -> Adapt
         m = LoraModule(hf, r=r, alpha=scale * r, scale=scale)
         if gguf_base == "token_embd":  # lora_a is stored transposed: (num, r)
             m.parts["lora_embedding_A"] = _add(
-                recipes, f"{PREFIX}{hf}.lora_embedding_A", a, a.shape[::-1], _t(a.name)
+                recipes, f"{PREFIX}{hf}.lora_embedding_A", a, a.shape[::-1], transposed(a.name)
             )
             m.parts["lora_embedding_B"] = _add(
-                recipes, f"{PREFIX}{hf}.lora_embedding_B", b, b.shape, _plain(b.name)
+                recipes, f"{PREFIX}{hf}.lora_embedding_B", b, b.shape, plain(b.name)
             )
         else:
             m.parts["lora_A.weight"] = _add(
-                recipes, f"{PREFIX}{hf}.lora_A.weight", a, a.shape, _plain(a.name)
+                recipes, f"{PREFIX}{hf}.lora_A.weight", a, a.shape, plain(a.name)
             )
             n = None
             if heads and gguf_base.endswith(("attn_q", "attn_k")):
@@ -286,7 +286,7 @@ def _build(path: Path, tensors: GgufTensors, base: TensorSource | None) -> Adapt
         "fan_in_fan_out": False,
         "init_lora_weights": True,
     }
-    source = derived_source(tensors, recipes, root=path.parent, file=path, fmt="gguf")
+    source = ViewSource.derived(tensors, recipes, root=path.parent, file=path, fmt="gguf")
     adapter = Adapter(
         root=path.parent,
         weights_file=path,
@@ -320,15 +320,7 @@ def _add(recipes: list[Derived], name: str, info: TensorInfo, shape: Any, comput
     return name
 
 
-def _plain(key: str) -> Any:
-    return lambda read: read(key)
-
-
-def _t(key: str) -> Any:
-    return lambda read: read(key).T
-
-
 def _unpermuted(key: str, n_head: int | None) -> Any:
     if n_head is None:
-        return _plain(key)
+        return plain(key)
     return lambda read: rope_permute(read(key), n_head, inverse=True)

@@ -27,9 +27,9 @@ from lora_cli.adapters.mlx_moe import (
 )
 from lora_cli.adapters.peft import PREFIX, Adapter, LoraModule, adapter_warnings
 from lora_cli.errors import FormatError
-from lora_cli.io.derived import Derived, derived_source, plain, transposed
 from lora_cli.io.layout import MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import open_source
+from lora_cli.sources.view import Derived, ViewSource, plain, transposed
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
@@ -171,7 +171,7 @@ def _build(
     if fused_params:
         add_target_parameters(peft_config, fused_params, native["scale"], rank)
     root = weights.parent
-    derived = derived_source(source, recipes, root=root, file=weights, fmt=source.format)
+    derived = ViewSource.derived(source, recipes, root=root, file=weights, fmt=source.format)
     adapter = Adapter(
         root=root,
         weights_file=weights,

@@ -28,9 +28,9 @@ from lora_cli.adapters.gguf import (
 from lora_cli.adapters.peft import Adapter
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
-from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource
 from lora_cli.io.writer import TMP_MARK, remove_stale_temporaries
+from lora_cli.sources.model_config import tie_word_embeddings
 
 
 def _saved_base_copies(adapter: Adapter, base: TensorSource) -> list[str]:

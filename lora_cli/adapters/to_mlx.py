@@ -19,9 +19,9 @@ from typing import Any
 from lora_cli.adapters.export import Exported, Progress, common_checks, refuse, write_safetensors
 from lora_cli.adapters.mlx import layer_index
 from lora_cli.adapters.peft import Adapter
-from lora_cli.io.derived import Derived, plain
 from lora_cli.io.layout import read_json, write_json
 from lora_cli.io.reader import TensorSource
+from lora_cli.sources.view import Derived, plain
 
 _BLOCK_RE = re.compile(r"^(.*?\blayers\.\d+)\.(.+)$")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from lora_cli.adapters.export import Exported, Progress, common_checks, refuse, write_safetensors
 from lora_cli.adapters.peft import PREFIX, Adapter
-from lora_cli.io.derived import Derived, plain
 from lora_cli.io.layout import write_json
+from lora_cli.sources.view import Derived, plain
 
 WEIGHTS = "adapter_model.safetensors"
 

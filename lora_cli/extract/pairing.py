@@ -14,12 +14,12 @@ from typing import Any
 
 from lora_cli.errors import MergeError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
-from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.plan import _input_embedding as input_embedding
 from lora_cli.merge.plan import load_base_config as load_config
 from lora_cli.merge.resolve import INPUT_EMBEDDING_SUFFIXES
 from lora_cli.names import pair_names
+from lora_cli.sources.model_config import tie_word_embeddings
 
 __all__ = ["INPUT_EMBEDDING_SUFFIXES", "load_config", "pair_tensors"]
 
@@ -102,7 +102,7 @@ def pair_tensors(
 def open_checkpoint(path: Path) -> TensorSource:
     """A checkpoint as plain tensors: quantized weights (FP8, INT4, MXFP4) dequantized by the
     codecs a merge uses; what cannot be decoded is refused by name when it is read."""
-    from lora_cli.io.quantized import DequantizedSource, detect
+    from lora_cli.sources.quantized import DequantizedSource, detect
 
     source = open_source(path)
     try:
@@ -135,7 +135,7 @@ def module_kinds(config: dict[str, Any] | None) -> dict[str, tuple[str, int]]:
     ``embedding``, ``conv`` or ``other``. Empty when transformers cannot build it."""
     if not config:
         return {}
-    from lora_cli.io.model_config import _quiet_transformers, transformers_config
+    from lora_cli.sources.model_config import _quiet_transformers, transformers_config
 
     built = transformers_config(config)
     if built is None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lora_cli.errors import UsageError
+from lora_cli.io.hub_cache import in_hub_cache
 
 TMP_MARK = ".lora-tmp-"
 PARTS_SUFFIX = ".lora-parts"
@@ -116,6 +117,16 @@ def _check_linked_parts_folder(dest: Path, shown: Path, inputs: Iterable[Path | 
             )
 
 
+def _refuse_cache_output(output: Path) -> None:
+    """Outputs never go into the Hugging Face cache: huggingface_hub alone manages it (its
+    snapshots are links to shared, content-addressed blobs)."""
+    if in_hub_cache(output):
+        raise UsageError(
+            f"output {output} is inside the Hugging Face cache, which lora never writes to",
+            "pass -o OUTPUT outside the cache",
+        )
+
+
 def check_destination(
     final: Path | str,
     overwrite: bool,
@@ -130,13 +141,11 @@ def check_destination(
     ``parts``: the run also writes or deletes ``OUT.lora-parts`` (``merge --part/--join``).
     ``file_output``: the output is one file (``convert --to gguf``), not a folder.
     """
-    from lora_cli.io.hub import refuse_cache_output
-
     shown = Path(os.path.abspath(final))
     if shown.name in ("", ".", ".."):
         raise UsageError(f"output {final} does not name a new entry", "pass -o PARENT/NAME")
     dest = destination_path(shown)
-    refuse_cache_output(dest)
+    _refuse_cache_output(dest)
     roles = _touched(dest.name, parts)
     for real, named in real_inputs(inputs):
         if real in dest.parents:

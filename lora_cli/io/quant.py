@@ -1,6 +1,6 @@
 """Codecs for quantized base weights: FP8 block-scaled, compressed-tensors INT4/FP8, MXFP4.
 
-Used by the reader (``io/quantized.py`` presents a quantized weight as the bf16 tensor
+Used by the reader (``sources/quantized.py`` presents a quantized weight as the bf16 tensor
 its producer's own dequantizer gives) and by the writer side of ``--quantize keep``
 (fresh scales by the producer's rules); never by the merge math. The formulas and their
 sources are in docs/quantized-bases.md §2:

@@ -156,7 +156,7 @@ class TensorSource:
 
     def evict(self, path: Path) -> bool:
         """Free ``path``'s disk space once nothing more is read from it: only files the
-        source fetched itself (``io/hub_remote.py``); a local input is never deleted."""
+        source fetched itself (``sources/hub_remote.py``); a local input is never deleted."""
         return False
 
     def reads_rows(self, name: str) -> bool:
@@ -261,7 +261,7 @@ def open_from_headers(
     index: Path | None, files: list[Path], header_of: HeaderOf, make: Callable[..., TensorSource]
 ) -> TensorSource:
     """A safetensors checkpoint (its index, else its files) whose headers come from
-    ``header_of`` instead of the shards, which need not be on disk yet (``io/hub_remote.py``
+    ``header_of`` instead of the shards, which need not be on disk yet (``sources/hub_remote.py``
     reads them by HTTP range requests); ``make`` builds the source (a TensorSource subclass
     that fetches a shard when it is first read)."""
     if index is not None:

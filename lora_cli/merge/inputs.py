@@ -1,6 +1,6 @@
 """Where a merge's BASE and ADAPTER come from, and the model card that records them.
 
-BASE and ADAPTER are local paths or Hugging Face Hub ids (``io/hub.py``); without BASE the
+BASE and ADAPTER are local paths or Hugging Face Hub ids (``sources/hub.py``); without BASE the
 adapter's own ``base_model_name_or_path`` names it. The card (``merge/card.py``) keeps the
 names as the user gave them, not the cache folders they resolved to.
 """
@@ -12,18 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.adapters.peft import Adapter, find_adapter_files
-from lora_cli.io.hub import (
-    Notice,
-    base_from_adapter_config,
-    cached_repo_id,
-    parse_repo_ref,
-    resolve_input,
-)
-from lora_cli.io.hub_remote import RemoteBase
-from lora_cli.io.hub_remote import remote_base as pin_hub_base
+from lora_cli.io.hub_cache import cached_repo_id
 from lora_cli.io.layout import MANIFEST_NAME, MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.card import MergedAdapter, model_card
+from lora_cli.sources.hub import (
+    Notice,
+    base_from_adapter_config,
+    parse_repo_ref,
+    resolve_input,
+)
+from lora_cli.sources.hub_remote import RemoteBase
+from lora_cli.sources.hub_remote import remote_base as pin_hub_base
 
 __all__ = ["MergeInputs", "Notice", "merge_card", "resolve_inputs"]
 
@@ -55,7 +55,7 @@ def resolve_inputs(
 ) -> MergeInputs:
     """Local paths for BASE and every ADAPTER; without BASE, the first adapter's base.
     ``remote_base``: a Hub base (online) is pinned and planned from its headers, its shards
-    fetched when read (``io/hub_remote.py``), instead of downloading its snapshot now."""
+    fetched when read (``sources/hub_remote.py``), instead of downloading its snapshot now."""
     refs = [adapters] if isinstance(adapters, str | Path) else list(adapters)
     paths = [resolve_input(a, "adapter", notice=notice, progress=progress) for a in refs]
     from_config = base is None

@@ -140,7 +140,7 @@ def fingerprint(plan: MergePlan, options: dict[str, Any]) -> dict[str, str]:
         for s in shard_plans(plan)
     ]
     try:
-        # a Hub commit names the base's bytes: nothing to read (io/hub_remote.py)
+        # a Hub commit names the base's bytes: nothing to read (sources/hub_remote.py)
         identity = getattr(plan.base, "identity", lambda: None)()
         base = _sha((identity or "\n".join(_file_sample(p) for p in base_files)).encode())
         adapter = _sha("\n".join(_file_digest(p) for p in adapter_files).encode())

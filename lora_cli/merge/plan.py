@@ -26,7 +26,6 @@ from lora_cli.io.layout import (
     plan_shards,
     read_json,
 )
-from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorInfo, TensorSource
 from lora_cli.merge.experts import ExpertOp, plan_parameters
 from lora_cli.merge.resolve import (
@@ -39,6 +38,7 @@ from lora_cli.merge.resolve import (
     resolve_targets,
 )
 from lora_cli.names import Resolution
+from lora_cli.sources.model_config import tie_word_embeddings
 
 
 @dataclass

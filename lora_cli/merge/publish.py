@@ -24,8 +24,6 @@ from typing import Any
 
 from lora_cli import __version__
 from lora_cli.errors import HubError
-from lora_cli.io.hub import _progress_bars, parse_repo_ref
-from lora_cli.io.hub_remote import remote_error, with_retries
 from lora_cli.io.writer import OutputDir
 from lora_cli.merge.parts import (
     Part,
@@ -38,6 +36,8 @@ from lora_cli.merge.parts import (
 )
 from lora_cli.merge.plan import MergePlan, ShardOut
 from lora_cli.merge.run import MergeResult, finish_output, merge_result
+from lora_cli.sources.hub import _progress_bars, parse_repo_ref
+from lora_cli.sources.hub_remote import remote_error, with_retries
 
 PUSH_RECORD = "lora-push.json"
 

@@ -19,10 +19,10 @@ from typing import Any
 from lora_cli.adapters.expert_factors import expand_expert_factors
 from lora_cli.adapters.peft import Adapter
 from lora_cli.errors import MergeError, UsageError
-from lora_cli.io.quantized import DequantizedSource, QuantScheme, detect
 from lora_cli.io.reader import TensorSource
 from lora_cli.merge.plan import MergePlan, build_plan, load_base_config
 from lora_cli.merge.requant import fidelity, requantize_actions
+from lora_cli.sources.quantized import DequantizedSource, QuantScheme, detect
 
 __all__ = [
     "fidelity",

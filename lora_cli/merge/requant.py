@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import MergeError
-from lora_cli.io.quantized import DequantizedSource, QuantizedTensor
 from lora_cli.merge.plan import MergePlan, TensorAction
+from lora_cli.sources.quantized import DequantizedSource, QuantizedTensor
 
 if TYPE_CHECKING:
     import torch

@@ -29,7 +29,7 @@ from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.dedup import deduplicate
 from lora_cli.io.destination import check_destination
 from lora_cli.io.dtypes import FLOAT_DTYPES, parse_dtype_option, to_torch
-from lora_cli.io.hub import Notice, in_hub_cache, names_hub_repo, resolve_input
+from lora_cli.io.hub_cache import in_hub_cache
 from lora_cli.io.layout import (
     ShardPlan,
     config_dtype_update,
@@ -41,7 +41,6 @@ from lora_cli.io.layout import (
     write_json,
     write_manifest,
 )
-from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.io.writer import (
     TMP_MARK,
@@ -49,6 +48,8 @@ from lora_cli.io.writer import (
     ShardWriter,
     remove_stale_temporaries,
 )
+from lora_cli.sources.hub import Notice, names_hub_repo, resolve_input
+from lora_cli.sources.model_config import tie_word_embeddings
 
 Progress = Callable[[int, str], None]
 
@@ -103,7 +104,7 @@ def convert(
     notice: Notice | None = None,
     hub_progress: bool = True,
 ) -> ConvertResult:
-    """Convert ``input_path``; it and ``base`` may be Hub ids (``io/hub.py``). An input in
+    """Convert ``input_path``; it and ``base`` may be Hub ids (``sources/hub.py``). An input in
     the Hugging Face cache needs ``output``: nothing is written beside it there."""
     named = input_path
     if output is None and names_hub_repo(named):  # refused before any download
@@ -133,7 +134,7 @@ def convert(
             "put the adapter's config next to it (r and lora_alpha cannot be recovered "
             "from the weights)",
         )
-    from lora_cli.io.checkpoint_detect import is_training_checkpoint
+    from lora_cli.sources.checkpoint_detect import is_training_checkpoint
 
     if is_training_checkpoint(input_path):  # DeepSpeed, FSDP, PeftModel state dicts
         return _convert_training_checkpoint(
@@ -484,7 +485,7 @@ def _convert_training_checkpoint(
     ``accelerate merge-weights`` do, streaming); a PeftModel's → a PEFT adapter folder with
     the trained base parameters included (the recovery for empty ZeRO-3 adapter saves)."""
     from lora_cli.adapters.checkpoint import adapter_folder_tensors, split_checkpoint
-    from lora_cli.io.checkpoint_detect import open_training_checkpoint
+    from lora_cli.sources.checkpoint_detect import open_training_checkpoint
 
     start = time.perf_counter()
     output = output or _default_checkpoint_output(path)

@@ -1,7 +1,7 @@
 """``lora extract BASE TUNED -o OUT``: a full fine-tune back into a PEFT LoRA adapter.
 
 The inverse of ``merge``, built from the same rooms: the one reader (``io/reader.py``,
-quantized bases dequantized by ``io/quantized.py``), the merge's name resolution
+quantized bases dequantized by ``sources/quantized.py``), the merge's name resolution
 (``extract/pairing.py``), the one writer (``io/writer.py``: temporary sibling, renamed when
 complete) and the merge card and checksum helpers. Memory: one tensor pair and its SVD
 workspace, plus the factors written so far (the adapter itself).
@@ -26,8 +26,9 @@ from lora_cli.extract.pairing import (
 )
 from lora_cli.extract.walk import Candidate, candidates, walk
 from lora_cli.io.destination import check_destination
-from lora_cli.io.hub import Notice, cached_repo_id, parse_repo_ref, resolve_input
+from lora_cli.io.hub_cache import cached_repo_id
 from lora_cli.io.layout import MANIFEST_NAME
+from lora_cli.sources.hub import Notice, parse_repo_ref, resolve_input
 
 SCHEMA = "lora-extract/1"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -15,11 +15,11 @@ from lora_cli.adapters.peft import (
     nonfinite_tensors,
     regex_matches,
 )
-from lora_cli.io.hub import Notice, resolve_input
 from lora_cli.io.layout import OUTPUT_EMBEDDING
-from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.plan import load_base_config
+from lora_cli.sources.hub import Notice, resolve_input
+from lora_cli.sources.model_config import tie_word_embeddings
 
 SCHEMA = "lora-inspect/1"
 SUPPORTED_SCHEMES = ("fp8-block", "ct-pack-quantized", "ct-float-quantized", "mxfp4")
@@ -64,9 +64,9 @@ def inspect_path(
     path: Path | str, *, notice: Notice | None = None, hub_progress: bool = True
 ) -> InspectReport:
     """What ``path`` holds; a Hub id (``org/name[@revision]``) that is not a local path is
-    read from its cached snapshot, fetched as ``merge`` fetches it (``io/hub.py``)."""
+    read from its cached snapshot, fetched as ``merge`` fetches it (``sources/hub.py``)."""
     path = resolve_input(path, "path", notice=notice, progress=hub_progress)
-    from lora_cli.io.checkpoint_detect import is_training_checkpoint
+    from lora_cli.sources.checkpoint_detect import is_training_checkpoint
 
     if is_training_checkpoint(path):
         return _training_report(path)
@@ -215,7 +215,7 @@ def _checkpoint_details(source: TensorSource) -> dict[str, Any]:
 
 def quantization_details(source: TensorSource, config: Any) -> dict[str, Any] | None:
     """Quantized tensor families found in the headers, and what ``merge`` does with them."""
-    from lora_cli.io.quantized import detect
+    from lora_cli.sources.quantized import detect
 
     scheme = detect(source, config, values=False)
     if scheme.whole is not None:
@@ -244,7 +244,7 @@ def _training_report(path: Path) -> InspectReport:
     and whether an adapter file beside it lacks trained base parameters."""
     from lora_cli.adapters.checkpoint import find_adapter_config, is_adapter_key
     from lora_cli.adapters.peft import PREFIX
-    from lora_cli.io.checkpoint_detect import ADAPTER_FILES, open_training_checkpoint
+    from lora_cli.sources.checkpoint_detect import ADAPTER_FILES, open_training_checkpoint
 
     ckpt = open_training_checkpoint(path)
     with ckpt.source as source:

@@ -97,7 +97,7 @@ def merge(
 ) -> MergeResult | DryRun:
     """Check everything, then merge; ``progress_factory(total_bytes)`` returns a callback.
 
-    ``base`` and each adapter are paths or Hugging Face Hub ids (``io/hub.py``); ``base``
+    ``base`` and each adapter are paths or Hugging Face Hub ids (``sources/hub.py``); ``base``
     None takes the (first) adapter's ``base_model_name_or_path``. ``notice`` hears where
     inputs came from. Several adapters (or ``weights``) merge their weighted sum in one pass
     (``merge.combine``); one adapter without weights takes the single-adapter plan.
@@ -345,7 +345,7 @@ def merge_checkpoint(
     """``lora merge CKPT``: a training checkpoint (PeftModel state dict, DeepSpeed, FSDP)
     split into base view + adapter, then the ordinary plan and merge."""
     from lora_cli.adapters.checkpoint import default_dtype, split_checkpoint
-    from lora_cli.io.checkpoint_detect import open_training_checkpoint
+    from lora_cli.sources.checkpoint_detect import open_training_checkpoint
 
     out_dtype = parse_dtype_option(dtype)
     shard_limit = parse_size(max_shard_size or "5GB")  # the view has no shard layout to keep
@@ -355,7 +355,7 @@ def merge_checkpoint(
         read = [ckpt_path, base, adapter_config]
         check_destination(output, overwrite, [Path(p) for p in read if p is not None])
     dev = resolve_device(device)
-    from lora_cli.io.checkpoint_detect import is_training_checkpoint
+    from lora_cli.sources.checkpoint_detect import is_training_checkpoint
 
     if Path(ckpt_path).exists() and not is_training_checkpoint(Path(ckpt_path)):
         raise UsageError(

@@ -26,9 +26,9 @@ from typing import Any
 from lora_cli.adapters.findings import refuse_repeated
 from lora_cli.adapters.formats import is_adapter
 from lora_cli.errors import FormatError, UsageError
-from lora_cli.io.hub import Notice, resolve_input
 from lora_cli.io.reader import INDEX_SUFFIXES
 from lora_cli.merge.combine import parse_weights
+from lora_cli.sources.hub import Notice, resolve_input
 from lora_cli.validate.adapter import validate_adapter
 from lora_cli.validate.report import ValidateReport
 from lora_cli.validate.weights import WeightsCheck
@@ -54,7 +54,7 @@ def validate(
 
     ``adapter`` may list several adapters, merged with ``weights`` as ``merge A1 A2 …``.
     ``path``, ``base`` and each adapter may be Hub ids, resolved as ``merge`` resolves them
-    (``io/hub.py``), once the options are known to go together. ``progress_factory(total
+    (``sources/hub.py``), once the options are known to go together. ``progress_factory(total
     bytes)`` returns a callback told of each tensor read (a checkpoint's scan)."""
     refs = [] if adapter is None else [adapter] if isinstance(adapter, str | Path) else adapter
     if weights is not None and not refs:
@@ -88,7 +88,7 @@ def validate(
             raise UsageError("--sample, --atol and --rtol apply to --base with --adapter")
         if split is not None:
             raise UsageError("--part splits a checkpoint's weight files; an adapter is one")
-        from lora_cli.io.hub_remote import remote_base
+        from lora_cli.sources.hub_remote import remote_base
 
         # a Hub base is checked from its shards' headers alone: nothing is downloaded
         remote = remote_base(base, "base", notice, hub_progress) if base is not None else None

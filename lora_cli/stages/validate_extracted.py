@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import EXIT_FINDINGS, EXIT_OK, UsageError
-from lora_cli.io.hub import Notice, resolve_input
+from lora_cli.sources.hub import Notice, resolve_input
 
 SCHEMA = "lora-validate-extracted/1"
 

@@ -61,7 +61,7 @@ class Recompute:
         r = self.r
         assert r.base is not None and r.adapter is not None
         self.dev = resolve_device(self.device)
-        from lora_cli.io.checkpoint_detect import is_training_checkpoint
+        from lora_cli.sources.checkpoint_detect import is_training_checkpoint
 
         if len(r.adapters or [r.adapter]) == 1 and is_training_checkpoint(r.adapter):
             # DeepSpeed, FSDP, PeftModel state dict: base view + adapter from the checkpoint

@@ -17,7 +17,6 @@ from lora_cli.adapters.peft import CONFIG_NAME, looks_like_peft_state_dict
 from lora_cli.errors import FormatError, LoraError
 from lora_cli.io.dtypes import FLOAT_DTYPES, from_torch
 from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json
-from lora_cli.io.model_config import tie_word_embeddings
 from lora_cli.io.reader import (
     INDEX_SUFFIXES,
     PICKLE_PREFIXES,
@@ -29,6 +28,7 @@ from lora_cli.io.reader import (
 )
 from lora_cli.merge.parts import Part, split_by_bytes
 from lora_cli.merge.resolve import INPUT_EMBEDDING_SUFFIXES
+from lora_cli.sources.model_config import tie_word_embeddings
 from lora_cli.validate.files import check_finite, check_manifest, ensure_readable, split_error
 from lora_cli.validate.numeric import compare
 from lora_cli.validate.recompute import Recompute

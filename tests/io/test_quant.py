@@ -118,8 +118,8 @@ def test_quantized_view_decodes_row_blocks(tmp_path, rows) -> None:
     """Big quantized tensors merge in row blocks: rows decode exactly like the whole."""
     from safetensors.torch import save_file
 
-    from lora_cli.io.quantized import DequantizedSource, detect
     from lora_cli.io.reader import open_source
+    from lora_cli.sources.quantized import DequantizedSource, detect
 
     q, s = _fp8_base(576, 200)
     torch.manual_seed(2)

@@ -118,8 +118,8 @@ def test_row_blocks_decode_and_encode_like_the_whole_tensor(tmp_path) -> None:
     """Every codec, ragged and non-square blocks, scales in the other shard: rows decode to
     the whole tensor's rows, and re-encoding aligned row blocks gives the whole encoding's
     weight rows and scale rows, bit for bit."""
-    from lora_cli.io.quantized import DequantizedSource, detect
     from lora_cli.io.reader import open_source
+    from lora_cli.sources.quantized import DequantizedSource, detect
 
     seen = set()
     for folder, config in _codec_checkpoints(tmp_path):

@@ -69,7 +69,7 @@ def test_row_block_merge_equals_whole_tensor_merge(
     bases, tmp_path, monkeypatch, scheme, quantize
 ) -> None:
     import lora_cli.merge.run as run
-    from lora_cli.io.quantized import QuantizedTensor
+    from lora_cli.sources.quantized import QuantizedTensor
 
     base, adapter = bases[scheme]
     monkeypatch.setattr(run, "BLOCK_BYTES", 1 << 40)  # everything whole

@@ -137,7 +137,7 @@ def _zero_mutant(records: dict, data) -> tuple[Path, Path]:
 @FUZZ
 @given(data=st.data())
 def test_zero_mutants_are_refused_or_read(zero_records, data):
-    from lora_cli.io.zero import open_zero
+    from lora_cli.sources.zero import open_zero
 
     root, ckpt = _zero_mutant(zero_records, data)
     try:
@@ -202,7 +202,7 @@ def _dcp_mutant(records, data) -> tuple[Path, Path]:
 @FUZZ
 @given(data=st.data())
 def test_dcp_mutants_are_refused_or_read(dcp_records, data):
-    from lora_cli.io.dcp import open_dcp
+    from lora_cli.sources.dcp import open_dcp
 
     root, folder = _dcp_mutant(dcp_records, data)
     try:

@@ -1,6 +1,6 @@
 """Hub ids (``org/name[@revision]``) wherever a command names a model or an adapter:
 ``inspect PATH``, ``validate PATH --base --adapter``, ``convert INPUT --base``. They resolve
-through ``io/hub.py`` as ``merge``'s do, here from a real cache layout built offline
+through ``sources/hub.py`` as ``merge``'s do, here from a real cache layout built offline
 (``hub_helpers``); no test touches the network."""
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def test_a_local_path_wins_over_a_hub_id(hub, tmp_path, monkeypatch, run_cli):
 def test_hub_progress_bars_follow_json_and_quiet(
     hub, tmp_path, monkeypatch, run_cli, args, progress
 ):
-    from lora_cli.io import hub as hub_module
+    from lora_cli.sources import hub as hub_module
 
     seen: list[bool] = []
     real = hub_module._snapshot
@@ -292,7 +292,7 @@ def test_online_inspect_downloads_what_merge_would(hub_world, monkeypatch):
     monkeypatch.setattr(
         huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: listing
     )
-    monkeypatch.setattr("lora_cli.io.hub._reach_hub", lambda: None)  # the Hub answers
+    monkeypatch.setattr("lora_cli.sources.hub._reach_hub", lambda: None)  # the Hub answers
     report = inspect_path("org/adapter@main", hub_progress=False)
     assert report.kind == "adapter" and report.path == snapshots["org/adapter"]
     assert asked["repo_id"] == "org/adapter" and asked["revision"] == "main"

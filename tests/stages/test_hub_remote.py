@@ -39,8 +39,8 @@ def world(tmp_path_factory):
 def hub(world, tmp_path, monkeypatch):
     root, base, adapter = world
     # a first range shorter than the headers: each header takes its second request
-    monkeypatch.setattr("lora_cli.io.hub_remote.FIRST_RANGE", 255)
-    monkeypatch.setattr("lora_cli.io.hub_remote.RETRY_BASE_S", 0.01)
+    monkeypatch.setattr("lora_cli.sources.hub_remote.FIRST_RANGE", 255)
+    monkeypatch.setattr("lora_cli.sources.hub_remote.RETRY_BASE_S", 0.01)
     with serve(tmp_path, monkeypatch) as fake:
         fake.add_folder("org/base", base)
         yield fake

@@ -18,7 +18,7 @@ def _dcp_to_torch_save(folder: Path, tmp_path: Path) -> dict:
 
 
 def test_dcp_reader_matches_dcp_to_torch_save(fsdp_3ranks, tmp_path):
-    from lora_cli.io.dcp import open_dcp
+    from lora_cli.sources.dcp import open_dcp
 
     folder = fsdp_3ranks / "ckpt" / "pytorch_model_fsdp_0"
     expected = _dcp_to_torch_save(folder, tmp_path)

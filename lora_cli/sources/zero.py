@@ -25,8 +25,13 @@ from lora_cli.io.dtypes import nbytes_of
 from lora_cli.io.reader import TensorInfo, TensorSource
 from lora_cli.io.safe_pickle import PickledTensor
 from lora_cli.io.torch_zip import TorchZipFile
-from lora_cli.io.zero_layout import check_ranks, find_tag_folder, rank_files, refuse_unsupported
-from lora_cli.io.zero_records import Fields
+from lora_cli.sources.zero_layout import (
+    check_ranks,
+    find_tag_folder,
+    rank_files,
+    refuse_unsupported,
+)
+from lora_cli.sources.zero_records import Fields
 
 if TYPE_CHECKING:
     import torch

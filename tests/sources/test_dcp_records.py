@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lora_cli.errors import FormatError
-from lora_cli.io import dcp_records
-from lora_cli.io.dcp_records import Chunk, MetadataRecords
+from lora_cli.sources import dcp_records
+from lora_cli.sources.dcp_records import Chunk, MetadataRecords
 
 
 def _records() -> MetadataRecords:

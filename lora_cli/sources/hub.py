@@ -90,42 +90,6 @@ def names_hub_repo(ref: str | Path) -> bool:
     return not Path(ref).exists() and parse_repo_ref(str(ref)) is not None
 
 
-def cached_repo_id(path: Path) -> str | None:
-    """``org/name`` when ``path`` lies in a Hugging Face cache snapshot
-    (``models--org--name/snapshots/<commit>/...``), else None."""
-    parts = Path(path).absolute().parts
-    for i in range(len(parts) - 2):
-        if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
-            org_name = parts[i][len("models--") :].split("--")
-            if len(org_name) == 2:
-                return "/".join(org_name)
-    return None
-
-
-def in_hub_cache(path: Path) -> bool:
-    """Whether ``path`` lies in a Hugging Face cache: under ``HF_HUB_CACHE``, or in any
-    ``models--org--name/snapshots/`` folder (a cache elsewhere, e.g. another ``HF_HOME``)."""
-    from huggingface_hub import constants
-
-    path = Path(path).absolute()
-    cache = Path(constants.HF_HUB_CACHE).absolute()
-    caches = {cache, cache.resolve()}
-    for candidate in {path, path.resolve()}:
-        if cached_repo_id(candidate) or caches & {candidate, *candidate.parents}:
-            return True
-    return False
-
-
-def refuse_cache_output(output: Path) -> None:
-    """Outputs never go into the Hugging Face cache: huggingface_hub alone manages it (its
-    snapshots are links to shared, content-addressed blobs)."""
-    if in_hub_cache(output):
-        raise UsageError(
-            f"output {output} is inside the Hugging Face cache, which lora never writes to",
-            "pass -o OUTPUT outside the cache",
-        )
-
-
 def base_from_adapter_config(config: dict, config_path: Path, notice: Notice | None) -> str:
     """The base an adapter was trained on (``base_model_name_or_path``), for ``lora merge
     ADAPTER -o OUT``; says which one it took."""

@@ -9,7 +9,7 @@ import torch
 from conftest import save_model, tiny_model
 from transformers import AutoConfig, PretrainedConfig
 
-from lora_cli.io.model_config import tie_word_embeddings, transformers_config
+from lora_cli.sources.model_config import tie_word_embeddings, transformers_config
 
 
 def _transformers_says(model_type: str) -> bool:
@@ -57,7 +57,7 @@ def test_unknown_composite_model(value):
 
 
 def test_config_transformers_rejects_falls_back_to_the_file(monkeypatch):
-    import lora_cli.io.model_config as mc
+    import lora_cli.sources.model_config as mc
 
     monkeypatch.setattr(mc, "transformers_config", lambda config: None)
     assert tie_word_embeddings({"model_type": "llama"}) is False

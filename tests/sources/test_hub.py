@@ -14,7 +14,8 @@ from conftest import load_owned, peft_adapter, peft_merged_state, save_model, ti
 from hub_helpers import COMMIT, COMMIT_V2, add_to_cache, go_offline
 from safetensors.torch import load_file
 
-from lora_cli.io.hub import cached_repo_id, parse_repo_ref, select_files
+from lora_cli.io.hub_cache import cached_repo_id
+from lora_cli.sources.hub import parse_repo_ref, select_files
 
 # --- pure rules -----------------------------------------------------------------------------
 
@@ -235,7 +236,7 @@ def test_online_downloads_only_what_a_merge_reads(hub_cache, monkeypatch, tmp_pa
     import huggingface_hub
     from huggingface_hub import constants
 
-    from lora_cli.io.hub import resolve_input
+    from lora_cli.sources.hub import resolve_input
 
     _, cache = hub_cache
     calls = {}
@@ -250,7 +251,7 @@ def test_online_downloads_only_what_a_merge_reads(hub_cache, monkeypatch, tmp_pa
     monkeypatch.setattr(
         huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: LLAMA_REPO
     )
-    monkeypatch.setattr("lora_cli.io.hub._reach_hub", lambda: None)  # the Hub answers
+    monkeypatch.setattr("lora_cli.sources.hub._reach_hub", lambda: None)  # the Hub answers
     folder = resolve_input("meta-llama/Llama-3.1-8B@main", "base", progress=False)
     assert folder == snapshot
     assert calls["repo_id"] == "meta-llama/Llama-3.1-8B" and calls["revision"] == "main"
@@ -273,7 +274,7 @@ def test_hub_errors_become_one_line(monkeypatch, tmp_path, run_cli):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", refuse)
-    monkeypatch.setattr("lora_cli.io.hub._reach_hub", lambda: None)  # the Hub answers
+    monkeypatch.setattr("lora_cli.sources.hub._reach_hub", lambda: None)  # the Hub answers
     code, _, err = run_cli("merge", "org/gated", "org/adapter", "-o", tmp_path / "out")
     assert code == 2
     assert "gated" in err and "HF_TOKEN" in err and "Traceback" not in err

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import FormatError
 from lora_cli.io import sysio
-from lora_cli.io.dcp_records import MAX_METADATA, Entry, MetadataRecords
 from lora_cli.io.dtypes import nbytes_of, to_torch
 from lora_cli.io.reader import TensorInfo, TensorSource
 from lora_cli.io.safe_pickle import PickledTensor, safe_loads
 from lora_cli.io.torch_zip import TorchZipFile
+from lora_cli.sources.dcp_records import MAX_METADATA, Entry, MetadataRecords
 
 if TYPE_CHECKING:
     import torch

@@ -10,7 +10,7 @@ disk. A shard is downloaded (``hf_hub_download``, into the ordinary Hugging Face
 when a tensor is first read from it, and ``evict`` deletes it again once the merge is
 done with it: a job's disk peak is then about one input shard plus one output shard.
 
-Offline (``HF_HUB_OFFLINE=1``) or for a base without safetensors weights, ``io/hub.py``'s
+Offline (``HF_HUB_OFFLINE=1``) or for a base without safetensors weights, ``sources/hub.py``'s
 snapshot path is used instead.
 """
 
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lora_cli.errors import HubError
-from lora_cli.io.hub import HubRef, Notice, _hub_error, _kind, _progress_bars, select_files
 from lora_cli.io.reader import TensorSource, open_from_headers
 from lora_cli.io.safetensors_format import MAX_HEADER_SIZE, SafetensorsHeader, parse_header_bytes
+from lora_cli.sources.hub import HubRef, Notice, _hub_error, _kind, _progress_bars, select_files
 
 FIRST_RANGE = 100_000  # huggingface_hub's guess: most headers fit, one request per shard
 HEADER_THREADS = 8
@@ -215,7 +215,7 @@ def remote_base(
     ``HF_HUB_OFFLINE``); None for a local path, offline, or a repo without safetensors."""
     from huggingface_hub import constants
 
-    from lora_cli.io.hub import names_hub_repo, parse_repo_ref
+    from lora_cli.sources.hub import names_hub_repo, parse_repo_ref
 
     hub = parse_repo_ref(str(ref)) if names_hub_repo(ref) else None
     if hub is None or constants.HF_HUB_OFFLINE:

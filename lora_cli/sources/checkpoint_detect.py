@@ -58,7 +58,7 @@ def refuse_per_rank_fsdp(folder: Path) -> None:
 
 
 def open_training_checkpoint(path: Path) -> TrainingCheckpoint:
-    from lora_cli.io import dcp, zero, zero_layout
+    from lora_cli.sources import dcp, zero, zero_layout
 
     path = Path(path)
     if not path.exists():
@@ -122,7 +122,7 @@ def _has_adapter_weights(path: Path) -> bool:
 def is_training_checkpoint(path: Path) -> bool:
     """A DeepSpeed or FSDP folder, or a state dict with in-memory PeftModel names."""
     from lora_cli.adapters.peft import is_adapter
-    from lora_cli.io import dcp, zero_layout
+    from lora_cli.sources import dcp, zero_layout
 
     path = Path(path)
     if path.is_dir():

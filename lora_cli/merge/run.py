@@ -323,8 +323,12 @@ def row_blocks(plan: MergePlan, act: TensorAction) -> list[tuple[int, int]] | No
         or info.nbytes <= budget
     ):
         return None
+    from lora_cli.merge.math import MIN_GEMM_ROWS, row_spans
+
     step = max(1, budget // (info.nbytes // info.shape[0]) // unit) * unit
-    return [(r, min(r + step, info.shape[0])) for r in range(0, info.shape[0], step)]
+    # a 2-D weight's short last block would take the few-row GEMM kernel (other bits than
+    # PEFT's); a fused expert tensor's blocks are whole experts. Blocks start on ``unit``s.
+    return row_spans(info.shape[0], step, MIN_GEMM_ROWS if len(info.shape) == 2 else 1)
 
 
 def _experts_stream(act: TensorAction, dims: int) -> bool:

@@ -597,3 +597,34 @@ def test_device_agnostic_on_meta():
         torch.empty(10, dtype=torch.bfloat16, device=meta), torch.empty(10, device=meta), 2.0
     )
     assert out.device == meta and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tail", [1, 2, 3])
+def test_a_short_row_tail_gives_the_full_height_products_bits(tail):
+    """PEFT computes ``B @ A`` as one full-height product; the merge computes it in row blocks.
+    A block of one to three rows takes another GEMM kernel on some CPUs (measured: AMD EPYC,
+    torch 2.13, one thread), an ulp off in fp32 — visible after rounding where W and Δ
+    nearly cancel. Blocks are laid so that no tail is that short."""
+    from lora_cli.merge.math import _BLOCK_ELEMENTS, MIN_GEMM_ROWS, merge_weight
+
+    torch.manual_seed(tail)
+    cols = _BLOCK_ELEMENTS // MIN_GEMM_ROWS  # blocks of MIN_GEMM_ROWS rows
+    rows = 3 * MIN_GEMM_ROWS + tail
+    B, A = torch.randn(rows, 16), torch.randn(16, cols)
+    delta = (B @ A) * 2.0  # PEFT's order: one product, then the scale, in fp32
+    W = (-delta).bfloat16()  # near-cancellation: a delta's last fp32 bit survives rounding
+    want = (W.float() + delta).bfloat16()
+    assert torch.equal(merge_weight(W, A, B, 2.0, kind="linear"), want)
+
+
+def test_row_spans_fold_a_short_tail_into_the_block_before():
+    from lora_cli.merge.math import MIN_GEMM_ROWS, row_spans
+
+    for total in range(1, 200):
+        for step in (MIN_GEMM_ROWS, 23, 64, 128):
+            spans = row_spans(total, step)
+            assert spans[0][0] == 0 and spans[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+            assert all(start % step == 0 for start, _ in spans)
+            if len(spans) > 1:
+                assert spans[-1][1] - spans[-1][0] >= MIN_GEMM_ROWS

@@ -54,9 +54,6 @@ class TransformersRules:
         """Whether the model has rules of its own (not only transformers' "legacy" set)."""
         return any(_describe(t) not in self._legacy for t in self._renamings + self._converters)
 
-    def runtime_names(self) -> set[str]:
-        return set(self._runtime)
-
     def to_runtime(self, name: str) -> RuntimeName:
         """``name`` (a checkpoint key, old or new layout) as the loaded model names it."""
         from transformers.core_model_loading import rename_source_key

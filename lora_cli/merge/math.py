@@ -28,13 +28,13 @@ adapter of scale 1 (``merge_weighted``), so the merged weight is rounded once.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from lora_cli.errors import MergeError
+from lora_cli.scratch import scratch
 
 Kind = Literal["linear", "embedding", "conv"]
 ExpertLayout = Literal["out_in", "in_out"]
@@ -347,18 +347,6 @@ def row_spans(total: int, step: int, minimum: int = MIN_GEMM_ROWS) -> list[tuple
     return spans
 
 
-_scratch = threading.local()
-
-
-def _scratch_buffer(name: str, elements: int, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread reusable temporary: fresh allocations of this size page-fault every time."""
-    buf = getattr(_scratch, name, None)
-    if buf is None or buf.numel() < elements or buf.dtype != dtype:
-        buf = torch.empty(elements, dtype=dtype)
-        setattr(_scratch, name, buf)
-    return buf[:elements]
-
-
 def _merge_linear_blocked(
     W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, inplace: bool = False
 ) -> torch.Tensor:
@@ -375,9 +363,8 @@ def _merge_linear_blocked(
     spans = row_spans(W.shape[0], rows)
     most = max(stop - start for start, stop in spans)
     work_dtype = torch.promote_types(W.dtype, torch.float32)
-    size = most * W.shape[1]
-    delta = _scratch_buffer("delta", size, torch.float32).view(most, W.shape[1])
-    work = _scratch_buffer("work", size, work_dtype).view(most, W.shape[1])
+    delta = scratch("merge.delta", (most, W.shape[1]), torch.float32)
+    work = scratch("merge.work", (most, W.shape[1]), work_dtype)
     for start, stop in spans:
         d, w = delta[: stop - start], work[: stop - start]
         torch.matmul(b32[start:stop], a32, out=d)

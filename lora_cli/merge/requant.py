@@ -135,18 +135,26 @@ class QuantGroup:
 def _change_terms(
     merged: torch.Tensor, base: torch.Tensor, achieved: torch.Tensor
 ) -> tuple[float, float, float]:
-    """(achieved·intended, intended·intended, achieved·achieved) of the changes. fp32
-    products summed by torch's cascade sum (exact to ~1e-7 relative; profiled: fp64 copies
-    cost 5× and were the largest item of a ``keep`` merge's own CPU time)."""
-    b = base.float()
-    intended = merged.float().sub_(b)
-    got = achieved.float().sub_(b)
-    del b
-    return (
-        float((intended * got).sum()),
-        float(intended.square().sum()),
-        float(got.square().sum()),
-    )
+    """(achieved·intended, intended·intended, achieved·achieved) of the changes, from
+    three fp32 work buffers of this thread (profiled: fresh fp32 copies and products made
+    this diagnostic cost more than the codec itself; fp64 copies cost 5× more again).
+    Products summed by torch's cascade sum: exact to ~1e-7 relative, so a tensor's cosine
+    is the same merged whole or in row blocks (BLAS dot products drift by ~1e-5)."""
+    import torch
+
+    from lora_cli.scratch import scratch
+
+    shape = (merged.numel(),)
+    intended = scratch("requant.intended", shape, torch.float32).copy_(merged.reshape(-1))
+    got = scratch("requant.got", shape, torch.float32).copy_(base.reshape(-1))
+    intended.sub_(got)
+    got.neg_().add_(achieved.reshape(-1))
+    product = scratch("requant.product", shape, torch.float32)
+
+    def dot(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(torch.mul(x, y, out=product).sum())
+
+    return dot(intended, got), dot(intended, intended), dot(got, got)
 
 
 def _cosine(terms: list[float] | tuple[float, float, float]) -> float:

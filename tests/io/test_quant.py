@@ -174,3 +174,36 @@ def test_ct_float_quantized_matches_compressed_tensors(strategy) -> None:
     assert torch.equal(ours_q.view(torch.uint8), q.view(torch.uint8))
     decoded = quant.ct_dequant(q, scale, None, block=block, g_idx=None, out_dtype=torch.bfloat16)
     assert torch.equal(decoded, dequantize(q, scale, zp, args).to(torch.bfloat16))
+
+
+def test_fp8_to_float_is_torchs_cast_for_every_code() -> None:
+    """The E4M3 bit move (8× faster on the CPU) gives every code's fp32 bits, NaN as NaN,
+    on strided views too."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    ref, ours = codes.float(), quant.fp8_to_float(codes)
+    assert torch.equal(ref.isnan(), ours.isnan()) and int(ours.isnan().sum()) == 2
+    finite = ~ref.isnan()
+    assert torch.equal(ref[finite].view(torch.int32), ours[finite].view(torch.int32))
+    grid = codes.view(16, 16)
+    assert torch.equal(
+        quant.fp8_to_float(grid[:, ::3]).nan_to_num(), grid[:, ::3].float().nan_to_num()
+    )
+    assert quant.fp8_to_float(codes[:0]).numel() == 0
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int4_quant_rounds_the_quotient_in_the_scale_dtype(scale_dtype) -> None:
+    """``w / s`` is rounded to the scale dtype before round-half-even, as compressed-tensors
+    computes it in that dtype: over 2^18 values some quotients round across a .5."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(256, 1024, generator=gen) * torch.rand(256, 1, generator=gen)).to(scale_dtype)
+    groups = w.reshape(256, 32, 32)
+    scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    q, s = quant.ct_int_quant(w, 32, scale_dtype)
+    assert torch.equal(s, scale)
+    assert torch.equal(q, quantize(w, scale, zp, args, dtype=torch.int8))

@@ -96,15 +96,17 @@ class ExtractPlan:
     notes: list[str]
 
     def to_json(self) -> dict[str, Any]:
-        low = [c for c in self.plan if c.kind not in ("full", "expert", "unmapped")]
+        low = [c for c in self.plan if c.kind not in ("full", "unmapped", "expert")]
+        fused = {c.piece.param.path: c.piece.param for c in self.plan if c.piece is not None}
         return {
             "schema": "lora-extract-plan/1",
             "base": str(self.base),
             "tuned": str(self.tuned),
             "rule": self.rule,
             "options": self.options.to_json(),
-            "low_rank": [{"tensor": c.tuned, "kind": c.kind, "shape": list(c.shape)} for c in low],
-            "other": [c.tuned for c in self.plan if c.kind in ("full", "expert", "unmapped")],
+            "low_rank": [{"tensor": c.tuned, "kind": c.kind, "shape": list(c.shape)} for c in low]
+            + [{"tensor": p, "kind": "expert", "shape": list(f.shape)} for p, f in fused.items()],
+            "other": [c.tuned for c in self.plan if c.kind in ("full", "unmapped")],
             "notes": self.notes,
         }
 

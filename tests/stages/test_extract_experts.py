@@ -9,6 +9,7 @@ on disk, (E, in, out): ``is_transposed``).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,52 @@ def test_fused_experts_rank_auto_takes_the_largest_expert_rank(moe_pair, tmp_pat
     doc = _extract(run_cli, base, tuned, "-o", tmp_path / "low", "--rank", "auto",
                    "--energy", "0.2", "--max-rank", "3", "--exact")  # fmt: skip
     assert all(m["rank"] < 3 for m in doc["modules"])
+
+
+def test_rank_auto_pads_experts_that_need_less(tmp_path, run_cli):
+    """--rank auto: a parameter's rank is the largest any expert needs (PEFT has one r per
+    target); an expert needing less keeps zero columns, an unchanged one zero factors. The
+    ranks differ per parameter, so rank_pattern names a target parameter: PEFT reads it,
+    merges back to TUNED, and `lora merge` equals PEFT bit for bit."""
+    model = tiny_moe("gpt_oss")
+    base = save_model(model, tmp_path / "base")
+    g = torch.Generator().manual_seed(5)
+
+    def low_rank(e: int, i: int, o: int, ranks: list[int]) -> torch.Tensor:
+        return torch.stack([0.05 * torch.randn(i, r, generator=g) @ torch.randn(r, o, generator=g)
+                            for r in ranks])  # fmt: skip
+
+    params = dict(model.named_parameters())
+    gate_up, down = (
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+    )
+    with torch.no_grad():
+        params[gate_up].add_(low_rank(3, 32, 48, [1, 3, 0]).to(torch.bfloat16))
+        params[down].add_(low_rank(3, 24, 32, [1, 1, 1]).to(torch.bfloat16))
+    tuned = save_model(model, tmp_path / "tuned")
+    out = tmp_path / "out"
+    doc = _extract(run_cli, base, tuned, "-o", out, "--rank", "auto", "--energy", "0.9999",
+                   "--max-rank", "8", "--exact", "--dtype", "fp32")  # fmt: skip
+    assert {m["module"]: m["rank"] for m in doc["modules"]} == {gate_up: 3, down: 1}
+    assert doc["totals"]["max_error"] < 0.01
+    a = load_owned(out / "adapter_model.safetensors")[
+        f"{PREFIX}model.layers.0.mlp.experts.lora_A.weight"
+    ]
+    assert a.reshape(3, 3, 32)[0, 1:].abs().max() == 0  # expert 0: rank 1 of 3
+    assert a.reshape(3, 3, 32)[2].abs().max() == 0  # expert 2 unchanged
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {re.escape(down): 1} and cfg["r"] == 3
+    again = _peft_merge(base, out)
+    want, start = load_owned(tuned / "model.safetensors"), load_owned(base / "model.safetensors")
+    for name in (gate_up, down):
+        got, w, s0 = again[name].float(), want[name].float(), start[name].float()
+        rounding = torch.finfo(torch.bfloat16).eps * (w.norm() + (w - s0).norm())
+        assert (got - w).norm() <= rounding, name
+    code, _, stderr = run_cli("merge", base, out, "-o", tmp_path / "merged", "-q")
+    assert code == 0, stderr
+    for name, value in load_owned(tmp_path / "merged" / "model.safetensors").items():
+        assert torch.equal(value, again[name]), name
 
 
 def test_dry_run_lists_fused_parameters(moe_pair, run_cli):

@@ -251,3 +251,30 @@ def test_changed_expert_tensor_of_no_fused_parameter_refused(tmp_path):
     base2, tuned, out = tmp_path / "base2", tmp_path / "tuned", tmp_path / "out"
     assert_refused(["extract", base2, tuned, "-o", out], [base2, tuned], dest=out,
                    names=["experts.scales_proj", "MoE expert"])  # fmt: skip
+
+
+def test_changed_expert_bias_ships_the_experts_module_whole(tmp_path, run_cli):
+    """gpt-oss: a changed ``gate_up_proj_bias`` is no LoRA target (PEFT's ParamWrapper has no
+    bias), so layer 0's experts module ships whole in modules_to_save (its fused weights' LoRA
+    with it), layer 1's changed weights as target_parameters; PEFT merges back to TUNED."""
+    model = tiny_moe("gpt_oss")
+    base = save_model(model, tmp_path / "base")
+    g = torch.Generator().manual_seed(9)
+    params = dict(model.named_parameters())
+    layer0, layer1 = "model.layers.0.mlp.experts", "model.layers.1.mlp.experts"
+    with torch.no_grad():
+        params[f"{layer0}.gate_up_proj_bias"].add_(0.1)
+        params[f"{layer0}.gate_up_proj"].add_(0.01)
+        change = 0.05 * torch.randn(3, 32, 2, generator=g) @ torch.randn(3, 2, 48, generator=g)
+        params[f"{layer1}.gate_up_proj"].add_(change.to(torch.bfloat16))
+    tuned = save_model(model, tmp_path / "tuned")
+    out = tmp_path / "out"
+    doc = _extract(run_cli, base, tuned, "-o", out, "--rank", "2", "--exact", "--dtype", "fp32")
+    assert doc["modules_to_save"] == [layer0]
+    assert [m["module"] for m in doc["modules"]] == [f"{layer1}.gate_up_proj"]
+    again = _peft_merge(base, out)
+    want, start = load_owned(tuned / "model.safetensors"), load_owned(base / "model.safetensors")
+    for name, w in want.items():
+        got, w, s0 = again[name].float(), w.float(), start[name].float()
+        rounding = torch.finfo(torch.bfloat16).eps * (w.norm() + (w - s0).norm())
+        assert (got - w).norm() <= rounding, name

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lora_cli.errors import MergeError
-from lora_cli.extract.svd import Factors, low_rank
+from lora_cli.extract.svd import Factors, SvdOptions
 from lora_cli.io.reader import TensorSource
 from lora_cli.merge.experts import _find_param as find_param
 
@@ -118,12 +118,8 @@ def factor_experts(
     tuned: TensorSource,
     base: TensorSource,
     *,
-    rank: int | None,
-    energy: float,
-    max_rank: int,
-    exact: bool,
+    svd: SvdOptions,
     min_change: float,
-    dtype: torch.dtype,
     device: str,
     progress: Callable[[int, str], None] | None = None,
 ) -> ExpertOutcome:
@@ -151,15 +147,11 @@ def factor_experts(
         matrix = delta.mT.contiguous() if param.transposed else delta
         changed = float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
         changed2 += changed**2
-        per_expert.append(
-            low_rank(matrix, rank=rank, energy=energy, max_rank=max_rank, exact=exact, dtype=dtype)
-            if changed
-            else None
-        )
+        per_expert.append(svd.factor(matrix) if changed else None)
         del delta, matrix
     if identical or changed2**0.5 <= min_change * scale2**0.5:
         return ExpertOutcome(None, identical)
-    return ExpertOutcome(_pack(param, per_expert, dtype), False)
+    return ExpertOutcome(_pack(param, per_expert, svd.dtype), False)
 
 
 def _pack(param: FusedParam, per_expert: list[Factors | None], dtype: torch.dtype) -> Factors:

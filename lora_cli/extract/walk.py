@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lora_cli.errors import MergeError
 from lora_cli.extract.experts import FusedParam, Piece, factor_experts, locate
 from lora_cli.extract.pairing import INPUT_EMBEDDING_SUFFIXES, ModelModules, Pairing
-from lora_cli.extract.svd import Factors, low_rank
+from lora_cli.extract.svd import Factors, SvdOptions
 from lora_cli.io.reader import TensorSource
 from lora_cli.merge.resolve import CONV1D_LEAVES, CONV1D_MODEL_TYPES
 
@@ -155,12 +155,8 @@ def walk(
     base: TensorSource,
     plan: list[Candidate],
     *,
-    rank: int | None,
-    energy: float,
-    max_rank: int,
-    exact: bool,
+    svd: SvdOptions,
     min_change: float,
-    dtype: torch.dtype,
     device: str,
     progress: Callable[[int, str], None] | None = None,
 ) -> WalkResult:
@@ -183,12 +179,8 @@ def walk(
                 [(m.tuned, m.base, m.piece) for m in members if m.piece is not None],
                 tuned,
                 base,
-                rank=rank,
-                energy=energy,
-                max_rank=max_rank,
-                exact=exact,
+                svd=svd,
                 min_change=min_change,
-                dtype=dtype,
                 device=device,
                 progress=progress,
             )
@@ -241,14 +233,7 @@ def walk(
         if c.kind == "full":
             result.changed_full.append(c)
             continue
-        factors = low_rank(
-            _as_matrix(delta, c.kind),
-            rank=rank,
-            energy=energy,
-            max_rank=max_rank,
-            exact=exact,
-            dtype=dtype,
-        )
+        factors = svd.factor(_as_matrix(delta, c.kind))
         del delta
         if c.kind == "conv":
             factors = _conv_shapes(factors, c.shape)

@@ -24,6 +24,7 @@ from lora_cli.extract.pairing import (
     open_checkpoint,
     pair_tensors,
 )
+from lora_cli.extract.svd import SvdOptions
 from lora_cli.extract.walk import Candidate, candidates, walk
 from lora_cli.io.destination import check_destination
 from lora_cli.io.hub_cache import cached_repo_id
@@ -247,12 +248,14 @@ def extract(
                 tuned_src,
                 base_src,
                 plan,
-                rank=opts.rank,
-                energy=opts.energy,
-                max_rank=opts.max_rank,
-                exact=opts.exact,
+                svd=SvdOptions(
+                    opts.rank,
+                    opts.energy,
+                    opts.max_rank,
+                    opts.exact,
+                    getattr(torch, DTYPES[opts.dtype]),
+                ),
                 min_change=opts.min_change,
-                dtype=getattr(torch, DTYPES[opts.dtype]),
                 device=dev,
                 progress=progress,
             )

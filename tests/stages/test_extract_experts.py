@@ -17,6 +17,7 @@ import torch
 
 from tests.conftest import dtype_kw, load_owned, require_fused_experts, save_model
 from tests.hostile_harness import assert_refused
+from tests.stages.test_extract import merge_equals_peft
 
 PREFIX = "base_model.model."
 MOE = {
@@ -118,12 +119,8 @@ def test_fused_experts_round_trip_through_peft(moe_pair, tmp_path, run_cli):
     # q_proj and every expert of both parameters (Mixtral: w1, w3, w2 each) in both layers
     assert changed == 2 * (1 + (3 * e if kind == "mixtral" else 2))
 
-    code, _, stderr = run_cli("merge", base, out, "-o", tmp_path / "merged", "-q")
-    assert code == 0, stderr
-    ours = load_owned(tmp_path / "merged" / "model.safetensors")
+    ours = merge_equals_peft(run_cli, base, out, tmp_path / "merged", again)
     assert ours.keys() == again.keys()
-    for name, value in ours.items():
-        assert torch.equal(value, again[name]), name  # lora merge = PEFT's, bit for bit
 
     code, stdout, _ = run_cli("validate", out, "--base", base, "--tuned", tuned, "--json")
     assert code == 0
@@ -218,10 +215,7 @@ def test_rank_auto_pads_experts_that_need_less(tmp_path, run_cli):
         got, w, s0 = again[name].float(), want[name].float(), start[name].float()
         rounding = torch.finfo(torch.bfloat16).eps * (w.norm() + (w - s0).norm())
         assert (got - w).norm() <= rounding, name
-    code, _, stderr = run_cli("merge", base, out, "-o", tmp_path / "merged", "-q")
-    assert code == 0, stderr
-    for name, value in load_owned(tmp_path / "merged" / "model.safetensors").items():
-        assert torch.equal(value, again[name]), name
+    merge_equals_peft(run_cli, base, out, tmp_path / "merged", again)
 
 
 def test_dry_run_lists_fused_parameters(moe_pair, run_cli):

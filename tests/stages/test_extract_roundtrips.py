@@ -9,7 +9,13 @@ import json
 import torch
 
 from tests.conftest import dtype_kw, load_owned, peft_adapter, save_model, tiny_model
-from tests.stages.test_extract import _extract, _optimal_error, _peft_merge, _tuned_from
+from tests.stages.test_extract import (
+    _extract,
+    _optimal_error,
+    _peft_merge,
+    _tuned_from,
+    merge_equals_peft,
+)
 
 PREFIX = "base_model.model."
 
@@ -89,13 +95,7 @@ def test_nested_modules_to_save_wrapped_exactly_and_logits_match(tmp_path, run_c
     wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     assert [n.removeprefix(PREFIX) for n in wrapped] == nested
     assert (got - want).abs().max() < 0.02 * (plain - want).abs().max()
-    merged = tmp_path / "merged"
-    code, _, stderr = run_cli("merge", base, out, "-o", merged, "-q")
-    assert code == 0, stderr
-    ours = load_owned(merged / "model.safetensors")
-    oracle = _peft_merge(base, out)
-    for name, value in ours.items():
-        assert torch.equal(value, oracle[name]), name
+    ours = merge_equals_peft(run_cli, base, out, tmp_path / "merged")
     for name in nested:  # shipped whole: TUNED's bytes
         tuned_norm = load_owned(tuned / "model.safetensors")[name + ".weight"]
         assert torch.equal(ours[name + ".weight"], tuned_norm)

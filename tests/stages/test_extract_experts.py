@@ -2,8 +2,9 @@
 ``down_proj``) as PEFT ``target_parameters``: round trips through PEFT-made adapters merged
 by PEFT, PEFT loading and merging the output, ``lora merge`` reading it, and refusals.
 
-Two storage layouts: Mixtral (per expert on disk, (E, out, in) in memory) and gpt-oss (fused
-on disk, (E, in, out): ``is_transposed``).
+Three storage layouts: Mixtral (per expert on disk as ``block_sparse_moe.experts.{e}.w1/w3/w2``,
+(E, out, in) in memory), Qwen3-MoE (per expert as ``mlp.experts.{e}.gate_proj/up_proj/
+down_proj``) and gpt-oss (fused on disk, (E, in, out): ``is_transposed``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tests.stages.test_extract import merge_equals_peft
 PREFIX = "base_model.model."
 MOE = {
     "mixtral": dict(num_local_experts=3),
+    "qwen3_moe": dict(num_experts=3, moe_intermediate_size=24, head_dim=8, mlp_only_layers=[]),
     "gpt_oss": dict(num_local_experts=3, head_dim=8, layer_types=["full_attention"] * 2),
 }
 
@@ -117,7 +119,7 @@ def test_fused_experts_round_trip_through_peft(moe_pair, tmp_path, run_cli):
         rounding = torch.finfo(torch.bfloat16).eps * (want.norm() + (want - w).norm())
         assert (got - want).norm() <= rounding, name
     # q_proj and every expert of both parameters (Mixtral: w1, w3, w2 each) in both layers
-    assert changed == 2 * (1 + (3 * e if kind == "mixtral" else 2))
+    assert changed == 2 * (1 + (2 if kind == "gpt_oss" else 3 * e))
 
     ours = merge_equals_peft(run_cli, base, out, tmp_path / "merged", again)
     assert ours.keys() == again.keys()
@@ -147,9 +149,13 @@ def test_fused_experts_below_rank_error_is_eckart_young_per_expert(moe_pair, tmp
     fused = dict(model.named_parameters())
     name = "model.layers.1.mlp.experts.gate_up_proj"
     base_param = fused[name].detach().float()
-    if kind == "mixtral":
-        pieces = [[f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight" for w in ("w1", "w3")]
-                  for e in range(3)]  # fmt: skip
+    split = {  # an expert's gate and up rows, as TUNED stores them
+        "mixtral": ("model.layers.1.block_sparse_moe.experts.{}.{}.weight", ("w1", "w3")),
+        "qwen3_moe": ("model.layers.1.mlp.experts.{}.{}.weight", ("gate_proj", "up_proj")),
+    }
+    if kind in split:
+        fmt, leaves = split[kind]
+        pieces = [[fmt.format(e, w) for w in leaves] for e in range(3)]
         tuned_param = torch.stack([torch.cat([tuned_state[n] for n in p]) for p in pieces])
     else:
         tuned_param = tuned_state[name]

@@ -2,7 +2,9 @@
 weight PEFT's LoRA can target, and a record of everything else that changed.
 
 Which tensors are low-rank targets is decided from headers and the model's module types
-(``pairing.module_kinds``) before any data is read; whether a tensor changed needs its
+(``pairing.module_kinds``) before any data is read; the tensors of one fused MoE expert
+parameter (fused, or split per expert on disk) are factored together, per expert
+(``extract/experts.py``); whether a tensor changed needs its
 data, so factors are kept (they are the adapter: small) and full tensors are only named,
 to be re-read when the adapter is written.
 """

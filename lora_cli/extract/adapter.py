@@ -5,8 +5,9 @@ PEFT 0.21.2 loads, unmodified: LoRA factors under saved-form names
 explicit ``target_modules`` list, ``lora_alpha = r`` per module (scale 1: no rsLoRA
 ambiguity), ``rank_pattern``/``alpha_pattern`` for modules whose rank differs from ``r``
 (fully qualified, escaped keys: PEFT's ``re.match(rf"(.*\\.)?({key})$", name)``), a changed
-bias of a LoRA target as ``<module>.base_layer.bias`` (``bias="lora_only"``), and any other
-changed module whole, under ``modules_to_save``.
+bias of a LoRA target as ``<module>.base_layer.bias`` (``bias="lora_only"``), fused MoE
+expert parameters as ``target_parameters`` (``extract/experts.py``), and any other changed
+module whole, under ``modules_to_save``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_cli.extract.experts import saved_modules
 from lora_cli.extract.walk import Extracted, WalkResult
 from lora_cli.io.dtypes import from_torch
 from lora_cli.io.layout import write_manifest
@@ -75,16 +77,22 @@ def layout(walk: WalkResult, tuned: TensorSource, include_full: bool) -> Adapter
     return out
 
 
-def _keys(e: Extracted) -> tuple[str, str]:
+def _keys(e: Extracted, saved: dict[str, str]) -> tuple[str, str]:
     if e.kind == "embedding":
         return f"{PREFIX}{e.module}.lora_embedding_A", f"{PREFIX}{e.module}.lora_embedding_B"
-    return f"{PREFIX}{e.module}.lora_A.weight", f"{PREFIX}{e.module}.lora_B.weight"
+    module = saved.get(e.module, e.module)
+    return f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
+
+
+def _saved(plan: AdapterLayout) -> dict[str, str]:
+    return saved_modules([e.param for e in plan.lora.values() if e.param is not None])
 
 
 def tensor_specs(plan: AdapterLayout, tuned: TensorSource) -> list[tuple[str, str, tuple]]:
     specs: list[tuple[str, str, tuple]] = []
+    saved = _saved(plan)
     for _, e in sorted(plan.lora.items()):
-        a_key, b_key = _keys(e)
+        a_key, b_key = _keys(e, saved)
         specs.append((a_key, from_torch(e.factors.a.dtype), tuple(e.factors.a.shape)))
         specs.append((b_key, from_torch(e.factors.b.dtype), tuple(e.factors.b.shape)))
     for name in plan.lora_biases:
@@ -100,7 +108,9 @@ def adapter_config(plan: AdapterLayout, base_model: str | None) -> dict[str, Any
     """A LoraConfig PEFT 0.17–0.21 reads without warnings about unknown keys."""
     r = plan.r or 1
     pattern = plan.rank_pattern()
-    return {
+    parameters = sorted(m for m, e in plan.lora.items() if e.kind == "expert")
+    extra = {"target_parameters": parameters} if parameters else {}
+    return extra | {
         "alpha_pattern": {k: float(v) for k, v in pattern.items()},
         "base_model_name_or_path": base_model,
         "bias": "lora_only" if plan.lora_biases else "none",
@@ -114,7 +124,7 @@ def adapter_config(plan: AdapterLayout, base_model: str | None) -> dict[str, Any
         "r": r,
         "rank_pattern": pattern,
         "revision": None,
-        "target_modules": sorted(plan.lora),
+        "target_modules": sorted(m for m, e in plan.lora.items() if e.kind != "expert"),
         "task_type": None,
         "use_dora": False,
         "use_rslora": False,
@@ -136,9 +146,10 @@ def write_adapter(
     with OutputDir(output, overwrite) as out:
         weights = out.path / WEIGHTS_NAME
         writer = ShardWriter(weights, specs, {"format": "pt"}, hashed=True)
+        saved = _saved(plan)
         try:
             for _, e in sorted(plan.lora.items()):
-                a_key, b_key = _keys(e)
+                a_key, b_key = _keys(e, saved)
                 writer.write(a_key, e.factors.a.contiguous())
                 writer.write(b_key, e.factors.b.contiguous())
             for name in plan.lora_biases:

@@ -8,11 +8,12 @@ lines up with BASE exactly as an adapter's targets would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import MergeError
+from lora_cli.extract.experts import FusedParam
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorSource, open_source
 from lora_cli.merge.plan import _input_embedding as input_embedding
@@ -129,17 +130,26 @@ def open_checkpoint(path: Path) -> TensorSource:
     return DequantizedSource(source, scheme, set(scheme.tensors))
 
 
-def module_kinds(config: dict[str, Any] | None) -> dict[str, tuple[str, int]]:
+@dataclass
+class ModelModules:
+    """What the model class holds, from the model built on the meta device."""
+
+    kinds: dict[str, tuple[str, int]] = field(default_factory=dict)  # module → (kind, groups)
+    fused: dict[str, FusedParam] = field(default_factory=dict)  # 3-D parameters (MoE experts)
+
+
+def module_kinds(config: dict[str, Any] | None) -> ModelModules:
     """Module path → (kind, groups) for every module of the model ``config`` describes,
     built on the meta device (no memory, no weights): ``linear``, ``conv1d`` (GPT-2),
-    ``embedding``, ``conv`` or ``other``. Empty when transformers cannot build it."""
+    ``embedding``, ``conv`` or ``other``; and its 3-D parameters (fused MoE experts). Empty
+    when transformers cannot build it."""
     if not config:
-        return {}
+        return ModelModules()
     from lora_cli.sources.model_config import _quiet_transformers, transformers_config
 
     built = transformers_config(config)
     if built is None:
-        return {}
+        return ModelModules()
     import logging
 
     import torch
@@ -168,9 +178,17 @@ def module_kinds(config: dict[str, Any] | None) -> dict[str, tuple[str, int]]:
     finally:
         logging.disable(silenced)
     if model is None:
-        return {}
-    kinds: dict[str, tuple[str, int]] = {}
+        return ModelModules()
+    found = ModelModules()
+    kinds = found.kinds
     for name, mod in model.named_modules():
+        own = list(mod.named_parameters(recurse=False))
+        layer = (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.modules.conv._ConvNd)
+        for order, (leaf, p) in enumerate(own):  # MoE experts; a conv kernel is a conv's
+            if p.ndim == 3 and "experts" in name.rsplit(".", 1)[-1] and not isinstance(mod, layer):
+                transposed = bool(getattr(mod, "is_transposed", False))
+                path = f"{name}.{leaf}"
+                found.fused[path] = FusedParam(path, tuple(p.shape), transposed, order)
         if isinstance(mod, torch.nn.Linear):
             kinds[name] = ("linear", 1)
         elif isinstance(mod, Conv1D):
@@ -181,4 +199,4 @@ def module_kinds(config: dict[str, Any] | None) -> dict[str, tuple[str, int]]:
             kinds[name] = ("conv", mod.groups)
         else:
             kinds[name] = ("other", 1)
-    return kinds
+    return found

@@ -30,6 +30,27 @@ class Factors:
     norm: float  # ‖Δ‖_F
 
 
+@dataclass(frozen=True)
+class SvdOptions:
+    """How every change is factored: ``rank`` None is ``--rank auto``."""
+
+    rank: int | None
+    energy: float
+    max_rank: int
+    exact: bool
+    dtype: torch.dtype
+
+    def factor(self, delta: torch.Tensor) -> Factors:
+        return low_rank(
+            delta,
+            rank=self.rank,
+            energy=self.energy,
+            max_rank=self.max_rank,
+            exact=self.exact,
+            dtype=self.dtype,
+        )
+
+
 def choose_rank(s: torch.Tensor, total: float, energy: float, cap: int) -> int:
     """The smallest rank keeping ``energy`` of ‖Δ‖²_F, at most ``cap``."""
     import torch

@@ -2,7 +2,9 @@
 weight PEFT's LoRA can target, and a record of everything else that changed.
 
 Which tensors are low-rank targets is decided from headers and the model's module types
-(``pairing.module_kinds``) before any data is read; whether a tensor changed needs its
+(``pairing.module_kinds``) before any data is read; the tensors of one fused MoE expert
+parameter (fused, or split per expert on disk) are factored together, per expert
+(``extract/experts.py``); whether a tensor changed needs its
 data, so factors are kept (they are the adapter: small) and full tensors are only named,
 to be re-read when the adapter is written.
 """
@@ -14,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import MergeError
-from lora_cli.extract.pairing import INPUT_EMBEDDING_SUFFIXES, Pairing
-from lora_cli.extract.svd import Factors, low_rank
+from lora_cli.extract.experts import FusedParam, Piece, factor_experts, locate
+from lora_cli.extract.pairing import INPUT_EMBEDDING_SUFFIXES, ModelModules, Pairing
+from lora_cli.extract.svd import Factors, SvdOptions
 from lora_cli.io.reader import TensorSource
 from lora_cli.merge.resolve import CONV1D_LEAVES, CONV1D_MODEL_TYPES
 
@@ -33,16 +36,18 @@ class Candidate:
     base: str  # the BASE tensor it is compared with (the embedding for a tied head)
     module: str
     leaf: str
-    kind: str  # linear | conv1d | embedding | conv: low rank; full | expert | unmapped
+    kind: str  # linear | conv1d | embedding | conv | expert: low rank; full | unmapped
     shape: tuple[int, ...]
+    piece: Piece | None = None  # kind expert: the fused parameter it is (a slice of)
 
 
 @dataclass
 class Extracted:
-    module: str
+    module: str  # kind expert: the fused parameter's path
     kind: str
     shape: tuple[int, ...]
     factors: Factors
+    param: FusedParam | None = None  # kind expert
 
     def to_json(self) -> dict[str, Any]:
         f = self.factors
@@ -88,19 +93,24 @@ def candidates(
     tuned: TensorSource,
     base: TensorSource,
     pairing: Pairing,
-    kinds: dict[str, tuple[str, int]],
+    model: ModelModules,
     model_type: Any,
 ) -> list[Candidate]:
     """Every TUNED tensor, classified from headers and module types alone."""
+    kinds = model.kinds
+    pieces = locate(model.fused, tuned)
     out = []
     for name in tuned.names():
         paired = pairing.pairs[name]
         base_name = paired if paired in base else (pairing.embed or paired)
         module, leaf = _module_of(name)
         shape = tuned.info(name).shape
+        if name in pieces:
+            out.append(Candidate(name, base_name, module, leaf, "expert", shape, pieces[name]))
+            continue
         known = _kind_of(module, kinds)
         if known is None and kinds:  # stored under a name transformers converts on load
-            known = ("expert" if ".experts." in name else "unmapped", 1)
+            known = ("unmapped", 1)
         elif known is None:  # no model to ask: shapes and names decide, as merge does
             if len(shape) == 2 and name.endswith(INPUT_EMBEDDING_SUFFIXES):
                 known = ("embedding", 1)
@@ -110,10 +120,12 @@ def candidates(
                 known = ("linear", 1) if len(shape) == 2 else ("other", 1)
         kind, groups = known
         resized = shape != base.info(base_name).shape
-        if kind in ("expert", "unmapped"):
+        if kind == "unmapped":
             pass
+        elif len(shape) == 3 and ".experts" in name and leaf != "weight":
+            kind = "unmapped"  # a 3-D expert tensor of no parameter the model class has
         elif leaf != "weight" or resized or kind not in LOW_RANK_KINDS:
-            kind = "expert" if len(shape) == 3 and ".experts" in name else "full"
+            kind = "full"
         elif kind == "conv" and (groups != 1 or len(shape) < 3):
             kind = "full"  # PEFT cannot merge LoRA on a grouped convolution
         elif kind != "conv" and len(shape) != 2:
@@ -145,12 +157,8 @@ def walk(
     base: TensorSource,
     plan: list[Candidate],
     *,
-    rank: int | None,
-    energy: float,
-    max_rank: int,
-    exact: bool,
+    svd: SvdOptions,
     min_change: float,
-    dtype: torch.dtype,
     device: str,
     progress: Callable[[int, str], None] | None = None,
 ) -> WalkResult:
@@ -158,7 +166,35 @@ def walk(
     import torch
 
     result = WalkResult()
+    groups: dict[str, list[Candidate]] = {}
     for c in plan:
+        if c.piece is not None:
+            groups.setdefault(c.piece.param.path, []).append(c)
+    for c in plan:
+        if c.piece is not None:
+            members = groups.pop(c.piece.param.path, None)
+            if members is None:  # the whole parameter was handled with its first piece
+                continue
+            param = c.piece.param
+            outcome = factor_experts(
+                param,
+                [(m.tuned, m.base, m.piece) for m in members if m.piece is not None],
+                tuned,
+                base,
+                svd=svd,
+                min_change=min_change,
+                device=device,
+                progress=progress,
+            )
+            if outcome.identical:
+                result.unchanged += len(members)
+            elif outcome.factors is None:
+                result.below_min_change += len(members)
+            else:
+                result.extracted[param.path] = Extracted(
+                    param.path, "expert", param.shape, outcome.factors, param
+                )
+            continue
         t_raw = tuned.read(c.tuned)
         b_raw = base.read(c.base)
         if progress:
@@ -183,10 +219,11 @@ def walk(
         if changed <= min_change * scale:
             result.below_min_change += 1
             continue
-        if c.kind == "expert":
+        if c.kind == "unmapped" and ".experts" in c.tuned:
             raise MergeError(
-                f"{tuned.root}: {c.tuned}: changed MoE expert weights cannot be extracted yet "
-                "(PEFT loads them as fused target_parameters)",
+                f"{tuned.root}: {c.tuned}: changed MoE expert weights that are neither a "
+                "module nor (a slice of) a fused expert parameter of the model class, so PEFT "
+                "could not load them as target_modules or target_parameters",
                 "keep the full checkpoint for a fine-tune that changed its experts",
             )
         if c.kind == "unmapped":
@@ -198,14 +235,7 @@ def walk(
         if c.kind == "full":
             result.changed_full.append(c)
             continue
-        factors = low_rank(
-            _as_matrix(delta, c.kind),
-            rank=rank,
-            energy=energy,
-            max_rank=max_rank,
-            exact=exact,
-            dtype=dtype,
-        )
+        factors = svd.factor(_as_matrix(delta, c.kind))
         del delta
         if c.kind == "conv":
             factors = _conv_shapes(factors, c.shape)

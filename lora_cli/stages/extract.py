@@ -24,6 +24,7 @@ from lora_cli.extract.pairing import (
     open_checkpoint,
     pair_tensors,
 )
+from lora_cli.extract.svd import SvdOptions
 from lora_cli.extract.walk import Candidate, candidates, walk
 from lora_cli.io.destination import check_destination
 from lora_cli.io.hub_cache import cached_repo_id
@@ -96,15 +97,17 @@ class ExtractPlan:
     notes: list[str]
 
     def to_json(self) -> dict[str, Any]:
-        low = [c for c in self.plan if c.kind not in ("full", "expert", "unmapped")]
+        low = [c for c in self.plan if c.kind not in ("full", "unmapped", "expert")]
+        fused = {c.piece.param.path: c.piece.param for c in self.plan if c.piece is not None}
         return {
             "schema": "lora-extract-plan/1",
             "base": str(self.base),
             "tuned": str(self.tuned),
             "rule": self.rule,
             "options": self.options.to_json(),
-            "low_rank": [{"tensor": c.tuned, "kind": c.kind, "shape": list(c.shape)} for c in low],
-            "other": [c.tuned for c in self.plan if c.kind in ("full", "expert", "unmapped")],
+            "low_rank": [{"tensor": c.tuned, "kind": c.kind, "shape": list(c.shape)} for c in low]
+            + [{"tensor": p, "kind": "expert", "shape": list(f.shape)} for p, f in fused.items()],
+            "other": [c.tuned for c in self.plan if c.kind in ("full", "unmapped")],
             "notes": self.notes,
         }
 
@@ -245,12 +248,14 @@ def extract(
                 tuned_src,
                 base_src,
                 plan,
-                rank=opts.rank,
-                energy=opts.energy,
-                max_rank=opts.max_rank,
-                exact=opts.exact,
+                svd=SvdOptions(
+                    opts.rank,
+                    opts.energy,
+                    opts.max_rank,
+                    opts.exact,
+                    getattr(torch, DTYPES[opts.dtype]),
+                ),
                 min_change=opts.min_change,
-                dtype=getattr(torch, DTYPES[opts.dtype]),
                 device=dev,
                 progress=progress,
             )

@@ -419,3 +419,24 @@ def test_tinker_3d_expert_factors_into_per_expert_fp8(deepseek, tmp_path) -> Non
             want = getattr(merged[e], leaf).weight.detach()
             assert ours[name].dtype == torch.bfloat16
             assert ulp_diff(ours[name], want) == 0, name
+
+
+def test_many_erased_deltas_make_one_warning_line() -> None:
+    """A 4-bit keep merge loses most tensors' deltas: one line says so, naming the lowest."""
+    from types import SimpleNamespace
+
+    from lora_cli.merge.requant import fidelity
+
+    def group(i: int) -> SimpleNamespace:
+        report = {"tensor": f"layers.{i}.q_proj.weight", "scheme": "ct", "parts": []}
+        return SimpleNamespace(report=lambda: {**report, "cosine": 0.8 - i / 100})
+
+    groups = [group(i) for i in range(10)] + [
+        SimpleNamespace(report=lambda: {"tensor": "fine", "scheme": "ct", "parts": [], "cosine": 1})
+    ]
+    reports, warnings = fidelity(SimpleNamespace(quantized=groups))
+    assert len(reports) == 11 and len(warnings) == 1
+    assert warnings[0].startswith("10 of 11 re-quantized tensors")
+    assert "lowest: layers.9.q_proj.weight 0.710, layers.8" in warnings[0]
+    _, few = fidelity(SimpleNamespace(quantized=groups[:3]))
+    assert len(few) == 3 and all("q_proj" in w and "with cosine 0." in w for w in few)

@@ -101,3 +101,60 @@ def test_row_block_merge_equals_whole_tensor_merge(
         assert {rows[1] - rows[0] for _, rows in decoded} == {1}
     config = json.loads((tmp_path / "blocks" / "config.json").read_text())
     assert config == json.loads((tmp_path / "whole" / "config.json").read_text())
+
+
+def _sample_densely(monkeypatch) -> None:
+    """Sampling on for these tiny tensors: every 2nd granule of one scale unit."""
+    import lora_cli.merge.requant as requant
+
+    monkeypatch.setattr(requant, "SAMPLE_ALL", 0)
+    monkeypatch.setattr(requant, "SAMPLE_ROWS", 1)
+    monkeypatch.setattr(requant, "SAMPLE_EVERY", 2)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int4", "mxfp4"])
+def test_sampled_fidelity_is_the_same_whole_or_in_blocks(
+    bases, tmp_path, monkeypatch, scheme
+) -> None:
+    import lora_cli.merge.run as run
+
+    base, adapter = bases[scheme]
+    every_row = _merge(base, adapter, tmp_path / "all", "keep")
+    _sample_densely(monkeypatch)
+    monkeypatch.setattr(run, "BLOCK_BYTES", 1 << 40)
+    whole = _merge(base, adapter, tmp_path / "whole", "keep")
+    monkeypatch.setattr(run, "BLOCK_BYTES", 2048)
+    blocked = _merge(base, adapter, tmp_path / "blocks", "keep")
+    assert whole == blocked
+    assert [r["cosine"] for r in whole] != [r["cosine"] for r in every_row]  # it sampled
+
+
+def test_fp8_keep_cosine_is_the_cosine_of_the_sampled_rows(bases, tmp_path, monkeypatch) -> None:
+    """The reported cosine, recomputed in fp64 from the written files by transformers'
+    own FP8 dequantizer: intended = bf16 merge − base, achieved = kept weight − base, over
+    the sampled granules (128-row scale blocks 0, 2, 4…, DeepSeek's ragged last one too)."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    base, adapter = bases["fp8"]
+    _sample_densely(monkeypatch)
+    reports = _merge(base, adapter, tmp_path / "keep", "keep")
+    _merge(base, adapter, tmp_path / "bf16", "bf16")
+    raw, kept = load_folder(base), load_folder(tmp_path / "keep")
+    merged = load_folder(tmp_path / "bf16")
+
+    def decode(folder: dict, name: str) -> torch.Tensor:
+        q, s = folder[name], folder[f"{name}_scale_inv"]
+        return _dequantize_fp8_weight(q, s, [128, 128], torch.float32).to(torch.bfloat16)
+
+    checked = 0
+    for report in reports:
+        name = report["tensor"]
+        rows = torch.arange(merged[name].shape[0])
+        sampled = (rows // 128) % 2 == 0
+        b = decode(raw, name).double()[sampled]
+        intended = merged[name].double()[sampled] - b
+        got = decode(kept, name).double()[sampled] - b
+        cosine = float((intended * got).sum() / (intended.norm() * got.norm()))
+        assert report["cosine"] == pytest.approx(cosine, abs=2e-6), name
+        checked += merged[name].shape[0] > 128
+    assert checked  # some tensor had unsampled rows

@@ -118,9 +118,10 @@ class QuantGroup:
                 raise MergeError(f"{self.tensor.name}: re-quantizing a row block failed")
             if self._covered == self.rows and role != "weight":
                 self.cosine = _cosine(self._terms)
-                if role == "scale":
-                    assert self._scale is not None
-                    return self._scale
+                if role == "scale":  # handed over: a group kept to the end holds no rows
+                    scale, self._scale = self._scale, None
+                    assert scale is not None
+                    return scale
                 return self.source.raw.read(self.tensor.parts[role])
             if not self._done:
                 base = self.source.read(self.tensor.name, device=device)

@@ -34,14 +34,14 @@ if TYPE_CHECKING:
 # ‖Δ‖ is ~5 % of ‖W‖; 4-bit formats usually fall far below).
 COSINE_WARN = 0.9
 # The cosine is measured on every SAMPLE_EVERY-th granule of rows (a granule: at least
-# SAMPLE_ROWS rows, whole scale units), all of them in tensors under SAMPLE_ALL granules:
+# SAMPLE_ROWS rows, whole scale units), all of them in tensors of up to SAMPLE_ALL granules:
 # decoding the re-encoded rows back and the sums were 40 % of a keep merge's own CPU time
 # (profiled), and a quarter of a tensor's rows estimates a cosine to ~1e-3. Granules are
 # fixed by the tensor, not by how it is cut into blocks, so both give the same figure.
 SAMPLE_EVERY = 4
 WARN_EACH = 3  # more tensors below COSINE_WARN than this: one warning line for all
 SAMPLE_ROWS = 16
-SAMPLE_ALL = 64
+SAMPLE_ALL = 8
 
 # compute(merge action, rows, starting value) -> merged bf16 rows (the merge math)
 Compute = Callable[..., "torch.Tensor"]

@@ -36,3 +36,15 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     if have is None or have.numel() < elements:
         have = buf[key] = torch.empty(elements, dtype=dtype)
     return have[:elements].view(shape)
+
+
+def work_buffer(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor
+) -> torch.Tensor:
+    """A work buffer on ``like``'s device: this thread's reusable one on the CPU, a fresh one
+    from the caching allocator on a GPU (which already reuses its blocks)."""
+    import torch
+
+    if like.device.type == "cpu":
+        return scratch(name, shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=like.device)

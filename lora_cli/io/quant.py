@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from lora_cli.scratch import scratch
+from lora_cli.scratch import scratch, work_buffer
 
 FP8_MAX = 448.0
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -32,16 +32,6 @@ _FP4_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _work(
-    name: str, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor
-) -> torch.Tensor:
-    """A work buffer on ``like``'s device: this thread's reusable one on the CPU (see
-    ``lora_cli.scratch``), a fresh one from the caching allocator on a GPU."""
-    if like.device.type == "cpu":
-        return scratch(name, shape, dtype)
-    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 def _owned(result: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
@@ -138,7 +128,7 @@ def fp8_block_dequant(
     want = (_cdiv(first_row + rows, block[0]) - top, _cdiv(cols, block[1]))
     if tuple(s.shape) != want:
         raise ValueError(f"scale grid {list(s.shape)} does not fit weight {[rows, cols]} ({block})")
-    x = fp8_to_float(q, _work("fp8.dequant", (rows, cols), torch.float32, q))
+    x = fp8_to_float(q, work_buffer("fp8.dequant", (rows, cols), torch.float32, q))
     blockwise_(x, block_rows(s.float(), rows, block[0], first_row), block[1], "mul_")
     return _owned(x.to(out_dtype), x)
 
@@ -158,7 +148,7 @@ def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
 
 def _work32(w: torch.Tensor, name: str) -> torch.Tensor:
     """An fp32 copy of ``w`` this codec may overwrite (never the caller's tensor)."""
-    return _work(name, tuple(w.shape), torch.float32, w).copy_(w)
+    return work_buffer(name, tuple(w.shape), torch.float32, w).copy_(w)
 
 
 def fp8_block_quant(
@@ -173,7 +163,9 @@ def fp8_block_quant(
     ``block[0]``): ``s = amax/448`` per block; a zero block gets scale 1; quantized with the
     scale as stored."""
     x = _work32(w, "fp8.quant")
-    amax = block_amax(torch.abs(x, out=_work("fp8.abs", tuple(x.shape), torch.float32, x)), block)
+    amax = block_amax(
+        torch.abs(x, out=work_buffer("fp8.abs", tuple(x.shape), torch.float32, x)), block
+    )
     s = amax / FP8_MAX
     s = torch.where(amax == 0, torch.ones_like(s), s)
     if pow2 or scale_dtype == torch.float8_e8m0fnu:
@@ -197,7 +189,7 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
         nibbles = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF
         return nibbles.reshape(rows, -1)[:, :cols].to(torch.int8).sub_(8)
     data = packed.to(torch.int32).contiguous().view(torch.uint8)  # (rows, words·4)
-    nibbles = _work("int4.unpack", (rows, words * 4, 2), torch.uint8, packed)
+    nibbles = work_buffer("int4.unpack", (rows, words * 4, 2), torch.uint8, packed)
     torch.bitwise_and(data, 0x0F, out=nibbles[..., 0])
     torch.bitwise_right_shift(data, 4, out=nibbles[..., 1])
     return nibbles.view(rows, words * 8)[:, :cols].to(torch.int8).sub_(8)
@@ -216,7 +208,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         for i in range(1, 8):
             packed |= nib[..., i] << (4 * i)
         return packed
-    nib = _work("int4.pack", (rows, words * 8), torch.uint8, q)
+    nib = work_buffer("int4.pack", (rows, words * 8), torch.uint8, q)
     nib[:, :cols].copy_(q)  # int8 → uint8 wraps: −8…7 → 248…255, 0…7
     nib[:, :cols].add_(8)  # offset binary 0…15
     nib[:, cols:] = 0  # the last word's padding stays zero
@@ -259,7 +251,7 @@ def ct_dequant(
 ) -> torch.Tensor:
     """compressed-tensors ``_dequantize``: ``(q − zp) · s`` in the scale's dtype, then cast.
     ``q`` may be rows from ``first_row`` on, with the scale (and zero-point) rows they use."""
-    x = fp8_to_float(q, _work("ct.dequant", tuple(q.shape), torch.float32, q))
+    x = fp8_to_float(q, work_buffer("ct.dequant", tuple(q.shape), torch.float32, q))
     where = {"block": block, "g_idx": g_idx, "first_row": first_row}
     if zero_point is not None:
         _scaled_(x, zero_point.float(), "sub_", **where)
@@ -279,7 +271,7 @@ def ct_int_quant(
     # so exact in fp32; ``groups / s`` in the scale dtype is the fp32 quotient rounded once
     # to it (torch's CPU kernels for bf16/fp16), and clamping and rounding half to even
     # those values are exact in fp32.
-    work = _work("int4.quant", (rows, cols // group, group), torch.float32, w)
+    work = work_buffer("int4.quant", (rows, cols // group, group), torch.float32, w)
     work.copy_(w.to(scale_dtype).reshape(rows, cols // group, group))
     lo = work.amin(-1).clamp_(max=0).to(scale_dtype)
     hi = work.amax(-1).clamp_(min=0).to(scale_dtype)
@@ -287,7 +279,7 @@ def ct_int_quant(
     s = torch.where(s == 0, torch.full_like(s, torch.finfo(scale_dtype).eps), s)
     work.div_(s.unsqueeze(-1).float())
     if scale_dtype != torch.float32:
-        rounded = _work("int4.rounded", tuple(work.shape), scale_dtype, w)
+        rounded = work_buffer("int4.rounded", tuple(work.shape), scale_dtype, w)
         work.copy_(rounded.copy_(work))
     q = work.clamp_(qmin, qmax).round_().to(torch.int8).reshape(rows, cols)
     return q, s
@@ -333,9 +325,9 @@ def mxfp4_dequant(
     """``(…, G, 16)`` bytes + ``(…, G)`` E8M0 exponents → ``(…, G·32)`` values (exact): one
     table lookup per byte (``index_select``: a tensor index is ~6× slower, profiled) and
     ``ldexp``'s own product with ``2^(e−127)``, its power taken once per block."""
-    index = _work("mxfp4.index", (blocks.numel(),), torch.int32, blocks)
+    index = work_buffer("mxfp4.index", (blocks.numel(),), torch.int32, blocks)
     index.copy_(blocks.reshape(-1))
-    vals = _work("mxfp4.values", (blocks.numel(), 2), torch.float32, blocks)
+    vals = work_buffer("mxfp4.values", (blocks.numel(), 2), torch.float32, blocks)
     torch.index_select(_fp4_pairs(blocks.device), 0, index, out=vals)
     vals = vals.view(*blocks.shape[:-1], 32)
     vals.mul_(torch.pow(2.0, (scales.to(torch.int32) - 127).float()).unsqueeze(-1))
@@ -345,9 +337,9 @@ def mxfp4_dequant(
 def mxfp4_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(…, n)`` values, n a multiple of 32 → ``(…, n/32, 16)`` blocks + ``(…, n/32)`` scales,
     as the triton_kernels downcast (ROUND_UP scale, E2M1 round-half-even, saturate at 6)."""
-    x = _work("mxfp4.quant", tuple(w.shape), torch.float32, w).copy_(w)
+    x = work_buffer("mxfp4.quant", tuple(w.shape), torch.float32, w).copy_(w)
     x = x.view(*w.shape[:-1], -1, 32)
-    mag = _work("mxfp4.magnitude", tuple(x.shape), torch.float32, w)
+    mag = work_buffer("mxfp4.magnitude", tuple(x.shape), torch.float32, w)
     amax = torch.abs(x, out=mag).amax(-1)
     ds = pow2_ceil(amax / 6.0)
     exponent = (ds.view(torch.int32) >> 23).to(torch.uint8)
@@ -355,7 +347,7 @@ def mxfp4_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x.mul_(inv.unsqueeze(-1))
     torch.abs(x, out=mag)
     code = torch.zeros(mag.shape, dtype=torch.uint8, device=w.device)
-    above = _work("mxfp4.above", tuple(mag.shape), torch.bool, w)
+    above = work_buffer("mxfp4.above", tuple(mag.shape), torch.bool, w)
     for k, bound in enumerate(_FP4_BOUNDS):  # a tie goes to the even code
         code += torch.gt(mag, bound, out=above) if k % 2 == 0 else torch.ge(mag, bound, out=above)
     code |= (x < 0).logical_and_(code > 0).to(torch.uint8) << 3

@@ -189,14 +189,15 @@ def _change_terms(
     is the same merged whole or in row blocks (BLAS dot products drift by ~1e-5)."""
     import torch
 
-    from lora_cli.scratch import scratch
+    from lora_cli.scratch import work_buffer
 
     shape = (merged.numel(),)
-    intended = scratch("requant.intended", shape, torch.float32).copy_(merged.reshape(-1))
-    got = scratch("requant.got", shape, torch.float32).copy_(base.reshape(-1))
+    intended = work_buffer("requant.intended", shape, torch.float32, merged)
+    intended.copy_(merged.reshape(-1))
+    got = work_buffer("requant.got", shape, torch.float32, merged).copy_(base.reshape(-1))
     intended.sub_(got)
     got.neg_().add_(achieved.reshape(-1))
-    product = scratch("requant.product", shape, torch.float32)
+    product = work_buffer("requant.product", shape, torch.float32, merged)
 
     def dot(x: torch.Tensor, y: torch.Tensor) -> float:
         return float(torch.mul(x, y, out=product).sum())

@@ -123,7 +123,11 @@ def text_tail(data: bytes, n: int = 2000) -> str:
 
 
 def run_measured(
-    cmd: list[str], timeout: float, env: dict[str, str], timed_sync: bool = False
+    cmd: list[str],
+    timeout: float,
+    env: dict[str, str],
+    timed_sync: bool = False,
+    tail_bytes: int = 2000,
 ) -> RunResult:
     """Run `cmd` as a child, timing wall clock and polling its process tree's RSS.
 
@@ -193,7 +197,7 @@ def run_measured(
         major_faults=usage.ru_majflt,
         vol_ctx_switches=usage.ru_nvcsw,
         invol_ctx_switches=usage.ru_nivcsw,
-        stdout_tail=text_tail(stdout),
+        stdout_tail=text_tail(stdout, tail_bytes),
         stderr_tail=text_tail(stderr),
         error=error,
     )

@@ -486,6 +486,7 @@ def check_output(
     out: Path,
     spec: SizeSpec | oss.OssSpec,
     kind: str | None,
+    raw_base: Path | None = None,
 ) -> dict[str, Any]:
     """Cheap sanity checks so a fast-but-wrong result (e.g. a silent no-op merge) is visible.
 
@@ -494,7 +495,8 @@ def check_output(
     weights (for gpt-oss also the first and last expert of the last layer's expert tensors)
     must equal bf16(W + alpha/r * ΔW) computed in fp32 (within 2 bf16 ulps), and one untouched
     weight must be bit-identical to the base. ``base`` is bf16: for a merge into an MXFP4 base
-    it is the bf16 model that base encodes losslessly.
+    it is the bf16 model that base encodes losslessly (``raw_base``: the MXFP4 base, whose
+    experts an adapter leaves are copied as they are, blocks and scales).
     """
     import torch
 
@@ -502,6 +504,13 @@ def check_output(
     if not out.is_dir():
         return {"ok": False, "problem": "output folder missing"}
     base_table, out_table = _tensor_table(base), _tensor_table(out)
+    if raw_base is not None:
+        raw = _tensor_table(raw_base)
+        for name in [n for n in base_table if n not in out_table]:
+            parts = {f"{name}_blocks", f"{name}_scales"}
+            if all(p in raw and out_table.get(p) == raw[p] for p in parts):
+                del base_table[name]
+                base_table.update({p: raw[p] for p in parts})
     res["tensors_match"] = base_table == out_table
     if not res["tensors_match"]:
         missing = sorted(set(base_table) - set(out_table))[:3]
@@ -634,8 +643,9 @@ def internal_task(task: str, payload: str) -> int:
     elif task == "check":
         adapter = Path(p["adapter"]) if p["adapter"] else None
         spec = oss.OSS_SIZES[p["size"]] if p["model"] == oss.MODEL else SIZES[p["size"]]
+        raw = Path(p["raw_base"]) if p.get("raw_base") else None
         result = check_output(
-            p["contender"], Path(p["base"]), adapter, Path(p["out"]), spec, p["kind"]
+            p["contender"], Path(p["base"]), adapter, Path(p["out"]), spec, p["kind"], raw
         )
     else:
         raise SystemExit(f"unknown internal task {task!r}")
@@ -828,6 +838,7 @@ def checked_output(
     --adapter` (every merged tensor recomputed, untouched ones byte-compared); an MXFP4 → bf16
     merge is also checked by check_output against the bf16 model the MXFP4 base encodes."""
     result: dict[str, Any] = {"ok": True}
+    raw_base = None
     if case.quantized and adapter is not None:
         lora = Path(sys.executable).parent / "lora"
         cmd = [str(lora), "validate", str(out), "--base", str(base), "--adapter", str(adapter)]
@@ -838,7 +849,7 @@ def checked_output(
         )
         if not (case.bf16_twin is not None and case.contender == "lora"):
             return result
-        base = case.bf16_twin
+        raw_base, base = base, case.bf16_twin
     payload = {
         "contender": case.contender,
         "base": str(base),
@@ -847,6 +858,7 @@ def checked_output(
         "size": case.size,
         "model": case.model,
         "kind": None if case.contender == "cp" else case.kind,
+        "raw_base": str(raw_base) if raw_base else None,
     }
     try:
         checked = run_helper("check", payload, env)
@@ -968,8 +980,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not args.extract:
             ap.error("--mergekit needs --extract or --extract-only")
         args.mergekit = args.mergekit.expanduser().resolve()
-        if not os.access(args.mergekit, os.X_OK):
-            ap.error(f"--mergekit {args.mergekit}: not an executable")
     args.quant_list = [q.strip() for q in args.quant.split(",") if q.strip() not in ("", "none")]
     for q in args.quant_list:
         if q not in QUANT_SCHEMES:
@@ -1273,6 +1283,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path: Path = (args.json or workdir / "results.json").resolve()
     if args.disk_peak is not None:
         return disk_peak_main(workdir, args, json_path)
+    if args.mergekit is not None and not os.access(args.mergekit, os.X_OK):
+        raise SystemExit(f"bench.py: --mergekit {args.mergekit}: not an executable")
     lora = Path(sys.executable).parent / "lora"
     child_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     child_env.setdefault("TOKENIZERS_PARALLELISM", "false")

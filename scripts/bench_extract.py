@@ -294,10 +294,11 @@ def render(sizes: dict[str, dict[str, Any]]) -> str:
             measured = (row.get("measured") or {}).get("relative_error")
             reported = (row.get("reported") or {}).get("error")
             lines.append(
-                f"{size:<6} {tool:<13} {_f(row.get('median_wall_s'), '9.2f')} "
-                f"{_f(row.get('median_cpu_s'), '8.1f')} {_f(row.get('max_peak_rss_mib'), '12.0f')} "
-                f"{_f(measured, '10.6f')} {_f(reported, '10.6f')} "
-                f"{_f(row.get('size_ratio'), '13.4f')}  {len(row['wall_s'])}"
+                f"{size:<6} {tool:<13} {_f(row.get('median_wall_s'), '.2f'):>9} "
+                f"{_f(row.get('median_cpu_s'), '.1f'):>8} "
+                f"{_f(row.get('max_peak_rss_mib'), '.0f'):>12} "
+                f"{_f(measured, '.6f'):>10} {_f(reported, '.6f'):>10} "
+                f"{_f(row.get('size_ratio'), '.4f'):>13}  {len(row['wall_s'])}"
                 + (" (then FAILED)" if "error" in row else "")
             )
         lo, mk = rows.get("lora extract", {}), rows.get("mergekit", {})

@@ -67,7 +67,7 @@ def test_smoke_run_renders_every_row_and_saves_results_first(
     assert all(r["over_bf16_merge"] > 0 for r in quantized.values())
     assert quantized[("mxfp4", "lora")]["bf16_merge"] == "gpt-oss bf16"
     sizes = saved["sizes"]["quick"]
-    assert sizes["mxfp4_base_bytes"] < sizes["gpt-oss_base_bytes"] / 2  # experts in 4.25 bits
+    assert sizes["mxfp4_base_bytes"] < 0.7 * sizes["gpt-oss_base_bytes"]  # experts: 4.25 bits
     table = rendered[0]
     for label in ("fp8:all-linear", "mxfp4:all-linear"):
         assert f"{label} -> bf16" in " ".join(table.split())

@@ -10,11 +10,12 @@ measures the same three things side by side, in the same process tree and the sa
 * ``lora merge BASE ADAPTER -o OUT --quiet``           -- the thing under test;
 * PEFT ``from_pretrained`` + ``merge_and_unload`` + ``save_pretrained`` in a subprocess.
 
-Inputs are synthetic Llama-shaped bf16 checkpoints written shard by shard with
-``safetensors.torch.save_file`` (no model is ever instantiated), plus PEFT-format adapters. They are
-cached in ``--workdir`` and reused while their spec matches. Contenders alternate within each
-repetition (order rotated every repetition) and the median is reported. Peak memory is the peak
-summed VmRSS of the child's process tree, sampled from /proc every ~20 ms (psutil is not assumed).
+Inputs are synthetic Llama-shaped (and, for MXFP4, gpt-oss-shaped) bf16 checkpoints written
+shard by shard with ``safetensors.torch.save_file`` (no model is ever instantiated), plus
+PEFT-format adapters. They are cached in ``--workdir`` and reused while their spec matches.
+Contenders alternate within each repetition (order rotated every repetition) and the median is
+reported. Peak memory is the peak summed VmRSS of the child's process tree, sampled from /proc
+every ~20 ms (psutil is not assumed).
 
 This is a benchmark, not a test: it prints numbers, it only fails loudly on broken inputs. A failing
 contender is reported (with its stderr tail) and the others carry on.
@@ -25,6 +26,12 @@ Usage::
     .venv/bin/python scripts/bench.py                    # small (~1.6 GiB) and large (~6 GiB)
     .venv/bin/python scripts/bench.py --sizes small --repeats 5 --adapters qv
     .venv/bin/python scripts/bench.py --disk-peak 1 --parts 4   # Hub part jobs' disk peak
+    .venv/bin/python scripts/bench.py --quant mxfp4              # gpt-oss-shaped MXFP4 rows
+    .venv/bin/python scripts/bench.py --extract-only --mergekit PATH   # extract vs mergekit
+
+Modules beside it: bench_measure.py (timing a child's process tree), bench_quant.py (FP8, INT4
+and MXFP4 versions of a base), bench_gptoss.py (the gpt-oss-shaped model MXFP4 needs),
+bench_extract.py (`lora extract` against mergekit), disk_peak.py (--disk-peak).
 """
 
 from __future__ import annotations

@@ -1152,6 +1152,8 @@ def bench_size(
     for one in specs:
         est = sum(math.prod(shape) * 2 for _, shape in model_tensor_shapes(one))
         need += est * (1 if (workdir / f"base-{model_stem(one)}").is_dir() else 2)
+    if args.extract and not (workdir / f"tuned-{size}").is_dir():  # TUNED: a full bf16 copy
+        need += sum(math.prod(shape) * 2 for _, shape in tensor_shapes(spec))
     free = shutil.disk_usage(workdir).free
     if free < need:
         print(f"  skipped: not enough free disk ({free / GIB:.1f} GiB, need ~{need / GIB:.1f})")

@@ -106,9 +106,10 @@ def run(
     info: dict[str, Any],
     save: Callable[[], None],
 ) -> None:
-    """Time both tools ``args.repeats`` times at ``size`` into ``info["extract"]`` (one row per
-    tool), calling ``save()`` after every run; each tool's adapter error is measured once,
-    after its first successful run (outside the timed window)."""
+    """Time both tools ``args.repeats`` times (mergekit: ``args.mergekit_repeats`` when set) at
+    ``size`` into ``info["extract"]`` (one row per tool), calling ``save()`` after every run;
+    each tool's adapter error is measured once, after its first successful run (outside the
+    timed window)."""
     rows: dict[str, Any] = {}
     info["extract"] = rows
     tuned, error = ensure_tuned(size, base, adapter, workdir, lora, args.timeout, env)
@@ -128,6 +129,8 @@ def run(
             row = rows.setdefault(name, {"wall_s": [], "peak_rss_mib": [], "cpu_s": []})
             if "error" in row:
                 continue  # a broken contender is reported once, not re-run
+            if name == "mergekit" and rep >= (args.mergekit_repeats or args.repeats):
+                continue
             cmd, dest = cmds[name]
             shutil.rmtree(dest, ignore_errors=True)
             os.sync()

@@ -10,11 +10,12 @@ measures the same three things side by side, in the same process tree and the sa
 * ``lora merge BASE ADAPTER -o OUT --quiet``           -- the thing under test;
 * PEFT ``from_pretrained`` + ``merge_and_unload`` + ``save_pretrained`` in a subprocess.
 
-Inputs are synthetic Llama-shaped bf16 checkpoints written shard by shard with
-``safetensors.torch.save_file`` (no model is ever instantiated), plus PEFT-format adapters. They are
-cached in ``--workdir`` and reused while their spec matches. Contenders alternate within each
-repetition (order rotated every repetition) and the median is reported. Peak memory is the peak
-summed VmRSS of the child's process tree, sampled from /proc every ~20 ms (psutil is not assumed).
+Inputs are synthetic Llama-shaped (and, for MXFP4, gpt-oss-shaped) bf16 checkpoints written
+shard by shard with ``safetensors.torch.save_file`` (no model is ever instantiated), plus
+PEFT-format adapters. They are cached in ``--workdir`` and reused while their spec matches.
+Contenders alternate within each repetition (order rotated every repetition) and the median is
+reported. Peak memory is the peak summed VmRSS of the child's process tree, sampled from /proc
+every ~20 ms (psutil is not assumed).
 
 This is a benchmark, not a test: it prints numbers, it only fails loudly on broken inputs. A failing
 contender is reported (with its stderr tail) and the others carry on.
@@ -25,37 +26,48 @@ Usage::
     .venv/bin/python scripts/bench.py                    # small (~1.6 GiB) and large (~6 GiB)
     .venv/bin/python scripts/bench.py --sizes small --repeats 5 --adapters qv
     .venv/bin/python scripts/bench.py --disk-peak 1 --parts 4   # Hub part jobs' disk peak
+    .venv/bin/python scripts/bench.py --quant mxfp4              # gpt-oss-shaped MXFP4 rows
+    .venv/bin/python scripts/bench.py --extract-only --mergekit PATH   # extract vs mergekit
+
+Modules beside it: bench_measure.py (timing a child's process tree), bench_quant.py (FP8, INT4
+and MXFP4 versions of a base), bench_gptoss.py (the gpt-oss-shaped model MXFP4 needs),
+bench_extract.py (`lora extract` against mergekit), disk_peak.py (--disk-peak).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
-import re
-import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench_* modules beside this one
+import bench_extract  # noqa: E402
+import bench_gptoss as oss  # noqa: E402
+from bench_measure import (  # noqa: E402
+    POLL_INTERVAL_S,
+    RunResult,
+    dir_bytes,
+    run_measured,
+    text_tail,
+    warm_cache,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Bump when the generator's output changes, so stale caches are rebuilt instead of reused.
 GENERATOR_VERSION = 1
 MIB = 1024 * 1024
 GIB = 1024 * MIB
-POLL_INTERVAL_S = 0.02
 LORA_RANK = 16
 LORA_ALPHA = 32
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -64,7 +76,9 @@ ADAPTER_TARGETS: dict[str, tuple[str, ...]] = {
     "all-linear": ATTN_MODULES + MLP_MODULES,
     "qv": ("q_proj", "v_proj"),
 }
-QUANT_SCHEMES = ("fp8", "int4")  # scripts/bench_quant.py
+QUANT_SCHEMES = ("fp8", "int4", "mxfp4")  # scripts/bench_quant.py
+# The model each quantized base is a version of: MXFP4 needs fused experts (scripts/bench_gptoss.py)
+QUANT_MODEL = {"fp8": "llama", "int4": "llama", "mxfp4": oss.MODEL}
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,11 +135,11 @@ def tensor_shapes(spec: SizeSpec) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def plan_shards(spec: SizeSpec) -> list[list[tuple[str, tuple[int, ...]]]]:
+def plan_shards(spec: SizeSpec | oss.OssSpec) -> list[list[tuple[str, tuple[int, ...]]]]:
     """Greedy packing into shards of at most max_shard_bytes, like transformers' splitter."""
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     used = 0
-    for name, shape in tensor_shapes(spec):
+    for name, shape in model_tensor_shapes(spec):
         nbytes = math.prod(shape) * 2
         if shards[-1] and used + nbytes > spec.max_shard_bytes:
             shards.append([])
@@ -159,6 +173,23 @@ def llama_config(spec: SizeSpec) -> dict[str, Any]:
         "torch_dtype": "bfloat16",
         "dtype": "bfloat16",
     }
+
+
+def model_tensor_shapes(spec: SizeSpec | oss.OssSpec) -> list[tuple[str, tuple[int, ...]]]:
+    return oss.tensor_shapes(spec) if isinstance(spec, oss.OssSpec) else tensor_shapes(spec)
+
+
+def model_stem(spec: SizeSpec | oss.OssSpec) -> str:
+    """The cache name of a synthetic model: ``small`` (Llama), ``small-gpt-oss``."""
+    return f"{spec.name}-{oss.MODEL}" if isinstance(spec, oss.OssSpec) else spec.name
+
+
+def model_stamp(spec: SizeSpec | oss.OssSpec) -> dict[str, Any]:
+    """What a cached model was made from: it is rebuilt when any of it changes."""
+    stamp = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec)}
+    if isinstance(spec, oss.OssSpec):
+        stamp |= {"model": oss.MODEL, "model_version": oss.VERSION}
+    return stamp
 
 
 class RandomPool:
@@ -200,7 +231,7 @@ def _spec_matches(spec_file: Path, expected: dict[str, Any]) -> bool:
         return False
 
 
-def ensure_base(workdir: Path, spec: SizeSpec) -> tuple[Path, bool, float]:
+def ensure_base(workdir: Path, spec: SizeSpec | oss.OssSpec) -> tuple[Path, bool, float]:
     """Generate (or reuse) the base checkpoint; returns (path, reused, seconds spent generating).
 
     Written into a temp dir and renamed, and the spec stamp (a sibling file, so the checkpoint dir
@@ -209,9 +240,11 @@ def ensure_base(workdir: Path, spec: SizeSpec) -> tuple[Path, bool, float]:
     """
     from safetensors.torch import save_file
 
-    base = workdir / f"base-{spec.name}"
-    stamp = workdir / f"base-{spec.name}.spec.json"
-    expected = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec)}
+    stem = model_stem(spec)
+    base = workdir / f"base-{stem}"
+    stamp = workdir / f"base-{stem}.spec.json"
+    expected = model_stamp(spec)
+    gpt_oss = isinstance(spec, oss.OssSpec)
     shards = plan_shards(spec)
     n = len(shards)
     names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -221,7 +254,7 @@ def ensure_base(workdir: Path, spec: SizeSpec) -> tuple[Path, bool, float]:
     t0 = time.perf_counter()
     stamp.unlink(missing_ok=True)
     shutil.rmtree(base, ignore_errors=True)
-    tmp = workdir / f"base-{spec.name}.tmp-{os.getpid()}"
+    tmp = workdir / f"base-{stem}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     pool = RandomPool()
@@ -231,7 +264,9 @@ def ensure_base(workdir: Path, spec: SizeSpec) -> tuple[Path, bool, float]:
         tensors: dict[str, Any] = {}
         for tname, shape in shard:
             t = pool.take(shape)
-            if len(shape) == 1:  # RMSNorm weights live near 1.0 in real checkpoints
+            if gpt_oss:
+                t = oss.fill(tname, t)
+            elif len(shape) == 1:  # RMSNorm weights live near 1.0 in real checkpoints
                 t.add_(1.0)
             tensors[tname] = t
             weight_map[tname] = fname
@@ -240,7 +275,8 @@ def ensure_base(workdir: Path, spec: SizeSpec) -> tuple[Path, bool, float]:
         del tensors
         size_gib = (tmp / fname).stat().st_size / GIB
         print(f"  wrote {fname} ({size_gib:.2f} GiB)", file=sys.stderr, flush=True)
-    (tmp / "config.json").write_text(json.dumps(llama_config(spec), indent=2) + "\n")
+    config = oss.config(spec) if gpt_oss else llama_config(spec)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     gen_cfg = {"bos_token_id": 1, "eos_token_id": 2, "_from_model_config": True}
@@ -250,13 +286,13 @@ def ensure_base(workdir: Path, spec: SizeSpec) -> tuple[Path, bool, float]:
     return base, False, time.perf_counter() - t0
 
 
-def ensure_quant_base(workdir: Path, spec: SizeSpec, base: Path, scheme: str) -> Path:
-    """The ``scheme`` (fp8, int4) version of ``base`` (scripts/bench_quant.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+def ensure_quant_base(workdir: Path, spec: SizeSpec | oss.OssSpec, base: Path, scheme: str) -> Path:
+    """The ``scheme`` (fp8, int4: Llama; mxfp4: gpt-oss) version of ``base``
+    (scripts/bench_quant.py)."""
     from bench_quant import ensure_quant_base as make
 
-    expected = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec)}
-    return make(workdir, spec.name, expected, base, llama_config(spec), scheme)
+    config = oss.config(spec) if isinstance(spec, oss.OssSpec) else llama_config(spec)
+    return make(workdir, model_stem(spec), model_stamp(spec), base, config, scheme)
 
 
 def module_shape(spec: SizeSpec, module: str) -> tuple[int, int]:
@@ -277,17 +313,35 @@ def module_prefix(module: str) -> str:
     return "self_attn" if module in ATTN_MODULES else "mlp"
 
 
-def ensure_adapter(workdir: Path, spec: SizeSpec, kind: str, base: Path) -> tuple[Path, bool]:
+def adapter_factors(
+    spec: SizeSpec | oss.OssSpec, kind: str
+) -> list[tuple[str, int, int, int | None]]:
+    """(PEFT module key, out, in, experts or None) of every LoRA pair of a ``kind`` adapter."""
+    if isinstance(spec, oss.OssSpec):
+        return oss.adapter_factors(spec, kind)
+    return [
+        (f"base_model.model.model.layers.{layer}.{module_prefix(mod)}.{mod}", *shape, None)
+        for layer in range(spec.layers)
+        for mod in ADAPTER_TARGETS[kind]
+        for shape in [module_shape(spec, mod)]
+    ]
+
+
+def ensure_adapter(
+    workdir: Path, spec: SizeSpec | oss.OssSpec, kind: str, base: Path
+) -> tuple[Path, bool]:
     """Generate (or reuse) a PEFT-format LoRA adapter (fp32 factors, non-zero B) for `base`."""
     import torch
     from safetensors.torch import save_file
 
-    path = workdir / f"adapter-{spec.name}-{kind}"
-    stamp = workdir / f"adapter-{spec.name}-{kind}.spec.json"
-    targets = list(ADAPTER_TARGETS[kind])
+    path = workdir / f"adapter-{model_stem(spec)}-{kind}"
+    stamp = workdir / f"adapter-{model_stem(spec)}-{kind}.spec.json"
+    if isinstance(spec, oss.OssSpec):
+        targets = oss.adapter_config_fields(kind)
+    else:
+        targets = {"target_modules": list(ADAPTER_TARGETS[kind])}
     expected = {
-        "generator_version": GENERATOR_VERSION,
-        "spec": asdict(spec),
+        **model_stamp(spec),
         "kind": kind,
         "r": LORA_RANK,
         "alpha": LORA_ALPHA,
@@ -300,14 +354,12 @@ def ensure_adapter(workdir: Path, spec: SizeSpec, kind: str, base: Path) -> tupl
     path.mkdir(parents=True)
     gen = torch.Generator().manual_seed(1234 + len(kind))
     tensors: dict[str, Any] = {}
-    for layer in range(spec.layers):
-        for mod in targets:
-            out_f, in_f = module_shape(spec, mod)
-            key = f"base_model.model.model.layers.{layer}.{module_prefix(mod)}.{mod}"
-            a = torch.randn(LORA_RANK, in_f, generator=gen) / math.sqrt(in_f)
-            b = torch.randn(out_f, LORA_RANK, generator=gen) * 0.01
-            tensors[f"{key}.lora_A.weight"] = a
-            tensors[f"{key}.lora_B.weight"] = b
+    for key, out_f, in_f, experts in adapter_factors(spec, kind):
+        rows = LORA_RANK * (experts or 1)  # PEFT's ParamWrapper: (r·E, in) and (out, r·E)
+        a = torch.randn(rows, in_f, generator=gen) / math.sqrt(in_f)
+        b = torch.randn(out_f, rows, generator=gen) * 0.01
+        tensors[f"{key}.lora_A.weight"] = a
+        tensors[f"{key}.lora_B.weight"] = b
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
@@ -316,7 +368,7 @@ def ensure_adapter(workdir: Path, spec: SizeSpec, kind: str, base: Path) -> tupl
         "r": LORA_RANK,
         "lora_alpha": LORA_ALPHA,
         "lora_dropout": 0.0,
-        "target_modules": targets,
+        **targets,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -330,193 +382,6 @@ def ensure_adapter(workdir: Path, spec: SizeSpec, kind: str, base: Path) -> tupl
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     stamp.write_text(json.dumps(expected))
     return path, False
-
-
-# --------------------------------------------------------------------------------------------
-# Measuring a child process tree
-# --------------------------------------------------------------------------------------------
-
-
-def _children_via_stat() -> dict[int, list[int]]:
-    """ppid -> pids, scanning /proc: /proc/PID/task/TID/children is not built into every kernel."""
-    tree: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        # comm may contain spaces and parentheses: the ppid is the 2nd field after the last ')'.
-        rest = raw.rpartition(b")")[2].split()
-        if len(rest) >= 2:
-            tree.setdefault(int(rest[1]), []).append(int(entry.name))
-    return tree
-
-
-def _vm_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of one process in KiB; (0, 0) if it is gone or a zombie."""
-    rss = hwm = 0
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith(b"VmHWM:"):
-                    hwm = int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return rss, hwm
-
-
-class TreeRssPoller(threading.Thread):
-    """Samples the summed VmRSS of a process and all its descendants until stopped.
-
-    Sums the tree because a contender may fork workers (cp does not, python may). It also keeps
-    each process's last-seen VmHWM (the kernel's own high-water mark, reset at exec): their sum is
-    an upper bound of the tree peak that a 20 ms poll cannot miss, except for growth after the
-    last sample. wait4/RUSAGE_CHILDREN ru_maxrss are no substitute: on Linux a child's maxrss
-    starts at the *parent's* RSS at fork (it is carried across exec), and RUSAGE_CHILDREN is a
-    high-water mark over every child this bench ever reaped.
-    """
-
-    def __init__(self, root: int, interval: float = POLL_INTERVAL_S) -> None:
-        super().__init__(daemon=True)
-        self.root = root
-        self.interval = interval
-        self.peak_kib = 0
-        self.hwm_kib: dict[int, int] = {}
-        self.samples = 0
-        self._stop_event = threading.Event()
-
-    def sample(self) -> None:
-        tree = _children_via_stat()
-        todo, total = [self.root], 0
-        while todo:
-            pid = todo.pop()
-            rss, hwm = _vm_kib(pid)
-            total += rss
-            if hwm:
-                self.hwm_kib[pid] = max(hwm, self.hwm_kib.get(pid, 0))
-            todo.extend(tree.get(pid, ()))
-        self.peak_kib = max(self.peak_kib, total)
-        self.samples += 1
-
-    def run(self) -> None:
-        while True:
-            self.sample()
-            if self._stop_event.wait(self.interval):
-                return
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-
-@dataclass
-class RunResult:
-    """One timed execution of one contender."""
-
-    ok: bool
-    wall_s: float
-    peak_rss_mib: float  # polled peak of the tree's summed VmRSS: what we report
-    hwm_sum_mib: float  # sum of per-process VmHWM (upper bound; cross-check)
-    wait4_maxrss_mib: float  # child's ru_maxrss, floored by this bench's RSS at fork
-    rusage_children_maxrss_mib: float  # cumulative over all children so far
-    returncode: int | None
-    rss_samples: int
-    # the child's own CPU and kernel counters from wait4 (whole process tree it waited for)
-    user_s: float = 0.0
-    sys_s: float = 0.0
-    minor_faults: int = 0
-    major_faults: int = 0
-    vol_ctx_switches: int = 0
-    invol_ctx_switches: int = 0
-    stdout_tail: str = ""
-    stderr_tail: str = ""
-    error: str = ""
-
-
-def _tail(data: bytes, n: int = 2000) -> str:
-    return data[-n:].decode("utf-8", errors="replace").strip()
-
-
-def run_measured(
-    cmd: list[str], timeout: float, env: dict[str, str], timed_sync: bool = False
-) -> RunResult:
-    """Run `cmd` as a child, timing wall clock and polling its process tree's RSS.
-
-    os.wait4 is used instead of Popen.wait so the child's own rusage comes back with its exit.
-    """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-                start_new_session=True,  # own process group, so a timeout kills the whole tree
-            )
-        except OSError as exc:
-            return RunResult(False, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0, error=f"cannot start: {exc}")
-        poller = TreeRssPoller(proc.pid)
-        poller.start()
-        timed_out = threading.Event()
-
-        def _kill() -> None:
-            timed_out.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-
-        timer = threading.Timer(timeout, _kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            # Ctrl-C reaches only our process group (the child has its own session): take the
-            # child's tree down with us instead of leaving it running.
-            timer.cancel()
-            _kill()
-            poller.stop()
-            os.waitpid(proc.pid, 0)
-            proc.returncode = -signal.SIGKILL
-            raise
-        if timed_sync:
-            os.sync()
-        wall = time.perf_counter() - t0
-        timer.cancel()
-        poller.stop()
-        rc = os.waitstatus_to_exitcode(status)
-        proc.returncode = rc  # reaped by wait4; stop Popen from waiting again
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    error = f"timed out after {timeout:.0f} s" if timed_out.is_set() else ""
-    if rc != 0 and not error:
-        error = f"exit code {rc}"
-    return RunResult(
-        ok=rc == 0 and not timed_out.is_set(),
-        wall_s=wall,
-        peak_rss_mib=poller.peak_kib / 1024,
-        hwm_sum_mib=sum(poller.hwm_kib.values()) / 1024,
-        wait4_maxrss_mib=usage.ru_maxrss / 1024,
-        rusage_children_maxrss_mib=children / 1024,
-        returncode=rc,
-        rss_samples=poller.samples,
-        user_s=usage.ru_utime,
-        sys_s=usage.ru_stime,
-        minor_faults=usage.ru_minflt,
-        major_faults=usage.ru_majflt,
-        vol_ctx_switches=usage.ru_nvcsw,
-        invol_ctx_switches=usage.ru_nivcsw,
-        stdout_tail=_tail(stdout),
-        stderr_tail=_tail(stderr),
-        error=error,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,25 +440,70 @@ def _tensor_table(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return table
 
 
-def _load(folder: Path, name: str) -> Any:
+def _load(folder: Path, name: str, expert: int | None = None) -> Any:
+    """One tensor of a checkpoint folder, or one expert (first-dim slice) of it."""
     from safetensors import safe_open
 
     for p in sorted(folder.glob("*.safetensors")):
         with safe_open(str(p), framework="pt") as f:
             if name in f.keys():  # noqa: SIM118 - safe_open handles are not containers
-                return f.get_tensor(name)
+                return f.get_tensor(name) if expert is None else f.get_slice(name)[expert]
     raise KeyError(name)
 
 
+def check_probes(spec: SizeSpec | oss.OssSpec, kind: str) -> tuple[list[dict[str, Any]], str]:
+    """The merged weights ``check_output`` recomputes, and one weight the adapter leaves."""
+    if isinstance(spec, oss.OssSpec):
+        return oss.probes(spec, kind), oss.untouched(kind)
+    targets = ADAPTER_TARGETS[kind]
+    probes = []
+    for layer, mod in ((0, targets[0]), (spec.layers - 1, targets[-1])):
+        name = f"model.layers.{layer}.{module_prefix(mod)}.{mod}.weight"
+        probes.append({"tensor": name, "module": f"base_model.model.{name[:-7]}", "expert": None})
+    untouched = (
+        "model.embed_tokens.weight"
+        if kind == "all-linear"
+        else "model.layers.0.self_attn.k_proj.weight"
+    )
+    return probes, untouched
+
+
+def probe_reference(probe: dict[str, Any], factors: dict[str, Any], w: Any) -> Any:
+    """The merged value PEFT defines, in fp32, written from PEFT's definitions, not lora's
+    code. A Linear: bf16(W + alpha/r · B @ A), one rounding of the fp32 sum. Expert e of a
+    fused (E, in, out) parameter (PEFT's ParamWrapper, which rounds its fp32 delta to the
+    parameter's dtype before adding it): bf16(W + bf16(alpha/r · (B_e @ A_e)ᵀ)) with
+    A_e = A.view(E, r, in)[e] and B_e = B.view(out, r, E)[:, :, e]."""
+    a = factors[f"{probe['module']}.lora_A.weight"].float()
+    b = factors[f"{probe['module']}.lora_B.weight"].float()
+    scale = LORA_ALPHA / LORA_RANK
+    if probe["expert"] is None:
+        return (w.float() + scale * (b @ a)).to(w.dtype).float()
+    e, experts = probe["expert"], probe["experts"]
+    a_e = a.reshape(experts, -1, a.shape[-1])[e]
+    b_e = b.reshape(b.shape[0], -1, experts)[:, :, e]
+    delta = (scale * (b_e @ a_e)).T.to(w.dtype)
+    return (w.float() + delta.float()).to(w.dtype).float()
+
+
 def check_output(
-    contender: str, base: Path, adapter: Path | None, out: Path, spec: SizeSpec, kind: str | None
+    contender: str,
+    base: Path,
+    adapter: Path | None,
+    out: Path,
+    spec: SizeSpec | oss.OssSpec,
+    kind: str | None,
+    raw_base: Path | None = None,
 ) -> dict[str, Any]:
     """Cheap sanity checks so a fast-but-wrong result (e.g. a silent no-op merge) is visible.
 
     Structure: same tensor names/dtypes/shapes as the base (and same shard file names for cp and
     lora, whose contract is to mirror BASE). Content, for merges: the first and last targeted
-    weights must equal bf16(W + alpha/r * B @ A) computed in fp32 (within 2 bf16 ulps), and
-    one untouched weight must be bit-identical to the base.
+    weights (for gpt-oss also the first and last expert of the last layer's expert tensors)
+    must equal bf16(W + alpha/r * ΔW) computed in fp32 (within 2 bf16 ulps), and one untouched
+    weight must be bit-identical to the base. ``base`` is bf16: for a merge into an MXFP4 base
+    it is the bf16 model that base encodes losslessly (``raw_base``: the MXFP4 base, whose
+    experts an adapter leaves are copied as they are, blocks and scales).
     """
     import torch
 
@@ -601,10 +511,18 @@ def check_output(
     if not out.is_dir():
         return {"ok": False, "problem": "output folder missing"}
     base_table, out_table = _tensor_table(base), _tensor_table(out)
+    if raw_base is not None:
+        raw = _tensor_table(raw_base)
+        for name in [n for n in base_table if n not in out_table]:
+            parts = {f"{name}_blocks", f"{name}_scales"}
+            if all(p in raw and out_table.get(p) == raw[p] for p in parts):
+                del base_table[name]
+                base_table.update({p: raw[p] for p in parts})
     res["tensors_match"] = base_table == out_table
     if not res["tensors_match"]:
         missing = sorted(set(base_table) - set(out_table))[:3]
-        res["problem"] = f"tensor set differs (e.g. missing {missing})"
+        extra = sorted(set(out_table) - set(base_table))[:3]
+        res["problem"] = f"tensor set differs (e.g. missing {missing}, extra {extra})"
     if contender == "cp" or contender.startswith("lora"):
         names = sorted(p.name for p in base.glob("*.safetensors"))
         res["shard_names_match"] = names == sorted(p.name for p in out.glob("*.safetensors"))
@@ -613,37 +531,29 @@ def check_output(
     if contender != "cp" and adapter is not None and kind is not None and res["tensors_match"]:
         from safetensors.torch import load_file
 
-        ab = load_file(str(adapter / "adapter_model.safetensors"))
-        targets = ADAPTER_TARGETS[kind]
-        probes = [(0, targets[0]), (spec.layers - 1, targets[-1])]
+        factors = load_file(str(adapter / "adapter_model.safetensors"))
+        probes, untouched = check_probes(spec, kind)
         diffs: list[float] = []
         ulps: list[float] = []
-        for layer, mod in probes:
-            name = f"model.layers.{layer}.{module_prefix(mod)}.{mod}.weight"
-            akey = f"base_model.model.{name[: -len('.weight')]}"
-            a, b = ab[f"{akey}.lora_A.weight"].float(), ab[f"{akey}.lora_B.weight"].float()
-            w = _load(base, name)
-            ref = (w.float() + (LORA_ALPHA / LORA_RANK) * (b @ a)).to(w.dtype).float()
-            got = _load(out, name)
+        for probe in probes:
+            w = _load(base, probe["tensor"], probe["expert"])
+            ref = probe_reference(probe, factors, w)
+            got = _load(out, probe["tensor"], probe["expert"])
             diff = (got.float() - ref).abs()
             # bf16 keeps 8 significant bits: one ulp of x is 2**(exponent(x) - 8).
             ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref).exponent - 8)
             diffs.append(float(diff.max()))
             ulps.append(float((diff / ulp).max()))
             if torch.equal(got, w):
-                res["problem"] = f"{name} unchanged: merge was a no-op?"
+                res["problem"] = f"{probe['tensor']} unchanged: merge was a no-op?"
+        res["probes"] = len(probes)
         res["merged_max_abs_diff_vs_fp32_ref"] = max(diffs)
         res["merged_max_ulps_vs_fp32_ref"] = max(ulps)
-        untouched = (
-            "model.embed_tokens.weight"
-            if kind == "all-linear"
-            else "model.layers.0.self_attn.k_proj.weight"
-        )
         res["untouched_bit_identical"] = torch.equal(_load(base, untouched), _load(out, untouched))
         # One rounding of the fp32 sum gives 0 ulps; rounding the delta first may give 1. More
         # than 2 means a different formula (wrong scale, bf16 accumulation, ...).
         if res["merged_max_ulps_vs_fp32_ref"] > 2:
-            res.setdefault("problem", "merged values differ from bf16(W + alpha/r * B @ A)")
+            res.setdefault("problem", "merged values differ from bf16(W + alpha/r * ΔW)")
     res["ok"] = (
         res["tensors_match"]
         and res.get("shard_names_match", True)
@@ -704,19 +614,28 @@ def library_versions() -> dict[str, Any]:
     return out
 
 
-def prepare(workdir: Path, spec: SizeSpec, kinds: list[str], schemes: list[str]) -> dict[str, Any]:
-    """Helper task: make sure the base checkpoint, its quantized versions and the adapters
-    for one size exist."""
-    base, reused, gen_s = ensure_base(workdir, spec)
-    adapters = {k: str(ensure_adapter(workdir, spec, k, base)[0]) for k in kinds}
-    quant = {q: str(ensure_quant_base(workdir, spec, base, q)) for q in schemes}
-    return {
-        "base": str(base),
-        "reused": reused,
-        "generate_s": gen_s,
-        "adapters": adapters,
-        "quant_bases": quant,
-    }
+def prepare(workdir: Path, size: str, kinds: list[str], schemes: list[str]) -> dict[str, Any]:
+    """Helper task: make sure the base checkpoints, their quantized versions and the adapters
+    for one size exist: the Llama-shaped model, and the gpt-oss-shaped one when a scheme
+    quantizes it (``models``)."""
+    out: dict[str, Any] = {"quant_bases": {}, "models": {}}
+    for model in ["llama"] + sorted({QUANT_MODEL[q] for q in schemes} - {"llama"}):
+        spec = oss.OSS_SIZES[size] if model == oss.MODEL else SIZES[size]
+        base, reused, gen_s = ensure_base(workdir, spec)
+        made = {
+            "base": str(base),
+            "reused": reused,
+            "generate_s": gen_s,
+            "adapters": {k: str(ensure_adapter(workdir, spec, k, base)[0]) for k in kinds},
+        }
+        for q in schemes:
+            if QUANT_MODEL[q] == model:
+                out["quant_bases"][q] = str(ensure_quant_base(workdir, spec, base, q))
+        if model == "llama":
+            out.update(made)
+        else:
+            out["models"][model] = made
+    return out
 
 
 def internal_task(task: str, payload: str) -> int:
@@ -727,11 +646,13 @@ def internal_task(task: str, payload: str) -> int:
     if task == "env":
         result = library_versions()
     elif task == "prepare":
-        result = prepare(Path(p["workdir"]), SIZES[p["size"]], p["adapters"], p["quant"])
+        result = prepare(Path(p["workdir"]), p["size"], p["adapters"], p["quant"])
     elif task == "check":
         adapter = Path(p["adapter"]) if p["adapter"] else None
+        spec = oss.OSS_SIZES[p["size"]] if p["model"] == oss.MODEL else SIZES[p["size"]]
+        raw = Path(p["raw_base"]) if p.get("raw_base") else None
         result = check_output(
-            p["contender"], Path(p["base"]), adapter, Path(p["out"]), SIZES[p["size"]], p["kind"]
+            p["contender"], Path(p["base"]), adapter, Path(p["out"]), spec, p["kind"], raw
         )
     else:
         raise SystemExit(f"unknown internal task {task!r}")
@@ -771,7 +692,21 @@ class Case:
     runs: list[RunResult] = field(default_factory=list)
     check: dict[str, Any] | None = None
     peft_phases: list[dict[str, float]] = field(default_factory=list)
-    base: Path | None = None  # the FP8 cases' own base (else the size's bf16 base)
+    base: Path | None = None  # the case's own base (else the size's bf16 Llama base)
+    adapter_dir: Path | None = None  # the case's own adapter (else the Llama one of its kind)
+    model: str = "llama"  # the synthetic model its base is (a version of)
+    bf16_twin: Path | None = None  # the bf16 model an MXFP4 base encodes losslessly
+
+    @property
+    def kind(self) -> str:
+        """The adapter kind (all-linear, qv) of a merge case."""
+        return self.adapter.rpartition(":")[2]
+
+    @property
+    def quantized(self) -> str | None:
+        """The quantized scheme of its base, if any."""
+        scheme, colon, _ = self.adapter.partition(":")
+        return scheme if colon and scheme in QUANT_SCHEMES else None
 
     @property
     def failed(self) -> RunResult | None:
@@ -843,7 +778,7 @@ def _x(ratio: float | None) -> str:
 def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, Any]) -> str:
     """Plain-text table (pastes cleanly into issues and reports) plus ratio lines and failures."""
     head = (
-        f"{'size':<6} {'adapter':<10} {'contender':<9} {'median s':>9} {'min..max s':>15} "
+        f"{'size':<6} {'adapter':<18} {'contender':<9} {'median s':>9} {'min..max s':>15} "
         f"{'peak RSS MiB':>12} {'HWM-sum MiB':>11} {'GB/s':>6} {'cpu s':>6} {'usr':>5} "
         f"{'sys':>5} {'cpu-s/GiB':>9} {'minflt':>8}  check"
     )
@@ -851,14 +786,14 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
     for c in cases:
         s = c.summary()
         if c.failed:
-            lines.append(f"{c.size:<6} {c.adapter:<10} {c.contender:<9} FAILED: {c.failed.error}")
+            lines.append(f"{c.size:<6} {c.adapter:<18} {c.contender:<9} FAILED: {c.failed.error}")
             continue
         rng = f"{_fmt(s['min_s'], '.2f')}..{_fmt(s['max_s'], '.2f')}"
         chk = "-" if c.check is None else ("ok" if c.check.get("ok") else "BAD")
         if c.check and "merged_max_ulps_vs_fp32_ref" in c.check:
             chk += f" ({c.check['merged_max_ulps_vs_fp32_ref']:.0f} ulp)"
         lines.append(
-            f"{c.size:<6} {c.adapter:<10} {c.contender:<9} {_fmt(s['median_s'], '9.2f')} "
+            f"{c.size:<6} {c.adapter:<18} {c.contender:<9} {_fmt(s['median_s'], '9.2f')} "
             f"{rng:>15} {_fmt(s['peak_rss_mib'], '12.0f')} {_fmt(s['hwm_sum_mib'], '11.0f')} "
             f"{_fmt(s['throughput_gb_s'], '6.3f')} {_fmt(s['cpu_s'], '6.2f')} "
             f"{_fmt(s['user_s'], '5.1f')} {_fmt(s['sys_s'], '5.1f')} "
@@ -870,7 +805,7 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
         if "quantized" in r:  # a merge into a quantized base: issue 19's ratios
             keep = r["lora"] == "lora-keep"
             lines.append(
-                f"  {r['size']:<6} {r['adapter']:<10} {'keep' if keep else '-> bf16':<7} "
+                f"  {r['size']:<6} {r['adapter']:<18} {'keep' if keep else '-> bf16':<7} "
                 f"{_x(r['over_bf16_merge'])} the bf16-base merge "
                 f"(cpu {_x(r['cpu_over_bf16_merge'])}, target <= {2.0 if keep else 1.3:.1f}x), "
                 f"{_x(r['lora_over_cp'])} cp of the {r['quantized']} base, "
@@ -878,7 +813,7 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
             )
             continue
         lines.append(
-            f"  {r['size']:<6} {r['adapter']:<10} {r['lora']}/cp {_x(r['lora_over_cp'])}   "
+            f"  {r['size']:<6} {r['adapter']:<18} {r['lora']}/cp {_x(r['lora_over_cp'])}   "
             f"PEFT/lora {_x(r['peft_over_lora'])} time, {_x(r['peft_over_lora_rss'])} peak RSS; "
             f"cpu-s/GiB {r['lora']} {_fmt(r['lora_cpu_s_per_gib'], '.2f')}, "
             f"cp {_fmt(r['cp_cpu_s_per_gib'], '.2f')}"
@@ -905,29 +840,38 @@ def render(cases: list[Case], ratios: list[dict[str, Any]], help_s: dict[str, An
 def checked_output(
     case: Case, base: Path, adapter: Path | None, out: Path, env: dict[str, str]
 ) -> dict[str, Any]:
-    """check_output in a helper child; a crashing check is reported, never fatal. An FP8-base
-    merge changes dtypes and drops scales, so it is checked by `lora validate --base --adapter`
-    (every merged tensor recomputed, untouched ones byte-compared) instead."""
-    if ":" in case.adapter and adapter is not None:
+    """check_output in a helper child; a crashing check is reported, never fatal. A merge into
+    a quantized base changes dtypes and drops scales, so it is checked by `lora validate --base
+    --adapter` (every merged tensor recomputed, untouched ones byte-compared); an MXFP4 → bf16
+    merge is also checked by check_output against the bf16 model the MXFP4 base encodes."""
+    result: dict[str, Any] = {"ok": True}
+    raw_base = None
+    if case.quantized and adapter is not None:
         lora = Path(sys.executable).parent / "lora"
         cmd = [str(lora), "validate", str(out), "--base", str(base), "--adapter", str(adapter)]
         proc = subprocess.run(cmd + ["--json"], capture_output=True, env=env, check=False)
         ok = proc.returncode == 0
-        return {"ok": ok, "validate_exit": proc.returncode} | (
+        result = {"ok": ok, "validate_exit": proc.returncode} | (
             {} if ok else {"problem": proc.stdout.decode()[-600:] + proc.stderr.decode()[-600:]}
         )
+        if not (case.bf16_twin is not None and case.contender == "lora"):
+            return result
+        raw_base, base = base, case.bf16_twin
     payload = {
         "contender": case.contender,
         "base": str(base),
         "adapter": str(adapter) if adapter else None,
         "out": str(out),
         "size": case.size,
-        "kind": None if case.contender == "cp" else case.adapter,
+        "model": case.model,
+        "kind": None if case.contender == "cp" else case.kind,
+        "raw_base": str(raw_base) if raw_base else None,
     }
     try:
-        return run_helper("check", payload, env)
+        checked = run_helper("check", payload, env)
     except RuntimeError as exc:
-        return {"ok": False, "problem": str(exc)}
+        checked = {"ok": False, "problem": str(exc)}
+    return {**result, **checked, "ok": result["ok"] and checked["ok"]}
 
 
 def time_help(lora: Path, env: dict[str, str], runs: int = 5) -> dict[str, Any]:
@@ -940,22 +884,10 @@ def time_help(lora: Path, env: dict[str, str], runs: int = 5) -> dict[str, Any]:
         )
         dt = time.perf_counter() - t0
         if p.returncode != 0:
-            return {"ok": False, "error": f"exit {p.returncode}: {_tail(p.stderr, 600)}"}
+            return {"ok": False, "error": f"exit {p.returncode}: {text_tail(p.stderr, 600)}"}
         if i:
             samples.append(dt)
     return {"ok": True, "median_s": statistics.median(samples), "samples": samples}
-
-
-def warm_cache(paths: list[Path]) -> float:
-    """Read every input once with `cat` so each contender starts from the same warm page cache."""
-    files = [str(p) for d in paths for p in sorted(d.iterdir()) if p.is_file()]
-    t0 = time.perf_counter()
-    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t0
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.name.endswith(".safetensors"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -970,8 +902,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quant",
         default="fp8,int4",
         help="comma list of quantized versions of the base to merge into as well (fp8: block "
-        "FP8, int4: compressed-tensors pack-quantized), each with cp, lora merge and lora merge "
-        "--quantize keep; 'none' for none (default: fp8,int4)",
+        "FP8, int4: compressed-tensors pack-quantized, of the Llama-shaped base; mxfp4: the "
+        "experts of a gpt-oss-shaped base, whose bf16 merge is timed too as its baseline), each "
+        "with cp, lora merge and lora merge --quantize keep; 'none' for none (default: fp8,int4)",
     )
     ap.add_argument(
         "--no-fp8",
@@ -1018,11 +951,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "all-linear adapter (a rank-16 change)",
     )
     ap.add_argument(
+        "--extract-only",
+        action="store_true",
+        help="only the extract comparison (--extract without the merge cases): the base, the "
+        "all-linear adapter and TUNED are made as for --extract, then lora extract (and "
+        "mergekit with --mergekit) run --repeats times each",
+    )
+    ap.add_argument(
         "--mergekit",
         type=Path,
         default=None,
-        help="with --extract: a mergekit-extract-lora executable to time beside it (its own "
-        "venv: mergekit pins its own torch/transformers ranges)",
+        help="with --extract or --extract-only: a mergekit-extract-lora executable to time "
+        "beside it (its own venv: mergekit pins its own torch/transformers ranges)",
+    )
+    ap.add_argument(
+        "--mergekit-repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --mergekit: run mergekit only in the first N repetitions (its full SVD takes "
+        "minutes at 1.6 GiB and most of an hour at 6 GiB on 2 cores); default: --repeats",
     )
     ap.add_argument(
         "--disk-peak",
@@ -1041,6 +989,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # all-linear: every quantized weight is merged (its validation is the one that once
         # failed); the merges are a few MB
         args.repeats, args.adapters = 1, "all-linear"
+    if args.extract_only:  # TUNED is made from the all-linear adapter; no merge case runs
+        args.extract, args.adapters, args.quant = True, "all-linear", "none"
+    if args.mergekit is not None:
+        if not args.extract:
+            ap.error("--mergekit needs --extract or --extract-only")
+        args.mergekit = args.mergekit.expanduser().resolve()
+    if args.mergekit_repeats is not None and not 1 <= args.mergekit_repeats <= args.repeats:
+        ap.error("--mergekit-repeats must be between 1 and --repeats")
     args.quant_list = [q.strip() for q in args.quant.split(",") if q.strip() not in ("", "none")]
     for q in args.quant_list:
         if q not in QUANT_SCHEMES:
@@ -1107,7 +1063,7 @@ def run_repetitions(
             case = cases[key]
             if case.failed:
                 continue  # a broken contender is reported once, not re-run
-            adapter = adapters.get(case.adapter.rpartition(":")[2])
+            adapter = case.adapter_dir or adapters.get(case.kind)
             case_base = case.base or base
             out = workdir / f"out-{case.size}-{case.adapter.replace(':', '-')}-{case.contender}"
             shutil.rmtree(out, ignore_errors=True)
@@ -1115,7 +1071,7 @@ def run_repetitions(
             cmd = contender_cmd(case, case_base, adapter, out, lora, args)
             r = run_measured(cmd, args.timeout, child_env, args.timed_sync)
             case.runs.append(r)
-            tag = f"  rep {rep + 1}/{args.repeats} {case.adapter:<10} {case.contender:<5}"
+            tag = f"  rep {rep + 1}/{args.repeats} {case.adapter:<18} {case.contender:<5}"
             if r.ok:
                 print(f"{tag} {r.wall_s:8.2f} s  peak {r.peak_rss_mib:8.0f} MiB", flush=True)
                 for line in r.stdout_tail.splitlines():
@@ -1165,16 +1121,19 @@ def quantized_ratios(cases: dict[tuple[str, str], Case], size: str) -> list[dict
     into the bf16 base it was made from (same run), and over a `cp -r` of the quantized base."""
     out: list[dict[str, Any]] = []
     for (label, contender), case in cases.items():
-        if ":" not in label:
+        scheme, kind = case.quantized, case.kind
+        if scheme is None:
             continue
-        scheme, kind = label.split(":")
-        bf16, cp = cases.get((kind, "lora")), cases.get((scheme, "cp"))
+        model = QUANT_MODEL[scheme]
+        bf16 = cases.get((kind if model == "llama" else f"{model}:{kind}", "lora"))
+        cp = cases.get((scheme, "cp"))
         out.append(
             {
                 "size": size,
                 "adapter": label,
                 "lora": contender,
                 "quantized": scheme,
+                "bf16_merge": f"{model} bf16",
                 "over_bf16_merge": _ratio(case.median_s(), bf16.median_s() if bf16 else None),
                 "cpu_over_bf16_merge": _ratio(case.cpu_s(), bf16.cpu_s() if bf16 else None),
                 "lora_over_cp": _ratio(case.median_s(), cp.median_s() if cp else None),
@@ -1195,9 +1154,16 @@ def bench_size(
     """Prepare inputs for one size, warm the cache, run all its cases; (cases, ratios, info)."""
     spec = SIZES[size]
     print(f"\n== size {size}: preparing inputs", flush=True)
-    # The base (if not cached yet) plus one output at a time, plus slack.
-    est = sum(math.prod(shape) * 2 for _, shape in tensor_shapes(spec))
-    need = est * (1 if (workdir / f"base-{size}").is_dir() else 2) + 256 * MIB
+    # Each base (if not cached yet) plus one output at a time (TUNED too for extract), plus slack.
+    specs: list[SizeSpec | oss.OssSpec] = [spec]
+    if any(QUANT_MODEL[q] == oss.MODEL for q in args.quant_list):
+        specs.append(oss.OSS_SIZES[size])
+    need = 256 * MIB
+    for one in specs:
+        est = sum(math.prod(shape) * 2 for _, shape in model_tensor_shapes(one))
+        need += est * (1 if (workdir / f"base-{model_stem(one)}").is_dir() else 2)
+    if args.extract and not (workdir / f"tuned-{size}").is_dir():  # TUNED: a full bf16 copy
+        need += sum(math.prod(shape) * 2 for _, shape in tensor_shapes(spec))
     free = shutil.disk_usage(workdir).free
     if free < need:
         print(f"  skipped: not enough free disk ({free / GIB:.1f} GiB, need ~{need / GIB:.1f})")
@@ -1229,6 +1195,12 @@ def bench_size(
         f"page cache warmed by cat in {warm_s:.1f} s",
         flush=True,
     )
+    if args.extract_only:
+        live.update(cases=[], size=size, info=info)
+        bench_extract.run(
+            size, base, adapters["all-linear"], workdir, lora, args, child_env, info, live.save
+        )
+        return [], [], info
     run_peft = (size != "large" or args.peft_large) and not args.smoke
     cases: dict[tuple[str, str], Case] = {("-", "cp"): Case(size, "-", "cp", base_bytes)}
     for kind in args.adapter_list:
@@ -1237,121 +1209,52 @@ def bench_size(
             cases[(kind, f"lora@{n}")] = Case(size, kind, f"lora@{n}", base_bytes)
         if run_peft:
             cases[(kind, "peft")] = Case(size, kind, "peft", base_bytes)
+    for model, made in prep["models"].items():  # another model's bf16 merges (the baseline)
+        mbase = Path(made["base"])
+        mbytes = dir_bytes(mbase)
+        madapters = {k: Path(v) for k, v in made["adapters"].items()}
+        warm_cache([mbase, *madapters.values()])
+        for kind in args.adapter_list:
+            label = f"{model}:{kind}"
+            cases[(label, "lora")] = Case(
+                size, label, "lora", mbytes, base=mbase, adapter_dir=madapters[kind], model=model
+            )
+        info[f"{model}_base"] = str(mbase)
+        info[f"{model}_base_bytes"] = mbytes
+        info[f"{model}_spec"] = asdict(oss.OSS_SIZES[size])
+        info[f"{model}_generate_s"] = made["generate_s"]
     for scheme, qpath in prep["quant_bases"].items():  # the same merges, quantized base
         qbase = Path(qpath)
         qbytes = dir_bytes(qbase)
         warm_cache([qbase])
-        cases[(scheme, "cp")] = Case(size, scheme, "cp", qbytes, base=qbase)
+        model = QUANT_MODEL[scheme]
+        made = prep["models"].get(model)
+        twin = Path(made["base"]) if made else None
+        cases[(scheme, "cp")] = Case(size, scheme, "cp", qbytes, base=qbase, model=model)
         for kind in args.adapter_list:
+            madapter = Path(made["adapters"][kind]) if made else None
             for contender in ("lora", "lora-keep"):
-                key = (f"{scheme}:{kind}", contender)
-                cases[key] = Case(size, f"{scheme}:{kind}", contender, qbytes, base=qbase)
+                label = f"{scheme}:{kind}"
+                cases[(label, contender)] = Case(
+                    size,
+                    label,
+                    contender,
+                    qbytes,
+                    base=qbase,
+                    adapter_dir=madapter,
+                    model=model,
+                    bf16_twin=twin,
+                )
         info[f"{scheme}_base_bytes"] = qbytes
     live.update(cases=list(cases.values()), size=size, info=info)
     run_repetitions(cases, base, adapters, workdir, lora, args, child_env, live.save)
     if args.extract and "all-linear" in adapters:
-        info["extract"] = bench_extract(
-            size, base, adapters["all-linear"], workdir, lora, args, child_env
+        bench_extract.run(
+            size, base, adapters["all-linear"], workdir, lora, args, child_env, info, live.save
         )
-        live.update(cases=list(cases.values()), size=size, info=info)
     ratios = size_ratios(cases, size, args.adapter_list)
     quant_ratios = quantized_ratios(cases, size)
     return list(cases.values()), ratios + quant_ratios, info
-
-
-def bench_extract(
-    size: str,
-    base: Path,
-    adapter: Path,
-    workdir: Path,
-    lora: Path,
-    args: argparse.Namespace,
-    child_env: dict[str, str],
-) -> dict[str, Any]:
-    """`lora extract` (and mergekit-extract-lora with --mergekit) on BASE and BASE merged with
-    the all-linear rank-16 adapter: wall time, peak RSS, and the error lora reports."""
-    tuned = workdir / f"tuned-{size}"
-    if not (tuned / "config.json").is_file():
-        shutil.rmtree(tuned, ignore_errors=True)
-        made = run_measured(
-            [
-                str(lora),
-                "merge",
-                str(base),
-                str(adapter),
-                "-o",
-                str(tuned),
-                "--quiet",
-                "--no-checksums",
-            ],
-            args.timeout,
-            child_env,
-        )
-        if not made.ok:
-            print(f"  extract: could not make TUNED ({made.error}): {made.stderr_tail[-400:]}")
-            return {"error": made.error}
-    warm_cache([tuned])
-    out = workdir / f"out-{size}-extract"
-    cmds = {
-        "lora extract": [
-            str(lora),
-            "extract",
-            str(base),
-            str(tuned),
-            "-o",
-            str(out),
-            "--rank",
-            str(LORA_RANK),
-            "--json",
-            "--quiet",
-        ]
-    }
-    if args.mergekit:
-        cmds["mergekit"] = [
-            str(args.mergekit),
-            "--model",
-            str(tuned),
-            "--base-model",
-            str(base),
-            "--out-path",
-            str(out),
-            "--max-rank",
-            str(LORA_RANK),
-        ]
-    rows: dict[str, Any] = {}
-    for rep in range(args.repeats):
-        for name, cmd in (
-            list(cmds.items())[rep % len(cmds) :] + list(cmds.items())[: rep % len(cmds)]
-        ):
-            shutil.rmtree(out, ignore_errors=True)
-            os.sync()
-            r = run_measured(cmd, args.timeout, child_env, args.timed_sync)
-            row = rows.setdefault(name, {"wall_s": [], "peak_rss_mib": [], "cpu_s": []})
-            if not r.ok:
-                row["error"] = f"{r.error}: {(r.stderr_tail or r.stdout_tail)[-400:]}"
-                continue
-            row["wall_s"].append(r.wall_s)
-            row["peak_rss_mib"].append(r.peak_rss_mib)
-            row["cpu_s"].append(r.user_s + r.sys_s)
-            if name == "lora extract" and "error" not in row:
-                found = re.search(r'"totals": (\{[^{}]*\})', r.stdout_tail)  # (only a tail)
-                with contextlib.suppress(ValueError, KeyError, AttributeError):
-                    totals = json.loads(found.group(1))  # type: ignore[union-attr]
-                    row["relative_error"] = totals["error"]
-                    row["size_ratio"] = totals["size_ratio"]
-    shutil.rmtree(out, ignore_errors=True)
-    for name, row in rows.items():
-        if row["wall_s"]:
-            row["median_wall_s"] = statistics.median(row["wall_s"])
-            row["max_peak_rss_mib"] = max(row["peak_rss_mib"])
-            print(
-                f"  extract {name:<13} {row['median_wall_s']:8.2f} s  peak "
-                f"{row['max_peak_rss_mib']:8.0f} MiB",
-                flush=True,
-            )
-        else:
-            print(f"  extract {name:<13} FAILED {row.get('error', '')}", flush=True)
-    return rows
 
 
 def loadavg() -> str:
@@ -1399,6 +1302,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path: Path = (args.json or workdir / "results.json").resolve()
     if args.disk_peak is not None:
         return disk_peak_main(workdir, args, json_path)
+    if args.mergekit is not None and not os.access(args.mergekit, os.X_OK):
+        raise SystemExit(f"bench.py: --mergekit {args.mergekit}: not an executable")
     lora = Path(sys.executable).parent / "lora"
     child_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1449,7 +1354,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     live.notes = notes
     live.save()  # everything measured is on disk before the table is rendered
-    print("\n" + render(cases, ratios, help_s))
+    if not args.extract_only:
+        print("\n" + render(cases, ratios, help_s))
+    if args.extract:
+        print("\n" + bench_extract.render(live.sizes))
     print("\nnotes:\n  - " + "\n  - ".join(notes))
     print(f"\nwrote {json_path}")
     return 0
@@ -1499,6 +1407,10 @@ class LiveResults:
                 "repeats": a.repeats,
                 "peft_large": a.peft_large,
                 "timed_sync": a.timed_sync,
+                "extract": a.extract,
+                "extract_only": a.extract_only,
+                "mergekit": str(a.mergekit) if a.mergekit else None,
+                "mergekit_repeats": a.mergekit_repeats,
                 "lora_rank": LORA_RANK,
                 "lora_alpha": LORA_ALPHA,
                 "poll_interval_s": POLL_INTERVAL_S,

@@ -8,10 +8,12 @@ which the test suite checks against the producers' own code), shard by shard:
 * ``fp8``: DeepSeek/Qwen3 block FP8, ``weight`` float8_e4m3fn + F32 ``weight_scale_inv`` per
   128×128 block (``quant_method: fp8``);
 * ``int4``: compressed-tensors ``pack-quantized`` INT4, symmetric, group 32 (Kimi-K2's scheme),
-  ``weight_packed`` int32 + bf16 ``weight_scale`` + ``weight_shape``.
-
-MXFP4 (gpt-oss) stores only fused 3-D expert tensors; a Llama-shaped base has none, so it has
-no row here (see the README's performance section).
+  ``weight_packed`` int32 + bf16 ``weight_scale`` + ``weight_shape``;
+* ``mxfp4``: gpt-oss's MXFP4, of the gpt-oss-shaped base (``scripts/bench_gptoss.py``; MXFP4
+  stores only fused 3-D experts, which the Llama-shaped base has none of): each
+  ``…experts.gate_up_proj``/``down_proj`` (E, in, out) becomes ``<name>_blocks`` uint8
+  (E, out, in/32, 16) + ``<name>_scales`` uint8 E8M0 (E, out, in/32), encoded expert by expert;
+  the attention, router, biases, embeddings and head stay bf16, as in gpt-oss checkpoints.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-SCHEMES = ("fp8", "int4")
+SCHEMES = ("fp8", "int4", "mxfp4")
 BLOCK = (128, 128)
 INT4_GROUP = 32
 
 
 def _quant_config(scheme: str) -> dict[str, Any]:
+    if scheme == "mxfp4":
+        from bench_gptoss import QUANTIZATION_CONFIG
+
+        return QUANTIZATION_CONFIG
     if scheme == "fp8":
         return {
             "activation_scheme": "dynamic",
@@ -60,6 +66,12 @@ def _encode(scheme: str, name: str, w: Any) -> dict[str, Any]:
 
     from lora_cli.io import quant
 
+    if scheme == "mxfp4":  # (E, in, out) → blocks along in, expert by expert
+        encoded = [quant.mxfp4_quant(w[e].T) for e in range(w.shape[0])]
+        return {
+            f"{name}_blocks": torch.stack([blocks for blocks, _ in encoded]),
+            f"{name}_scales": torch.stack([scales for _, scales in encoded]),
+        }
     if scheme == "fp8":
         q, s = quant.fp8_block_quant(w, BLOCK, torch.float32, pow2=False)
         return {name: q, f"{name}_scale_inv": s}
@@ -70,6 +82,16 @@ def _encode(scheme: str, name: str, w: Any) -> dict[str, Any]:
         f"{module}.weight_scale": s,
         f"{module}.weight_shape": torch.tensor(list(w.shape)),
     }
+
+
+def _quantized(scheme: str, name: str) -> bool:
+    """Whether ``scheme`` stores tensor ``name`` quantized: every projection weight (FP8,
+    INT4), the fused experts only (MXFP4)."""
+    if scheme == "mxfp4":
+        from bench_gptoss import is_expert
+
+        return is_expert(name)
+    return name.endswith("_proj.weight")
 
 
 def ensure_quant_base(
@@ -102,7 +124,7 @@ def ensure_quant_base(
     weight_map: dict[str, str] = {}
     for shard in sorted(base.glob("*.safetensors")):
         tensors = load_file(str(shard))
-        for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        for name in [n for n in tensors if _quantized(scheme, n)]:
             tensors.update(_encode(scheme, name, tensors.pop(name)))
         weight_map.update(dict.fromkeys(tensors, shard.name))
         save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})

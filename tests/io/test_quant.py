@@ -207,3 +207,27 @@ def test_int4_quant_rounds_the_quotient_in_the_scale_dtype(scale_dtype) -> None:
     q, s = quant.ct_int_quant(w, 32, scale_dtype)
     assert torch.equal(s, scale)
     assert torch.equal(q, quantize(w, scale, zp, args, dtype=torch.int8))
+
+
+def _codec_outputs(device: str) -> list[torch.Tensor]:
+    """Every codec's output for one weight (ragged FP8 blocks, INT4 groups, MXFP4), on
+    ``device``, copied back to the CPU."""
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(576, 320, generator=gen) * 0.05).to(torch.bfloat16).to(device)
+    q, s = quant.fp8_block_quant(w, (128, 128), torch.float32, pow2=False)
+    qi, si = quant.ct_int_quant(w, 32, torch.bfloat16)
+    packed = quant.pack_int4(qi)
+    blocks, scales = quant.mxfp4_quant(w.reshape(2, 288, 320))
+    out = [q, s, quant.fp8_block_dequant(q, s, (128, 128), torch.bfloat16), qi, si, packed]
+    out += [quant.unpack_int4(packed, 320), blocks, scales]
+    out.append(quant.mxfp4_dequant(blocks, scales, torch.bfloat16))
+    return [t.cpu() for t in out]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_codecs_on_cuda_equal_the_cpu_bit_for_bit() -> None:
+    """`--device cuda` decodes and re-encodes on the GPU: elementwise codecs, so the bytes
+    must be the CPU's (the LoRA product itself is cuBLAS's, not compared here)."""
+    for cpu, gpu in zip(_codec_outputs("cpu"), _codec_outputs("cuda"), strict=True):
+        assert cpu.dtype == gpu.dtype and cpu.shape == gpu.shape
+        assert cpu.view(torch.uint8).equal(gpu.view(torch.uint8))

@@ -319,26 +319,80 @@ def _fp4_pairs(device: torch.device) -> torch.Tensor:
     return torch.stack((lut[byte & 0x0F], lut[byte >> 4]), dim=-1).to(device)
 
 
-def mxfp4_dequant(
-    blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """``(…, G, 16)`` bytes + ``(…, G)`` E8M0 exponents → ``(…, G·32)`` values (exact): one
-    table lookup per byte (``index_select``: a tensor index is ~6× slower, profiled) and
-    ``ldexp``'s own product with ``2^(e−127)``, its power taken once per block."""
+# Values a chunk of MXFP4 rows is decoded or encoded in (1 MiB of fp32): one gpt-oss expert
+# is 16.6 M values, so whole-tensor fp32 temporaries put a keep merge's peak RSS at 1.2 GiB.
+MXFP4_CHUNK = 1 << 18
+
+
+def _row_chunks(rows: int, width: int) -> list[tuple[int, int]]:
+    step = max(1, MXFP4_CHUNK // max(1, width))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _as_experts(t: torch.Tensor, tail: int) -> torch.Tensor:
+    """``t`` as (experts, rows, …``tail`` dims): a 2-D weight is one expert."""
+    lead = t.dim() - tail - 1
+    if lead == 0:
+        return t.unsqueeze(0)
+    return t if lead == 1 else t.reshape(-1, *t.shape[-tail - 1 :])
+
+
+def _mxfp4_values(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``(n, G, 16)`` bytes + ``(n, G)`` exponents → fp32 ``(n, G·32)`` in a work buffer."""
     index = work_buffer("mxfp4.index", (blocks.numel(),), torch.int32, blocks)
     index.copy_(blocks.reshape(-1))
     vals = work_buffer("mxfp4.values", (blocks.numel(), 2), torch.float32, blocks)
     torch.index_select(_fp4_pairs(blocks.device), 0, index, out=vals)
     vals = vals.view(*blocks.shape[:-1], 32)
     vals.mul_(torch.pow(2.0, (scales.to(torch.int32) - 127).float()).unsqueeze(-1))
-    return _owned(vals.reshape(*blocks.shape[:-2], -1).to(out_dtype), vals)
+    return vals.view(blocks.shape[0], -1)
+
+
+def mxfp4_dequant(
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    out_dtype: torch.dtype,
+    *,
+    transpose: bool = False,
+) -> torch.Tensor:
+    """``(…, G, 16)`` bytes + ``(…, G)`` E8M0 exponents → ``(…, G·32)`` values (exact): one
+    table lookup per byte (``index_select``: a tensor index is ~6× slower, profiled) and
+    ``ldexp``'s own product with ``2^(e−127)``, its power taken once per block; a chunk of
+    rows at a time. ``transpose``: the last two dims swapped (gpt-oss's (E, in, out)
+    parameter from its (E, out, G, 16) blocks), written so without another copy."""
+    width = blocks.shape[-2] * 32
+    b3, s3 = _as_experts(blocks, 2), _as_experts(scales, 1)
+    experts, rows = b3.shape[0], b3.shape[1]
+    shape = (experts, width, rows) if transpose else (experts, rows, width)
+    out = torch.empty(shape, dtype=out_dtype, device=blocks.device)
+    for e in range(experts):
+        for r0, r1 in _row_chunks(rows, width):
+            vals = _mxfp4_values(b3[e, r0:r1], s3[e, r0:r1])
+            (out[e, :, r0:r1] if transpose else out[e, r0:r1]).copy_(vals.T if transpose else vals)
+    lead = tuple(blocks.shape[:-2])
+    return out.view(*lead[:-1], *shape[1:]) if lead else out[0]
 
 
 def mxfp4_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(…, n)`` values, n a multiple of 32 → ``(…, n/32, 16)`` blocks + ``(…, n/32)`` scales,
-    as the triton_kernels downcast (ROUND_UP scale, E2M1 round-half-even, saturate at 6)."""
+    as the triton_kernels downcast (ROUND_UP scale, E2M1 round-half-even, saturate at 6);
+    a chunk of rows at a time, from any strides (a transposed view is not copied whole)."""
+    w3 = _as_experts(w, 1)
+    experts, rows, n = w3.shape
+    groups = n // 32
+    packed = torch.empty(experts, rows, groups, 16, dtype=torch.uint8, device=w.device)
+    exponent = torch.empty(experts, rows, groups, dtype=torch.uint8, device=w.device)
+    for e in range(experts):
+        for r0, r1 in _row_chunks(rows, n):
+            packed[e, r0:r1], exponent[e, r0:r1] = _mxfp4_encode_rows(w3[e, r0:r1])
+    lead = tuple(w.shape[:-1])
+    return packed.view(*lead, groups, 16), exponent.view(*lead, groups)
+
+
+def _mxfp4_encode_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``(n, k·32)`` → their ``(n, k, 16)`` blocks and ``(n, k)`` exponents."""
     x = work_buffer("mxfp4.quant", tuple(w.shape), torch.float32, w).copy_(w)
-    x = x.view(*w.shape[:-1], -1, 32)
+    x = x.view(w.shape[0], -1, 32)
     mag = work_buffer("mxfp4.magnitude", tuple(x.shape), torch.float32, w)
     amax = torch.abs(x, out=mag).amax(-1)
     ds = pow2_ceil(amax / 6.0)
@@ -346,7 +400,7 @@ def mxfp4_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inv = torch.where(ds == 0, torch.zeros_like(ds), 1.0 / ds)
     x.mul_(inv.unsqueeze(-1))
     torch.abs(x, out=mag)
-    code = torch.zeros(mag.shape, dtype=torch.uint8, device=w.device)
+    code = work_buffer("mxfp4.code", tuple(mag.shape), torch.uint8, w).zero_()
     above = work_buffer("mxfp4.above", tuple(mag.shape), torch.bool, w)
     for k, bound in enumerate(_FP4_BOUNDS):  # a tie goes to the even code
         code += torch.gt(mag, bound, out=above) if k % 2 == 0 else torch.ge(mag, bound, out=above)

@@ -39,6 +39,7 @@ COSINE_WARN = 0.9
 # (profiled), and a quarter of a tensor's rows estimates a cosine to ~1e-3. Granules are
 # fixed by the tensor, not by how it is cut into blocks, so both give the same figure.
 SAMPLE_EVERY = 4
+TERMS_CHUNK = 1 << 20  # values per fidelity-sum chunk (4 MiB fp32 work buffers)
 WARN_EACH = 3  # more tensors below COSINE_WARN than this: one warning line for all
 SAMPLE_ROWS = 16
 SAMPLE_ALL = 8
@@ -191,18 +192,20 @@ def _change_terms(
 
     from lora_cli.scratch import work_buffer
 
-    shape = (merged.numel(),)
-    intended = work_buffer("requant.intended", shape, torch.float32, merged)
-    intended.copy_(merged.reshape(-1))
-    got = work_buffer("requant.got", shape, torch.float32, merged).copy_(base.reshape(-1))
-    intended.sub_(got)
-    got.neg_().add_(achieved.reshape(-1))
-    product = work_buffer("requant.product", shape, torch.float32, merged)
-
-    def dot(x: torch.Tensor, y: torch.Tensor) -> float:
-        return float(torch.mul(x, y, out=product).sum())
-
-    return dot(intended, got), dot(intended, intended), dot(got, got)
+    m, b, a = merged.reshape(-1), base.reshape(-1), achieved.reshape(-1)
+    terms = [0.0, 0.0, 0.0]
+    for start in range(0, m.numel(), TERMS_CHUNK):  # bounded buffers (a gpt-oss expert: 16.6 M)
+        stop = min(start + TERMS_CHUNK, m.numel())
+        shape = (stop - start,)
+        intended = work_buffer("requant.intended", shape, torch.float32, merged)
+        intended.copy_(m[start:stop])
+        got = work_buffer("requant.got", shape, torch.float32, merged).copy_(b[start:stop])
+        intended.sub_(got)
+        got.neg_().add_(a[start:stop])
+        product = work_buffer("requant.product", shape, torch.float32, merged)
+        for i, (x, y) in enumerate(((intended, got), (intended, intended), (got, got))):
+            terms[i] += float(torch.mul(x, y, out=product).sum())
+    return terms[0], terms[1], terms[2]
 
 
 def _cosine(terms: list[float] | tuple[float, float, float]) -> float:

@@ -158,7 +158,14 @@ def compute_tensor(  # noqa: PLR0912 - one branch per kind of merge op
         if ex.expert is None:  # (rows: a range of the fused tensor's experts)
             shape = plan.base.info(action.base).shape if rows else None
             value = lora_math.merge_expert_param(
-                value, a, b, ex.scale, layout=ex.layout, expert_rows=rows, param_shape=shape
+                value,
+                a,
+                b,
+                ex.scale,
+                layout=ex.layout,
+                expert_rows=rows,
+                param_shape=shape,
+                inplace=True,  # ``value`` is this function's own buffer
             )
         else:  # (rows: rows of this expert's share of the delta)
             share = ex.rows

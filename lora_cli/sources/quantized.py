@@ -91,7 +91,7 @@ class QuantizedTensor:
             assert self.block is not None
             return quant.fp8_block_dequant(weight, scale, self.block, bf16, first_row)
         if self.scheme == MXFP4:
-            return quant.mxfp4_dequant(weight, scale, bf16).transpose(1, 2).contiguous()
+            return quant.mxfp4_dequant(weight, scale, bf16, transpose=True)
         zp, g_idx = parts.get("zero_point"), parts.get("g_idx")
         if self.scheme == CT_PACKED:
             out_features, cols = self.shape

@@ -81,15 +81,29 @@ def test_int4_quant_matches_compressed_tensors() -> None:
     assert torch.equal(q, quantize(w, scale, zp, args, dtype=torch.int8))
 
 
-def test_mxfp4_dequant_matches_transformers() -> None:
+@pytest.mark.parametrize("chunk", [1 << 18, 100])  # whole, and rows of 1 (96 values)
+def test_mxfp4_dequant_matches_transformers(monkeypatch, chunk) -> None:
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+    monkeypatch.setattr(quant, "MXFP4_CHUNK", chunk)
     torch.manual_seed(0)
     blocks = torch.randint(0, 256, (2, 6, 3, 16), dtype=torch.uint8)
     scales = torch.randint(110, 135, (2, 6, 3), dtype=torch.uint8)
     ours = quant.mxfp4_dequant(blocks, scales, torch.bfloat16)
     theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
     assert torch.equal(ours.transpose(1, 2), theirs)
+    assert torch.equal(quant.mxfp4_dequant(blocks, scales, torch.bfloat16, transpose=True), theirs)
+
+
+def test_mxfp4_chunks_encode_as_the_whole(monkeypatch) -> None:
+    """Encoding a transposed expert view a few rows at a time gives the whole-tensor bytes."""
+    torch.manual_seed(2)
+    w = (torch.randn(3, 96, 40) * 0.1).to(torch.bfloat16).transpose(1, 2)  # (E, 40, 96) view
+    whole = quant.mxfp4_quant(w.contiguous())
+    monkeypatch.setattr(quant, "MXFP4_CHUNK", 200)  # 2 rows a chunk
+    chunked = quant.mxfp4_quant(w)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    assert whole[0].shape == (3, 40, 3, 16) and whole[1].shape == (3, 40, 3)
 
 
 def test_mxfp4_quant_rounding_rules() -> None:

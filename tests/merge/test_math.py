@@ -628,3 +628,24 @@ def test_row_spans_fold_a_short_tail_into_the_block_before():
             assert all(start % step == 0 for start, _ in spans)
             if len(spans) > 1:
                 assert spans[-1][1] - spans[-1][0] >= MIN_GEMM_ROWS
+
+
+@pytest.mark.parametrize(("shape", "is_transposed"), [((3, 40, 24), False), ((2, 56, 36), True)])
+def test_expert_param_in_row_blocks_matches_peft(monkeypatch, shape, is_transposed):
+    """An expert merges a block of its rows at a time (a gpt-oss expert's fp32 delta is
+    66 MB): the blocks' einsums give PEFT's whole-tensor bits, a short tail folded in."""
+    P, A, B, P_peft = run_peft_param(shape, torch.bfloat16, is_transposed=is_transposed, r=4)
+    s = scaling(4, 5, False)
+    monkeypatch.setattr(mm, "_BLOCK_ELEMENTS", 17 * shape[2])  # 17-row blocks, short tails
+    blocks = []
+    real = torch.einsum
+    monkeypatch.setattr(torch, "einsum", lambda eq, *ops: blocks.append(eq) or real(eq, *ops))
+    mine = P.clone()
+    out = mm.merge_expert_param(mine, A, B, s, inplace=True)
+    assert out is mine and torch.equal(out, P_peft)
+    assert len(blocks) == shape[0] * (shape[1] // 17)  # several blocks an expert
+    monkeypatch.setattr(torch, "einsum", real)
+    assert torch.equal(
+        mm.merge_expert_param(P[1:], A, B, s, expert_rows=(1, shape[0]), param_shape=shape),
+        P_peft[1:],
+    )

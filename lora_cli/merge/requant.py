@@ -33,16 +33,17 @@ if TYPE_CHECKING:
 # format's step swamps the delta (docs/quantized-bases.md §5: FP8 reaches ~0.9 only when
 # ‖Δ‖ is ~5 % of ‖W‖; 4-bit formats usually fall far below).
 COSINE_WARN = 0.9
-# The cosine is measured on every SAMPLE_EVERY-th granule of rows (a granule: at least
-# SAMPLE_ROWS rows, whole scale units), all of them in tensors of up to SAMPLE_ALL granules:
-# decoding the re-encoded rows back and the sums were 40 % of a keep merge's own CPU time
-# (profiled), and a quarter of a tensor's rows estimates a cosine to ~1e-3. Granules are
-# fixed by the tensor, not by how it is cut into blocks, so both give the same figure.
+# The cosine is measured on every SAMPLE_EVERY-th granule of rows (a granule: whole scale
+# units of at least SAMPLE_VALUES values; a gpt-oss expert is one), on every row of tensors
+# of up to SAMPLE_ALL values: decoding the re-encoded rows back and the sums were 40 % of a
+# keep merge's own CPU time (profiled), and a quarter of a tensor's rows estimates a cosine
+# to ~1e-3. Granules are fixed by the tensor, not by how it is cut into blocks, so both
+# give the same figure.
 SAMPLE_EVERY = 4
+SAMPLE_VALUES = 1 << 16
+SAMPLE_ALL = 1 << 20
 TERMS_CHUNK = 1 << 20  # values per fidelity-sum chunk (4 MiB fp32 work buffers)
 WARN_EACH = 3  # more tensors below COSINE_WARN than this: one warning line for all
-SAMPLE_ROWS = 16
-SAMPLE_ALL = 8
 
 # compute(merge action, rows, starting value) -> merged bf16 rows (the merge math)
 Compute = Callable[..., "torch.Tensor"]
@@ -136,8 +137,10 @@ class QuantGroup:
     def sampled_spans(self, rows: tuple[int, int]) -> list[tuple[int, int]]:
         """The rows of ``rows`` the cosine is measured on (see ``SAMPLE_EVERY``)."""
         unit = self.unit or 1
-        granule = unit * -(-SAMPLE_ROWS // unit)
-        if self.rows <= SAMPLE_ALL * granule:
+        values = math.prod(self.tensor.shape)
+        per_unit = unit * (values // max(1, self.rows))
+        granule = unit * max(1, -(-SAMPLE_VALUES // max(1, per_unit)))
+        if values <= SAMPLE_ALL:
             return [rows]
         spans = []
         first = rows[0] // granule

@@ -108,7 +108,7 @@ def _sample_densely(monkeypatch) -> None:
     import lora_cli.merge.requant as requant
 
     monkeypatch.setattr(requant, "SAMPLE_ALL", 0)
-    monkeypatch.setattr(requant, "SAMPLE_ROWS", 1)
+    monkeypatch.setattr(requant, "SAMPLE_VALUES", 1)
     monkeypatch.setattr(requant, "SAMPLE_EVERY", 2)
 
 

@@ -382,7 +382,14 @@ def mxfp4_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = n // 32
     packed = torch.empty(experts, rows, groups, 16, dtype=torch.uint8, device=w.device)
     exponent = torch.empty(experts, rows, groups, dtype=torch.uint8, device=w.device)
+    columns = w3.stride(-1) != 1 and w3.stride(-2) == 1  # a transposed view (gpt-oss)
     for e in range(experts):
+        if columns:  # groups run down the stored tensor's columns: read it in its order
+            stored = w3[e].T
+            for g0, g1 in _row_chunks(groups, 32 * rows):
+                chunk = stored[32 * g0 : 32 * g1]
+                packed[e, :, g0:g1], exponent[e, :, g0:g1] = _mxfp4_encode_columns(chunk)
+            continue
         for r0, r1 in _row_chunks(rows, n):
             packed[e, r0:r1], exponent[e, r0:r1] = _mxfp4_encode_rows(w3[e, r0:r1])
     lead = tuple(w.shape[:-1])
@@ -392,19 +399,37 @@ def mxfp4_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _mxfp4_encode_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``(n, k·32)`` → their ``(n, k, 16)`` blocks and ``(n, k)`` exponents."""
     x = work_buffer("mxfp4.quant", tuple(w.shape), torch.float32, w).copy_(w)
-    x = x.view(w.shape[0], -1, 32)
-    mag = work_buffer("mxfp4.magnitude", tuple(x.shape), torch.float32, w)
-    amax = torch.abs(x, out=mag).amax(-1)
-    ds = pow2_ceil(amax / 6.0)
-    exponent = (ds.view(torch.int32) >> 23).to(torch.uint8)
-    inv = torch.where(ds == 0, torch.zeros_like(ds), 1.0 / ds)
-    x.mul_(inv.unsqueeze(-1))
-    torch.abs(x, out=mag)
-    code = work_buffer("mxfp4.code", tuple(mag.shape), torch.uint8, w).zero_()
-    above = work_buffer("mxfp4.above", tuple(mag.shape), torch.bool, w)
-    for k, bound in enumerate(_FP4_BOUNDS):  # a tie goes to the even code
-        code += torch.gt(mag, bound, out=above) if k % 2 == 0 else torch.ge(mag, bound, out=above)
-    code |= (x < 0).logical_and_(code > 0).to(torch.uint8) << 3
+    code, exponent = _mxfp4_codes(x.view(w.shape[0], -1, 32), -1)
     pairs = code.view(*code.shape[:-1], 16, 2)
     packed = pairs[..., 1] << 4
     return packed.bitwise_or_(pairs[..., 0]), exponent
+
+
+def _mxfp4_encode_columns(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns of ``(k·32, n)`` (groups of 32 down each column) → the ``(n, k, 16)`` blocks
+    and ``(n, k)`` exponents of its transpose, without copying the fp32 values transposed
+    (profiled: a transposed read cost 40 % of encoding a gpt-oss expert)."""
+    x = work_buffer("mxfp4.quant", tuple(v.shape), torch.float32, v).copy_(v)
+    code, exponent = _mxfp4_codes(x.view(-1, 32, v.shape[1]), 1)
+    pairs = code.view(code.shape[0], 16, 2, -1)
+    packed = pairs[:, :, 1] << 4
+    packed.bitwise_or_(pairs[:, :, 0])
+    return packed.permute(2, 0, 1), exponent.T
+
+
+def _mxfp4_codes(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E2M1 codes of ``x`` (overwritten) in groups of 32 along ``dim``, and the groups' E8M0
+    exponents: scale ``amax/6`` rounded up to a power of two, round-half-even, saturated."""
+    mag = work_buffer("mxfp4.magnitude", tuple(x.shape), torch.float32, x)
+    amax = torch.abs(x, out=mag).amax(dim)
+    ds = pow2_ceil(amax / 6.0)
+    exponent = (ds.view(torch.int32) >> 23).to(torch.uint8)
+    inv = torch.where(ds == 0, torch.zeros_like(ds), 1.0 / ds)
+    x.mul_(inv.unsqueeze(dim))
+    torch.abs(x, out=mag)
+    code = work_buffer("mxfp4.code", tuple(mag.shape), torch.uint8, x).zero_()
+    above = work_buffer("mxfp4.above", tuple(mag.shape), torch.bool, x)
+    for k, bound in enumerate(_FP4_BOUNDS):  # a tie goes to the even code
+        code += torch.gt(mag, bound, out=above) if k % 2 == 0 else torch.ge(mag, bound, out=above)
+    code |= (x < 0).logical_and_(code > 0).to(torch.uint8) << 3
+    return code, exponent

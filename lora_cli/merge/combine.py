@@ -36,7 +36,7 @@ from lora_cli.args import parse_weights  # noqa: F401  (merge and validate take 
 from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo, TensorSource
-from lora_cli.merge.plan import MergePlan, TensorAction, _layout, build_plan
+from lora_cli.merge.plan import MergePlan, TensorAction, build_plan, layout_shards
 from lora_cli.names import Resolution
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def build_combined_plan(
     return MergePlan(
         base=base,
         adapter=combined,
-        shards=_layout(base, actions, embed, out_dtype, max_shard_size),
+        shards=layout_shards(base, actions, embed, out_dtype, max_shard_size),
         rule=rule,
         config=plans[0].config,
         config_updates=config_updates,

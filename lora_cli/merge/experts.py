@@ -39,7 +39,9 @@ class ExpertOp:
 
 
 @dataclass
-class _Param:
+class ExpertParam:
+    """A fused expert parameter of the base, stored fused or as per-expert pieces on disk."""
+
     leaf: str
     shape: tuple[int, ...]  # the (possibly virtual) fused shape
     pieces: list[tuple[str, int | None, tuple[int, int] | None]]  # (tensor, expert, rows)
@@ -52,7 +54,7 @@ def owner_of(path: str) -> tuple[str, int]:
     return path, depth
 
 
-def _disk_experts(owner: str, leaf: str, base: TensorSource) -> _Param | None:
+def _disk_experts(owner: str, leaf: str, base: TensorSource) -> ExpertParam | None:
     prefixes = [owner, owner.replace(".mlp.experts", ".block_sparse_moe.experts")]
     for prefix in prefixes:
         for scheme in SPLIT_SCHEMES:
@@ -75,18 +77,21 @@ def _disk_experts(owner: str, leaf: str, base: TensorSource) -> _Param | None:
                 for e in range(experts)
                 for p, half in parts
             ]
-            return _Param(leaf, (experts, rows * len(parts), first[1]), pieces)
+            return ExpertParam(leaf, (experts, rows * len(parts), first[1]), pieces)
     return None
 
 
-def _find_param(owner: str, leaf: str, base: TensorSource) -> _Param | None:
+def find_expert_param(owner: str, leaf: str, base: TensorSource) -> ExpertParam | None:
+    """``owner.leaf`` (e.g. ``….mlp.experts`` + ``gate_up_proj``) as ``base`` stores it:
+    one fused tensor, or the per-expert tensors transformers v5 writes; None if neither.
+    Merge and extract both find experts this way, so they agree on every layout."""
     name = f"{owner}.{leaf}"
     if name in base:
-        return _Param(leaf, base.info(name).shape, [(name, None, None)])
+        return ExpertParam(leaf, base.info(name).shape, [(name, None, None)])
     return _disk_experts(owner, leaf, base)
 
 
-def _fits(param: _Param, a: tuple[int, ...], b: tuple[int, ...]) -> str | None:
+def _fits(param: ExpertParam, a: tuple[int, ...], b: tuple[int, ...]) -> str | None:
     shape = param.shape
     if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
         return None
@@ -132,7 +137,7 @@ def plan_parameters(
     problems: list[str] = []
     for owner, modules in groups.items():
         leaves = _targeted_leaves(owner, entries)
-        params = [p for p in (_find_param(owner, leaf, base) for leaf in leaves) if p]
+        params = [p for p in (find_expert_param(owner, leaf, base) for leaf in leaves) if p]
         params.sort(
             key=lambda p: REGISTRATION_ORDER.index(p.leaf) if p.leaf in REGISTRATION_ORDER else 99
         )

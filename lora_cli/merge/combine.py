@@ -32,7 +32,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from lora_cli.adapters.peft import Adapter, LoraModule
-from lora_cli.args import parse_weights  # noqa: F401  (merge and validate take it from here)
 from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo, TensorSource

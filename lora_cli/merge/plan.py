@@ -142,7 +142,7 @@ def build_plan(
     tied_head = tied and embed is not None
 
     model_type = (config or {}).get("model_type")
-    expert_ops, expert_modules, expert_problems = plan_parameters(adapter, base, model_type)
+    expert_ops, expert_modules, expert_problems = plan_parameters(adapter, base, config)
     if expert_problems:
         raise MergeError(problem_message(adapter, expert_problems, base))
     resolution, any_targets = resolve_targets(

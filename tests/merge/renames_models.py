@@ -286,6 +286,31 @@ ARCHES: dict[str, tuple[str, dict[str, Any], list[str]]] = {
         ),
         ["q_proj", "v_proj", "in_proj", "up_proj"],
     ),
+    "nemotron_h_moe": (  # MoE experts under ``backbone.`` on disk, per expert, no gate_proj
+        "NemotronHForCausalLM",
+        dict(
+            model_type="nemotron_h",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            hybrid_override_pattern="*E",
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            mamba_num_heads=2,
+            mamba_head_dim=8,
+            ssm_state_size=8,
+            n_groups=1,
+            n_routed_experts=2,
+            num_experts_per_tok=1,
+            n_shared_experts=1,
+            moe_intermediate_size=8,
+            moe_shared_expert_intermediate_size=8,
+            vocab_size=96,
+            **IDS,
+        ),
+        ["q_proj"],
+    ),
     "mixtral": (
         "MixtralForCausalLM",
         dict(
@@ -307,4 +332,7 @@ ARCHES: dict[str, tuple[str, dict[str, Any], list[str]]] = {
 
 # MoE experts that transformers 5 fuses in memory (``experts.gate_up_proj``) and keeps per
 # expert on disk: PEFT targets the fused parameters.
-TARGET_PARAMETERS = {"mixtral": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+TARGET_PARAMETERS = {
+    "mixtral": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    "nemotron_h_moe": ["mixer.experts.up_proj", "mixer.experts.down_proj"],
+}

@@ -19,11 +19,9 @@ def without_type_labels(params: list[Any]) -> list[Any]:
     return params
 
 
-class Command(TyperCommand):
-    """Help as click (and ``hf``) writes it: ``lora merge [OPTIONS] BASE [ADAPTER...]``."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return without_type_labels(super().get_params(ctx))
+class _ParseFailures:
+    """A command line click cannot parse is a failure too (``fail_as_json``): ``lora --bogus
+    --json`` (the group's options), ``lora inspect --bogus --json`` (a command's)."""
 
     def make_context(
         self,
@@ -32,13 +30,20 @@ class Command(TyperCommand):
         parent: Any | None = None,
         **extra: Any,
     ) -> Any:
-        """A command line click cannot parse is a failure too (``fail_as_json``)."""
         json_out = "--json" in args  # before click's parser consumes ``args``
+        hint = f"see lora {info_name} --help" if parent is not None else "see lora --help"
         try:
-            return super().make_context(info_name, args, parent, **extra)
+            return super().make_context(info_name, args, parent, **extra)  # type: ignore[misc]
         except Exception as exc:  # click's UsageError (typer vendors its own click)
-            fail_as_json(exc, json_out, f"see lora {info_name} --help")
+            fail_as_json(exc, json_out, hint)
             raise
+
+
+class Command(_ParseFailures, TyperCommand):
+    """Help as click (and ``hf``) writes it: ``lora merge [OPTIONS] BASE [ADAPTER...]``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return without_type_labels(super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -49,24 +54,9 @@ class Command(TyperCommand):
         return pieces
 
 
-class Group(TyperGroup):
+class Group(_ParseFailures, TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return without_type_labels(super().get_params(ctx))
-
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: Any | None = None,
-        **extra: Any,
-    ) -> Any:
-        """``lora --bogus --json``: an option before the command (``fail_as_json``)."""
-        json_out = "--json" in args
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except Exception as exc:
-            fail_as_json(exc, json_out, "see lora --help")
-            raise
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         """``lora bogus --json``: no such command (``fail_as_json``)."""

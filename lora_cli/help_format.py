@@ -19,11 +19,9 @@ def without_type_labels(params: list[Any]) -> list[Any]:
     return params
 
 
-class Command(TyperCommand):
-    """Help as click (and ``hf``) writes it: ``lora merge [OPTIONS] BASE [ADAPTER...]``."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return without_type_labels(super().get_params(ctx))
+class _ParseFailures:
+    """A command line click cannot parse is a failure too (``fail_as_json``): ``lora --bogus
+    --json`` (the group's options), ``lora inspect --bogus --json`` (a command's)."""
 
     def make_context(
         self,
@@ -32,18 +30,20 @@ class Command(TyperCommand):
         parent: Any | None = None,
         **extra: Any,
     ) -> Any:
-        """A command line click cannot parse is a failure too: with ``--json`` it gets its
-        ``lora-error/1`` document (click prints the usage line on stderr)."""
-        json_out = "--json" in args
+        json_out = "--json" in args  # before click's parser consumes ``args``
+        hint = f"see lora {info_name} --help" if parent is not None else "see lora --help"
         try:
-            return super().make_context(info_name, args, parent, **extra)
+            return super().make_context(info_name, args, parent, **extra)  # type: ignore[misc]
         except Exception as exc:  # click's UsageError (typer vendors its own click)
-            if json_out and hasattr(exc, "format_message"):
-                from lora_cli import output
-
-                hint = f"see lora {info_name} --help"
-                output.error_json(exc.format_message(), hint, getattr(exc, "exit_code", 2))
+            fail_as_json(exc, json_out, hint)
             raise
+
+
+class Command(_ParseFailures, TyperCommand):
+    """Help as click (and ``hf``) writes it: ``lora merge [OPTIONS] BASE [ADAPTER...]``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return without_type_labels(super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -54,9 +54,34 @@ class Command(TyperCommand):
         return pieces
 
 
-class Group(TyperGroup):
+class Group(_ParseFailures, TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return without_type_labels(super().get_params(ctx))
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """``lora bogus --json``: no such command (``fail_as_json``)."""
+        json_out = "--json" in args
+        try:
+            return super().resolve_command(ctx, args)
+        except Exception as exc:
+            fail_as_json(exc, json_out, "see lora --help")
+            raise
+
+
+def fail_as_json(exc: Exception, json_out: bool, hint: str) -> None:
+    """With ``--json`` on the command line, a command line click cannot parse fails like every
+    other ``--json`` failure: one ``error:`` line on stderr (not click's usage box), one
+    ``lora-error/1`` document on stdout, exit 2. Without ``--json`` click reports it as usual."""
+    if not json_out or not hasattr(exc, "format_message"):
+        return
+    import typer
+
+    from lora_cli import output
+
+    code = getattr(exc, "exit_code", 2)
+    output.error(exc.format_message(), hint)
+    output.error_json(exc.format_message(), hint, code)
+    raise typer.Exit(code) from None
 
 
 def examples(*lines: str) -> str:

@@ -148,6 +148,7 @@ class FakeHub:
 class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # TCP_NODELAY
 
     def log_message(self, *args: object) -> None:  # quiet
         pass

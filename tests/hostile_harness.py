@@ -18,6 +18,7 @@ import resource
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class Outcome:
     stderr: str
     seconds: float
     peak_rss_mb: float  # the child's own peak, inherited pages included
-    timed_out: bool
+    timed_out: bool  # killed: past ``seconds``, or once ``kill_when`` was set
 
     @property
     def error_lines(self) -> list[str]:
@@ -56,9 +57,11 @@ def run_cli(
     seconds: float = DEFAULT_SECONDS,
     memory_mb: int = DEFAULT_MEMORY_MB,
     env: dict[str, str] | None = None,
+    kill_when: threading.Event | None = None,
 ) -> Outcome:
     """``lora ARGV`` in a forked child with an address-space cap of ``memory_mb`` beyond what
-    the parent has mapped now, killed after ``seconds``."""
+    the parent has mapped now, killed after ``seconds``, or as soon as ``kill_when`` is set
+    (a test that kills a job at a chosen point need not wait out the time limit)."""
     args = [str(a) for a in argv]
     with tempfile.TemporaryDirectory(prefix="lora-hostile-") as tmp:
         out_path, err_path = Path(tmp) / "out", Path(tmp) / "err"
@@ -108,7 +111,7 @@ def run_cli(
             done, status, usage = os.wait4(pid, os.WNOHANG)
             if done:
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (kill_when is not None and kill_when.is_set()):
                 timed_out = True
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)

@@ -131,6 +131,24 @@ def test_a_usage_error_with_json_has_no_file(tmp_path):
     assert got.code == 2 and "--bogus" in json.loads(got.stdout)["error"]
 
 
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["bogus", "--json"], "No such command 'bogus'"),
+        (["--bogus", "--json"], "--bogus"),
+        (["inspect", "--bogus", "--json"], "--bogus"),
+    ],
+)
+def test_a_command_line_click_cannot_parse_fails_like_any_json_failure(argv, needle):
+    got = run_child(argv)
+    assert got.code == 2 and len(got.error_lines) == 1, got.stderr
+    assert got.stderr.splitlines() == got.error_lines, got.stderr  # no usage box beside it
+    doc = json.loads(got.stdout)
+    assert doc["schema"] == "lora-error/1" and doc["exit_code"] == 2
+    assert needle in doc["error"] and doc["error"] in got.error_lines[0]
+    assert doc["fix"] in got.error_lines[0] and doc["file"] is None
+
+
 def test_a_bug_exits_70_with_its_traceback_never_1(pair, monkeypatch):
     import lora_cli.stages.inspect as stage
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import CONFIG_NAME, PREFIX, Adapter, classify_adapter
+from lora_cli.adapters.peft import PREFIX, Adapter, classify_adapter
 from lora_cli.errors import FormatError
+from lora_cli.io.adapter_files import CONFIG_NAME
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json
 from lora_cli.io.reader import TensorSource, open_source

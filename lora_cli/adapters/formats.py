@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lora_cli.adapters import peft
 from lora_cli.adapters.peft import Adapter
+from lora_cli.io.adapter_files import is_peft_adapter
 from lora_cli.io.reader import TensorSource
 
 
@@ -23,7 +24,7 @@ def adapter_format(path: Path) -> str | None:
         return "gguf"
     if mlx.find_mlx_files(path) is not None:
         return "mlx-lm"
-    if peft.is_adapter(path):
+    if is_peft_adapter(path):
         return "peft"
     return None
 

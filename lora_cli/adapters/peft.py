@@ -23,12 +23,11 @@ from lora_cli.adapters.config_checks import (
 from lora_cli.adapters.patterns import PatternBudget
 from lora_cli.adapters.variants import BASE_CHANGING_INITS, Variant, classify, state_part
 from lora_cli.errors import FormatError, MergeError
+from lora_cli.io.adapter_files import CONFIG_NAME, WEIGHT_NAMES
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import TensorSource, open_source
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 PREFIX = "base_model.model."
 # Parts of a LoRA module, as PEFT saves them (after the module path).
 LORA_PARTS = (
@@ -144,14 +143,6 @@ def find_adapter_files(path: Path) -> tuple[Path, Path]:
     raise FormatError(
         f"{path}: {CONFIG_NAME} found but no adapter_model.safetensors or adapter_model.bin",
         "the adapter weights were not saved; check the trainer's output folder",
-    )
-
-
-def is_adapter(path: Path) -> bool:
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    return (folder / CONFIG_NAME).is_file() and (
-        path.is_dir() or path.name.startswith("adapter_model")
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from lora_cli.extract.experts import saved_modules
 from lora_cli.extract.walk import Extracted, WalkResult
+from lora_cli.io.adapter_files import CONFIG_NAME
 from lora_cli.io.dtypes import from_torch
 from lora_cli.io.layout import write_manifest
 from lora_cli.io.reader import TensorSource
@@ -29,7 +30,6 @@ from lora_cli.merge.card import CARD_NAME
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 
 
 @dataclass

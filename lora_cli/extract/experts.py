@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from lora_cli.errors import MergeError
 from lora_cli.extract.svd import Factors, SvdOptions
 from lora_cli.io.reader import TensorSource
-from lora_cli.merge.experts import _find_param as find_param
+from lora_cli.merge.experts import find_expert_param
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +63,7 @@ def locate(fused: dict[str, FusedParam], tuned: TensorSource) -> dict[str, Piece
     for path, param in fused.items():
         owner, _, leaf = path.rpartition(".")
         for prefix in dict.fromkeys((owner, owner.removeprefix("model."), "model." + owner)):
-            found = find_param(prefix, leaf, tuned)
+            found = find_expert_param(prefix, leaf, tuned)
             if found is None or tuple(found.shape) != param.shape:
                 continue
             split = any(expert is not None for _, expert, _ in found.pieces)

@@ -16,9 +16,8 @@ from lora_cli.errors import MergeError
 from lora_cli.extract.experts import FusedParam
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorSource, open_source
-from lora_cli.merge.plan import _input_embedding as input_embedding
 from lora_cli.merge.plan import load_base_config as load_config
-from lora_cli.merge.resolve import INPUT_EMBEDDING_SUFFIXES
+from lora_cli.merge.resolve import INPUT_EMBEDDING_SUFFIXES, input_embedding
 from lora_cli.names import pair_names
 from lora_cli.sources.model_config import tie_word_embeddings
 
@@ -145,7 +144,7 @@ def module_kinds(config: dict[str, Any] | None) -> ModelModules:
     when transformers cannot build it."""
     if not config:
         return ModelModules()
-    from lora_cli.sources.model_config import _quiet_transformers, transformers_config
+    from lora_cli.sources.model_config import quiet_transformers, transformers_config
 
     built = transformers_config(config)
     if built is None:
@@ -168,7 +167,7 @@ def module_kinds(config: dict[str, Any] | None) -> ModelModules:
             transformers.AutoModelForCausalLM.from_config,
             transformers.AutoModel.from_config,
         ]
-        with _quiet_transformers(), torch.device("meta"):
+        with quiet_transformers(), torch.device("meta"):
             for build in builders:
                 try:
                     model = build(built)

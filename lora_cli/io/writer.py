@@ -33,7 +33,9 @@ HASH_BUFFER = 1 << 20
 EMIT_SLICE = 256 << 10  # fits a core's L2 with room for the hash state and the kernel's copy
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether the process that names a temporary may still be writing it; in doubt, yes:
+    a live writer's files are never taken for stale ones."""
     if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there: never guess, keep it
         return True
     try:
@@ -55,7 +57,7 @@ def remove_stale_temporaries(final: Path) -> None:
         if not p.name.startswith(prefix):
             continue
         pid_text = p.name[len(prefix) :].split(".")[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:

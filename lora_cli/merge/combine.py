@@ -32,11 +32,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from lora_cli.adapters.peft import Adapter, LoraModule
-from lora_cli.args import parse_weights  # noqa: F401  (merge and validate take it from here)
 from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.layout import OUTPUT_EMBEDDING
 from lora_cli.io.reader import TensorInfo, TensorSource
-from lora_cli.merge.plan import MergePlan, TensorAction, _layout, build_plan
+from lora_cli.merge.plan import MergePlan, TensorAction, build_plan, layout_shards
 from lora_cli.names import Resolution
 
 if TYPE_CHECKING:
@@ -145,7 +144,7 @@ def build_combined_plan(
     return MergePlan(
         base=base,
         adapter=combined,
-        shards=_layout(base, actions, embed, out_dtype, max_shard_size),
+        shards=layout_shards(base, actions, embed, out_dtype, max_shard_size),
         rule=rule,
         config=plans[0].config,
         config_updates=config_updates,

@@ -6,8 +6,9 @@ parameter (``…experts.lora_A.weight`` is the last-registered parameter,
 ``…experts.base_layer.lora_A.weight`` the one before), so the parameter is told
 apart by shapes, with registration order as the fallback. transformers v5 fuses
 experts only in memory and writes them per expert on disk
-(``experts.{e}.w1/w3/w2`` or ``experts.{e}.gate_proj/up_proj/down_proj``), so a
-fused delta is split per expert (and gate/up halves) into those tensors.
+(``experts.{e}.w1/w3/w2``, ``experts.{e}.gate_proj/up_proj/down_proj``, or Nemotron-H's
+gateless ``experts.{e}.up_proj/down_proj`` under ``backbone.``, found through transformers'
+own renamings), so a fused delta is split per expert (and gate/up halves) into those tensors.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from lora_cli.io.reader import TensorSource
 
 # Per-expert on-disk names: (fused parameter → [(leaf, row half)]) per naming scheme.
 SPLIT_SCHEMES = [
-    {"gate_up_proj": [("gate_proj", 0), ("up_proj", 1)], "down_proj": [("down_proj", None)]},
+    {
+        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+        "up_proj": [("up_proj", None)],  # experts without a gate (Nemotron-H)
+        "down_proj": [("down_proj", None)],
+    },
     {"gate_up_proj": [("w1", 0), ("w3", 1)], "down_proj": [("w2", None)]},
 ]
-REGISTRATION_ORDER = ["gate_up_proj", "down_proj"]  # transformers v5 MoE experts
+REGISTRATION_ORDER = ["gate_up_proj", "up_proj", "down_proj"]  # transformers v5 MoE experts
 
 
 @dataclass
@@ -39,7 +44,9 @@ class ExpertOp:
 
 
 @dataclass
-class _Param:
+class ExpertParam:
+    """A fused expert parameter of the base, stored fused or as per-expert pieces on disk."""
+
     leaf: str
     shape: tuple[int, ...]  # the (possibly virtual) fused shape
     pieces: list[tuple[str, int | None, tuple[int, int] | None]]  # (tensor, expert, rows)
@@ -52,7 +59,7 @@ def owner_of(path: str) -> tuple[str, int]:
     return path, depth
 
 
-def _disk_experts(owner: str, leaf: str, base: TensorSource) -> _Param | None:
+def _disk_experts(owner: str, leaf: str, base: TensorSource | _RenamedNames) -> ExpertParam | None:
     prefixes = [owner, owner.replace(".mlp.experts", ".block_sparse_moe.experts")]
     for prefix in prefixes:
         for scheme in SPLIT_SCHEMES:
@@ -75,18 +82,23 @@ def _disk_experts(owner: str, leaf: str, base: TensorSource) -> _Param | None:
                 for e in range(experts)
                 for p, half in parts
             ]
-            return _Param(leaf, (experts, rows * len(parts), first[1]), pieces)
+            return ExpertParam(leaf, (experts, rows * len(parts), first[1]), pieces)
     return None
 
 
-def _find_param(owner: str, leaf: str, base: TensorSource) -> _Param | None:
+def find_expert_param(
+    owner: str, leaf: str, base: TensorSource | _RenamedNames
+) -> ExpertParam | None:
+    """``owner.leaf`` (e.g. ``….mlp.experts`` + ``gate_up_proj``) as ``base`` stores it:
+    one fused tensor, or the per-expert tensors transformers v5 writes; None if neither.
+    Merge and extract both find experts this way, so they agree on every layout."""
     name = f"{owner}.{leaf}"
     if name in base:
-        return _Param(leaf, base.info(name).shape, [(name, None, None)])
+        return ExpertParam(leaf, base.info(name).shape, [(name, None, None)])
     return _disk_experts(owner, leaf, base)
 
 
-def _fits(param: _Param, a: tuple[int, ...], b: tuple[int, ...]) -> str | None:
+def _fits(param: ExpertParam, a: tuple[int, ...], b: tuple[int, ...]) -> str | None:
     shape = param.shape
     if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
         return None
@@ -101,6 +113,33 @@ def _fits(param: _Param, a: tuple[int, ...], b: tuple[int, ...]) -> str | None:
     return None
 
 
+class _RenamedNames:
+    """The base as transformers' renamings name it (Nemotron-H's ``backbone.`` as ``model.``),
+    for finding the tensors a ``target_parameters`` module (named at runtime) lands in;
+    ``checkpoint`` takes a found name back to the base's own."""
+
+    def __init__(self, base: TensorSource, config: dict[str, Any] | None) -> None:
+        from lora_cli.names.transformers_rules import transformers_rules
+
+        self.base = base
+        self.names: dict[str, str] = {}  # renamed → checkpoint name, where they differ
+        rules = transformers_rules(config, len(base.names())) if config else None
+        if rules is not None:
+            for name in base.names():
+                renamed = rules.renamed(name)
+                if renamed != name and renamed not in base:
+                    self.names[renamed] = name
+
+    def checkpoint(self, name: str) -> str:
+        return self.names.get(name, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base or name in self.names
+
+    def info(self, name: str) -> Any:
+        return self.base.info(self.checkpoint(name))
+
+
 def _targeted_leaves(owner: str, entries: list[str]) -> list[str]:
     """Parameter names of module ``owner`` that ``target_parameters`` entries select."""
     leaves = []
@@ -112,19 +151,21 @@ def _targeted_leaves(owner: str, entries: list[str]) -> list[str]:
 
 
 def plan_parameters(
-    adapter: Adapter, base: TensorSource, model_type: Any
+    adapter: Adapter, base: TensorSource, config: dict[str, Any] | None
 ) -> tuple[dict[str, list[ExpertOp]], set[str], list[str]]:
     """Ops per base tensor, the adapter modules consumed, and problems found."""
     entries = adapter.config.get("target_parameters") or []
     if not entries:
         return {}, set(), []
+    model_type = (config or {}).get("model_type")
+    renamed = _RenamedNames(base, config)
     groups: dict[str, list[tuple[int, LoraModule]]] = {}
     for path, module in adapter.modules.items():
         owner, depth = owner_of(path)
         # a 2-D parameter target (``lin.weight``) has a ``.weight`` like a Linear target:
         # only the config tells them apart, and PEFT rounds them differently
         if "lora_A.weight" in module.parts and (
-            depth or f"{owner}.weight" not in base or _targeted_leaves(owner, entries)
+            depth or f"{owner}.weight" not in renamed or _targeted_leaves(owner, entries)
         ):
             groups.setdefault(owner, []).append((depth, module))
     ops: dict[str, list[ExpertOp]] = {}
@@ -132,7 +173,7 @@ def plan_parameters(
     problems: list[str] = []
     for owner, modules in groups.items():
         leaves = _targeted_leaves(owner, entries)
-        params = [p for p in (_find_param(owner, leaf, base) for leaf in leaves) if p]
+        params = [p for p in (find_expert_param(owner, leaf, renamed) for leaf in leaves) if p]
         params.sort(
             key=lambda p: REGISTRATION_ORDER.index(p.leaf) if p.leaf in REGISTRATION_ORDER else 99
         )
@@ -170,7 +211,7 @@ def plan_parameters(
                 continue
             used.add(module.path)
             for tensor, expert, rows in param.pieces:
-                ops.setdefault(tensor, []).append(
+                ops.setdefault(renamed.checkpoint(tensor), []).append(
                     ExpertOp(module, scale, experts, expert, rows, layout)
                 )
     return ops, used, problems

@@ -29,7 +29,7 @@ from lora_cli.errors import LoraError, UsageError
 from lora_cli.io.destination import parts_folder
 from lora_cli.io.layout import sha256_file, write_json
 from lora_cli.io.safetensors_format import plan_header
-from lora_cli.io.writer import TMP_MARK, OutputDir, _pid_alive, copy_file, io_error
+from lora_cli.io.writer import TMP_MARK, OutputDir, copy_file, io_error, pid_alive
 from lora_cli.merge.part_record import (
     RECORD_NAME,
     PartError,
@@ -208,7 +208,7 @@ _WHAT = {
 }
 
 
-def _collect(folder: Path, fp: dict[str, str]) -> tuple[Part, dict[int, PartRecord]]:
+def collect_parts(folder: Path, fp: dict[str, str]) -> tuple[Part, dict[int, PartRecord]]:
     """Every part record in ``folder``, checked; the split they share."""
     if not folder.is_dir():
         raise PartError(
@@ -220,7 +220,7 @@ def _collect(folder: Path, fp: dict[str, str]) -> tuple[Part, dict[int, PartReco
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(".part-") and TMP_MARK in entry.name:
             pid = entry.name.rpartition(TMP_MARK)[2].split(".")[0]
-            if pid.isdigit() and _pid_alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 raise PartError(
                     f"{entry}: a part is still being written (process {pid})",
                     "wait for every part to finish, then join",
@@ -385,7 +385,7 @@ def run_join(
     start = time.perf_counter()
     folder = parts_folder(output)
     fp = fingerprint(plan, options)
-    split, records = _collect(folder, fp)
+    split, records = collect_parts(folder, fp)
     sources = _check_shards(folder, plan, split.count, records)
     shard_records = {n: r for rec in records.values() for n, r in rec.shards.items()}
     labels = {n: f"{i}/{split.count}" for i, rec in records.items() for n in rec.shards}

@@ -33,6 +33,7 @@ from lora_cli.merge.resolve import (
     OUTPUT_EMBEDDING,
     factor_infos,
     fan_in_fan_out,
+    input_embedding,
     lora_kind,
     problem_message,
     resolve_targets,
@@ -120,11 +121,6 @@ def load_base_config(base: TensorSource) -> dict[str, Any] | None:
     return read_json(path, "model config") if path.is_file() else None
 
 
-def _input_embedding(base: TensorSource) -> str | None:
-    names = [n for n in base.names() if n.endswith(INPUT_EMBEDDING_SUFFIXES)]
-    return names[0] if len(names) == 1 else None
-
-
 def build_plan(
     base: TensorSource,
     adapter: Adapter,
@@ -142,11 +138,11 @@ def build_plan(
     _check_mha_writer(adapter)
     config = load_base_config(base)
     tied = bool(tie_word_embeddings(config)) and OUTPUT_EMBEDDING not in base
-    embed = _input_embedding(base) if tied else None
+    embed = input_embedding(base) if tied else None
     tied_head = tied and embed is not None
 
     model_type = (config or {}).get("model_type")
-    expert_ops, expert_modules, expert_problems = plan_parameters(adapter, base, model_type)
+    expert_ops, expert_modules, expert_problems = plan_parameters(adapter, base, config)
     if expert_problems:
         raise MergeError(problem_message(adapter, expert_problems, base))
     resolution, any_targets = resolve_targets(
@@ -209,7 +205,7 @@ def build_plan(
         ):
             config_updates["vocab_size"] = act.shape[0]
 
-    shards = _layout(base, actions, embed, out_dtype, max_shard_size)
+    shards = layout_shards(base, actions, embed, out_dtype, max_shard_size)
     warnings = list(adapter.warnings)
     if any(m.role == "mha_out" for m in adapter.modules.values()):
         warnings.append(
@@ -268,7 +264,7 @@ def _lora_op(module: LoraModule, act: TensorAction, adapter: Adapter, mt: Any) -
     return LoraOp(module, kind, ffo, rounding=rounding, block=block, nblocks=nblocks)
 
 
-def _layout(
+def layout_shards(
     base: TensorSource,
     actions: dict[str, TensorAction],
     embed: str | None,

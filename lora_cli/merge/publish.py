@@ -28,7 +28,7 @@ from lora_cli.io.writer import OutputDir
 from lora_cli.merge.parts import (
     Part,
     PartError,
-    _collect,
+    collect_parts,
     fingerprint,
     part_shards,
     parts_folder,
@@ -36,7 +36,7 @@ from lora_cli.merge.parts import (
 )
 from lora_cli.merge.plan import MergePlan, ShardOut
 from lora_cli.merge.run import MergeResult, finish_output, merge_result
-from lora_cli.sources.hub import _progress_bars, parse_repo_ref
+from lora_cli.sources.hub import hub_progress_bars, parse_repo_ref
 from lora_cli.sources.hub_remote import remote_error, with_retries
 
 PUSH_RECORD = "lora-push.json"
@@ -67,7 +67,7 @@ class Push:
         """With retries; the Hub's upload bars stay off (uploads run beside lora's own bar)."""
         ref = parse_repo_ref(self.repo_id)
         assert ref is not None
-        with _progress_bars(False):
+        with hub_progress_bars(False):
             return with_retries(fn, lambda exc: remote_error(ref, "--push-to-hub", exc, name))
 
     def prepare(self) -> None:
@@ -202,7 +202,7 @@ def join_to_hub(
     small files (index, config, card, manifest)."""
     start = time.perf_counter()
     folder = parts_folder(output)
-    split, records = _collect(folder, fingerprint(plan, options))
+    split, records = collect_parts(folder, fingerprint(plan, options))
     push.prepare()
     digests: dict[str, str] = {}
     for index, record in sorted(records.items()):

@@ -25,6 +25,13 @@ CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 
+def input_embedding(base: TensorSource) -> str | None:
+    """The checkpoint's one input embedding, which a tied ``lm_head`` shares; None when there
+    is none or more than one, so a tie is never guessed between candidates."""
+    names = [n for n in base.names() if n.endswith(INPUT_EMBEDDING_SUFFIXES)]
+    return names[0] if len(names) == 1 else None
+
+
 @dataclass
 class _Target:
     """A base tensor an adapter entry wants, before name resolution."""

@@ -54,6 +54,15 @@ class TransformersRules:
         """Whether the model has rules of its own (not only transformers' "legacy" set)."""
         return any(_describe(t) not in self._legacy for t in self._renamings + self._converters)
 
+    def renamed(self, name: str) -> str:
+        """``name`` after the renamings alone, before any converter fuses it: Nemotron-H's
+        ``backbone.layers.1.mixer.experts.0.up_proj.weight`` is
+        ``model.layers.1.mixer.experts.0.up_proj.weight``, one expert's piece of the fused
+        ``model.layers.1.mixer.experts.up_proj`` that PEFT's ``target_parameters`` names."""
+        for renaming in self._renamings:
+            name, _ = _quiet_rename(renaming, name)
+        return name
+
     def to_runtime(self, name: str) -> RuntimeName:
         """``name`` (a checkpoint key, old or new layout) as the loaded model names it."""
         from transformers.core_model_loading import rename_source_key

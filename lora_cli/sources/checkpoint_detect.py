@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import FormatError
+from lora_cli.io.adapter_files import has_adapter_weights, is_peft_adapter
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.reader import TensorSource, open_source
 
@@ -113,15 +114,8 @@ _IN_MEMORY_PEFT = re.compile(
 )
 
 
-def _has_adapter_weights(path: Path) -> bool:
-    from lora_cli.adapters.peft import WEIGHT_NAMES
-
-    return path.name.startswith("adapter_model") or any((path / n).is_file() for n in WEIGHT_NAMES)
-
-
 def is_training_checkpoint(path: Path) -> bool:
     """A DeepSpeed or FSDP folder, or a state dict with in-memory PeftModel names."""
-    from lora_cli.adapters.peft import is_adapter
     from lora_cli.sources import dcp, zero_layout
 
     path = Path(path)
@@ -130,7 +124,7 @@ def is_training_checkpoint(path: Path) -> bool:
             return True
         if any("fsdp" in p.name for p in path.rglob("*_rank*.bin")):
             return True
-    if not path.exists() or (is_adapter(path) and _has_adapter_weights(path)):
+    if not path.exists() or (is_peft_adapter(path) and has_adapter_weights(path)):
         return False
     try:
         with open_source(path) as source:

@@ -113,7 +113,7 @@ def base_from_adapter_config(config: dict, config_path: Path, notice: Notice | N
 def _snapshot(hub: HubRef, what: str, progress: bool) -> Path:
     from huggingface_hub import constants, snapshot_download
 
-    with _progress_bars(progress):
+    with hub_progress_bars(progress):
         try:
             if constants.HF_HUB_OFFLINE:
                 return Path(snapshot_download(hub.repo_id, revision=hub.revision))
@@ -124,7 +124,7 @@ def _snapshot(hub: HubRef, what: str, progress: bool) -> Path:
         except HubError:
             raise
         except Exception as exc:  # huggingface_hub's and the network's errors, mapped below
-            raise _hub_error(hub, what, exc) from None
+            raise hub_error(hub, what, exc) from None
 
 
 def _listing(hub: HubRef) -> list[str]:
@@ -135,7 +135,7 @@ def _listing(hub: HubRef) -> list[str]:
         _reach_hub()
         return HfApi().list_repo_files(hub.repo_id, revision=hub.revision)
     except Exception as exc:
-        if _kind(exc) in ("missing", "gated", "revision"):
+        if hub_error_kind(exc) in ("missing", "gated", "revision"):
             raise
         try:  # the Hub is unreachable: a cached snapshot still serves
             folder = Path(
@@ -156,9 +156,9 @@ def _reach_hub() -> None:
     get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
 
 
-def _kind(exc: BaseException) -> str:
-    """Classify by class name: huggingface_hub moved its errors between modules across
-    the versions we support."""
+def hub_error_kind(exc: BaseException) -> str:
+    """``gated``, ``revision``, ``missing``, ``offline`` or ``other``, told by class name:
+    huggingface_hub moved its errors between modules across the versions we support."""
     names = {c.__name__ for c in type(exc).__mro__}
     if "GatedRepoError" in names:
         return "gated"
@@ -171,8 +171,10 @@ def _kind(exc: BaseException) -> str:
     return "other"
 
 
-def _hub_error(hub: HubRef, what: str, exc: BaseException) -> HubError:
-    kind = _kind(exc)
+def hub_error(hub: HubRef, what: str, exc: BaseException) -> HubError:
+    """One line for a failed Hub look-up (gated, missing, no such revision, offline,
+    unreachable); the snapshot path and the shard-by-shard path word them alike."""
+    kind = hub_error_kind(exc)
     where = f"{what} {hub}: not a local path"
     if kind == "gated":
         return HubError(
@@ -203,7 +205,7 @@ def _literal(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-class _progress_bars:
+class hub_progress_bars:
     """The Hub's own progress bars, switched off for ``--quiet`` and ``--json``."""
 
     def __init__(self, enabled: bool) -> None:

@@ -30,7 +30,14 @@ from typing import Any, TypeVar
 from lora_cli.errors import HubError
 from lora_cli.io.reader import TensorSource, open_from_headers
 from lora_cli.io.safetensors_format import MAX_HEADER_SIZE, SafetensorsHeader, parse_header_bytes
-from lora_cli.sources.hub import HubRef, Notice, _hub_error, _kind, _progress_bars, select_files
+from lora_cli.sources.hub import (
+    HubRef,
+    Notice,
+    hub_error,
+    hub_error_kind,
+    hub_progress_bars,
+    select_files,
+)
 
 FIRST_RANGE = 100_000  # huggingface_hub's guess: most headers fit, one request per shard
 HEADER_THREADS = 8
@@ -155,7 +162,7 @@ class RemoteBase:
         target = self.folder / name
         present = target.is_file()
         # a shard is fetched mid-merge, under lora's own progress bar: the Hub's stays off
-        with _progress_bars(self.progress and not name.endswith(".safetensors")):
+        with hub_progress_bars(self.progress and not name.endswith(".safetensors")):
             path = Path(
                 self.call(
                     lambda: hf_hub_download(self.ref.repo_id, name, revision=self.commit), name
@@ -335,7 +342,7 @@ def remote_error(ref: HubRef, what: str, exc: BaseException, name: str = "") -> 
             f"{where}: the disk is full ({exc.filename or 'the Hugging Face cache'})",
             "free space, or use --part I/N with --evict to hold one shard at a time",
         )
-    if _kind(exc) == "other" and status in (401, 403):
+    if hub_error_kind(exc) == "other" and status in (401, 403):
         return HubError(
             f"{where}: the Hugging Face Hub refused access ({status})",
             "set HF_TOKEN to a token that can read this repo (and accept its terms if gated)",
@@ -345,10 +352,10 @@ def remote_error(ref: HubRef, what: str, exc: BaseException, name: str = "") -> 
             f"{where}: rate-limited by the Hugging Face Hub (429), still after {RETRIES} tries",
             "wait and rerun; a token (HF_TOKEN) has higher limits",
         )
-    if _kind(exc) == "other" and status is not None:
+    if hub_error_kind(exc) == "other" and status is not None:
         return HubError(f"{where}: the Hugging Face Hub answered {status}", "rerun later")
-    error = _hub_error(ref, what, exc)
-    if name and _kind(exc) == "other":
+    error = hub_error(ref, what, exc)
+    if name and hub_error_kind(exc) == "other":
         error = HubError(f"{where}: transfer failed ({_first_line(exc)})", "rerun; it resumes")
     return error
 

@@ -29,7 +29,7 @@ def transformers_config(config: dict[str, Any]) -> Any | None:
     known = _known_type(config)
     classes = [CONFIG_MAPPING[config["model_type"]]] if known else []
     classes.append(PretrainedConfig)
-    with _quiet_transformers():
+    with quiet_transformers():
         for cls in classes:
             try:
                 return cls.from_dict(dict(config))
@@ -81,7 +81,7 @@ def _written_tie(config: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """transformers logs about config keys it renames or ignores; that is not our user's news."""
     logger = logging.getLogger("transformers")  # configured by the import above
     level = logger.level

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lora_cli.errors import FormatError
 from lora_cli.io.dtypes import to_torch
 from lora_cli.io.reader import TensorInfo, TensorSource
+from lora_cli.numerics import all_finite
 
 if TYPE_CHECKING:
     import torch
@@ -253,8 +254,6 @@ def _config_block(qc: dict[str, Any], root: Any = ".") -> tuple[int, int] | None
 def check_scales(raw: TensorSource, name: str, scale: torch.Tensor, scheme: str) -> None:
     """Refuse a quantization scale tensor holding NaN/Inf (E8M0: the NaN byte 0xFF) before
     it multiplies a weight: the merge would write NaN/Inf weights from it."""
-    from lora_cli.merge.math import all_finite
-
     if scale.is_floating_point():
         finite = all_finite(scale)
     else:

@@ -17,15 +17,13 @@ from typing import Any
 
 from lora_cli.adapters.formats import adapter_format
 from lora_cli.adapters.peft import (
-    CONFIG_NAME,
-    WEIGHT_NAMES,
     Adapter,
     check_adapter_tensors,
-    is_adapter,
     load_adapter,
     regex_matches,
 )
 from lora_cli.errors import FormatError, UsageError
+from lora_cli.io.adapter_files import CONFIG_NAME, has_adapter_weights, is_peft_adapter
 from lora_cli.io.dedup import deduplicate
 from lora_cli.io.destination import check_destination
 from lora_cli.io.dtypes import FLOAT_DTYPES, parse_dtype_option, to_torch
@@ -125,10 +123,7 @@ def convert(
         return _convert_to(input_path, output, to or "peft", base, overwrite, progress_factory)
     if base is not None:
         raise UsageError("--base applies with --to only")
-    looks_like_adapter = input_path.name.startswith("adapter_model") or any(
-        input_path.is_dir() and (input_path / n).is_file() for n in WEIGHT_NAMES
-    )
-    if looks_like_adapter and not is_adapter(input_path):
+    if has_adapter_weights(input_path) and not is_peft_adapter(input_path):
         raise FormatError(
             f"{input_path}: adapter weights without {CONFIG_NAME}",
             "put the adapter's config next to it (r and lora_alpha cannot be recovered "
@@ -141,7 +136,7 @@ def convert(
             input_path, output, parse_dtype_option(dtype), parse_size(max_shard_size),
             overwrite, progress_factory, adapter_config,
         )  # fmt: skip
-    if is_adapter(input_path):
+    if is_peft_adapter(input_path):
         if parse_dtype_option(dtype) is not None:
             raise UsageError("--dtype applies to full checkpoints, not adapters")
         return _convert_adapter(input_path, output, targets_as_list, overwrite, progress_factory)

@@ -15,11 +15,12 @@ from lora_cli.adapters.findings import (
 )
 from lora_cli.adapters.formats import is_adapter, load_adapter
 from lora_cli.adapters.peft import Adapter
+from lora_cli.args import parse_weights
 from lora_cli.errors import MergeError, UsageError
 from lora_cli.io.destination import check_destination
 from lora_cli.io.dtypes import parse_dtype_option
 from lora_cli.io.layout import parse_size, read_json
-from lora_cli.merge.combine import build_combined_plan, parse_weights
+from lora_cli.merge.combine import build_combined_plan
 from lora_cli.merge.inputs import Notice, merge_card, resolve_inputs
 from lora_cli.merge.parts import parse_part, part_actions, part_shards, run_join, run_part
 from lora_cli.merge.plan import MergePlan, build_plan

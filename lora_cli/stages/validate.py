@@ -25,9 +25,9 @@ from typing import Any
 
 from lora_cli.adapters.findings import refuse_repeated
 from lora_cli.adapters.formats import is_adapter
+from lora_cli.args import parse_weights
 from lora_cli.errors import FormatError, UsageError
 from lora_cli.io.reader import INDEX_SUFFIXES
-from lora_cli.merge.combine import parse_weights
 from lora_cli.sources.hub import Notice, resolve_input
 from lora_cli.validate.adapter import validate_adapter
 from lora_cli.validate.report import ValidateReport

@@ -12,12 +12,9 @@ from typing import Any
 from lora_cli.adapters.findings import AdapterFinding, config_findings, value_findings
 from lora_cli.adapters.formats import adapter_format
 from lora_cli.adapters.formats import load_adapter as load_any_adapter
-from lora_cli.adapters.peft import (
-    CONFIG_NAME,
-    find_adapter_files,
-    load_adapter,
-)
+from lora_cli.adapters.peft import find_adapter_files, load_adapter
 from lora_cli.errors import LoraError
+from lora_cli.io.adapter_files import CONFIG_NAME
 from lora_cli.io.dtypes import FLOAT_DTYPES
 from lora_cli.io.layout import MAX_ADAPTER_CONFIG_BYTES, read_json
 from lora_cli.io.reader import TensorSource, open_source

@@ -13,8 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.peft import CONFIG_NAME, looks_like_peft_state_dict
+from lora_cli.adapters.peft import looks_like_peft_state_dict
 from lora_cli.errors import FormatError, LoraError
+from lora_cli.io.adapter_files import CONFIG_NAME
 from lora_cli.io.dtypes import FLOAT_DTYPES, from_torch
 from lora_cli.io.layout import OUTPUT_EMBEDDING, read_json
 from lora_cli.io.reader import (

@@ -42,6 +42,20 @@ SIGLIP = dict(
     patch_size=8,
 )
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+NEMOTRON_H = dict(
+    model_type="nemotron_h",
+    hidden_size=16,
+    intermediate_size=32,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    mamba_num_heads=2,
+    mamba_head_dim=8,
+    ssm_state_size=8,
+    n_groups=1,
+    vocab_size=96,
+    **IDS,
+)
 ARCHES: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "mllama": (
         "MllamaForConditionalGeneration",
@@ -268,23 +282,22 @@ ARCHES: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     ),
     "nemotron_h": (
         "NemotronHForCausalLM",
-        dict(
-            model_type="nemotron_h",
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=3,
-            hybrid_override_pattern="M*-",
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            mamba_num_heads=2,
-            mamba_head_dim=8,
-            ssm_state_size=8,
-            n_groups=1,
-            vocab_size=96,
-            **IDS,
-        ),
+        dict(NEMOTRON_H, num_hidden_layers=3, hybrid_override_pattern="M*-"),
         ["q_proj", "v_proj", "in_proj", "up_proj"],
+    ),
+    "nemotron_h_moe": (  # MoE experts under ``backbone.`` on disk, per expert, no gate_proj
+        "NemotronHForCausalLM",
+        dict(
+            NEMOTRON_H,
+            num_hidden_layers=2,
+            hybrid_override_pattern="*E",  # attention, then MoE
+            n_routed_experts=2,
+            num_experts_per_tok=1,
+            n_shared_experts=1,
+            moe_intermediate_size=8,
+            moe_shared_expert_intermediate_size=8,
+        ),
+        ["q_proj"],
     ),
     "mixtral": (
         "MixtralForCausalLM",
@@ -307,4 +320,7 @@ ARCHES: dict[str, tuple[str, dict[str, Any], list[str]]] = {
 
 # MoE experts that transformers 5 fuses in memory (``experts.gate_up_proj``) and keeps per
 # expert on disk: PEFT targets the fused parameters.
-TARGET_PARAMETERS = {"mixtral": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+TARGET_PARAMETERS = {
+    "mixtral": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    "nemotron_h_moe": ["mixer.experts.up_proj", "mixer.experts.down_proj"],
+}

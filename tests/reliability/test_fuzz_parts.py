@@ -66,7 +66,7 @@ def joined(tmp_path_factory) -> dict[str, Any]:
 def _join_checks(env: dict[str, Any], data: bytes) -> None:
     """What --join does with part records before publishing, in-process."""
     env["record"].write_bytes(data)
-    split, records = parts_mod._collect(env["folder"], env["fp"])
+    split, records = parts_mod.collect_parts(env["folder"], env["fp"])
     sources = parts_mod._check_shards(env["folder"], env["plan"], split.count, records)
     digests = {n: r.sha256 for rec in records.values() for n, r in rec.shards.items()}
     labels = dict.fromkeys(digests, "?")

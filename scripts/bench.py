@@ -110,6 +110,9 @@ SIZES: dict[str, SizeSpec] = {
     "quick": SizeSpec("quick", 256, 704, 4, 4, 2, 2048, 3_000_000),
     "small": SizeSpec("small", 2048, 5632, 17, 32, 4, 32000, 1_000_000_000),
     "large": SizeSpec("large", 4096, 11008, 17, 32, 8, 32000, 2_000_000_000),
+    # large's tensors in 4 of its 17 layers (1.9 GiB): memory that must not grow with depth
+    # (extract's is one tensor pair plus its SVD: it grows with the widest tensor, not the model)
+    "large-4l": SizeSpec("large-4l", 4096, 11008, 4, 32, 8, 32000, 2_000_000_000),
 }
 
 
@@ -894,7 +897,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--sizes", default="small,large", help="comma list of: quick, small, large")
+    ap.add_argument(
+        "--sizes", default="small,large", help="comma list of: quick, small, large, large-4l"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="repetitions per case (median shown)")
     ap.add_argument("--adapters", default="all-linear,qv", help="comma list of: all-linear, qv")
     ap.add_argument("--peft-large", action="store_true", help="also run PEFT at the large size")

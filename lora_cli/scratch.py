@@ -18,16 +18,22 @@ if TYPE_CHECKING:
     import torch
 
 _buffers = threading.local()
+# Largest buffer a thread keeps (32 MiB of fp32): row blocks and chunks fit many times over;
+# a whole big tensor decoded at once (a format without row blocks, a per-tensor scale) gets
+# a fresh tensor instead, so its size is not held for the rest of the run.
+KEEP_ELEMENTS = 1 << 23
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A contiguous tensor of ``shape`` and ``dtype`` that this thread reuses under ``name``
-    (its contents are whatever the last user left)."""
+    (its contents are whatever the last user left); above ``KEEP_ELEMENTS``, a fresh one."""
     import torch
 
     elements = 1
     for d in shape:
         elements *= d
+    if elements > KEEP_ELEMENTS:
+        return torch.empty(shape, dtype=dtype)
     key = (name, dtype)
     buf = getattr(_buffers, "table", None)
     if buf is None:

@@ -245,3 +245,18 @@ def test_codecs_on_cuda_equal_the_cpu_bit_for_bit() -> None:
     for cpu, gpu in zip(_codec_outputs("cpu"), _codec_outputs("cuda"), strict=True):
         assert cpu.dtype == gpu.dtype and cpu.shape == gpu.shape
         assert cpu.view(torch.uint8).equal(gpu.view(torch.uint8))
+
+
+def test_work_buffers_are_reused_but_big_ones_are_not_kept() -> None:
+    """Row blocks reuse one buffer per name and thread; a whole big tensor's buffer is
+    fresh, so a run does not hold its size to the end."""
+    from lora_cli import scratch as scratch_module
+
+    small = scratch_module.scratch("test.buffer", (64, 64), torch.float32)
+    again = scratch_module.scratch("test.buffer", (32, 64), torch.float32)
+    assert again.data_ptr() == small.data_ptr()
+    big = (scratch_module.KEEP_ELEMENTS + 1,)
+    first = scratch_module.scratch("test.big", big, torch.uint8)
+    table = scratch_module._buffers.table
+    assert ("test.big", torch.uint8) not in table and first.shape == big
+    assert ("test.buffer", torch.float32) in table
